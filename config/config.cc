@@ -1,0 +1,130 @@
+#include "config/config.h"
+
+#include <fstream>
+#include <functional>
+#include <map>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+namespace shadowd {
+namespace {
+
+using json = nlohmann::json;
+using Setter = std::function<Status(const json&, Config&)>;
+
+Setter str(std::string Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_string()) return Status::invalid("a string expected");
+    c.*field = v.get<std::string>();
+    return Status::ok();
+  };
+}
+
+Setter boolean(bool Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_boolean()) return Status::invalid("true or false expected");
+    c.*field = v.get<bool>();
+    return Status::ok();
+  };
+}
+
+Setter u32(uint32_t Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_number_unsigned() || v.get<uint64_t>() > UINT32_MAX) {
+      return Status::invalid("an unsigned 32-bit integer expected");
+    }
+    c.*field = v.get<uint32_t>();
+    return Status::ok();
+  };
+}
+
+Setter str_list(std::vector<std::string> Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    std::vector<std::string> out;
+    if (v.is_string()) {
+      out.push_back(v.get<std::string>());
+    } else if (v.is_array()) {
+      for (const auto& e : v) {
+        if (!e.is_string()) return Status::invalid("a string or an array of strings expected");
+        out.push_back(e.get<std::string>());
+      }
+    } else if (!v.is_null()) {
+      return Status::invalid("a string or an array of strings expected");
+    }
+    c.*field = std::move(out);
+    return Status::ok();
+  };
+}
+
+const std::map<std::string, Setter>& setters() {
+  static const std::map<std::string, Setter> m = {
+      {"backing", str(&Config::backing)},
+      {"unix", str_list(&Config::unix_sockets)},
+      {"listen", str_list(&Config::listen)},
+      {"export_name", str(&Config::export_name)},
+      {"description", str(&Config::description)},
+      {"read_only", boolean(&Config::read_only)},
+      {"foreground", boolean(&Config::foreground)},
+      {"pidfile", str(&Config::pidfile)},
+      {"log_level", str(&Config::log_level)},
+      {"direct_io", str(&Config::direct_io)},
+      {"io_threads", u32(&Config::io_threads)},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes)},
+      {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection)},
+      {"max_connections", u32(&Config::max_connections)},
+  };
+  return m;
+}
+
+}  // namespace
+
+Status Config::validate() const {
+  static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
+  bool level_ok = false;
+  for (const char* l : levels) level_ok |= log_level == l;
+  if (!level_ok) return Status::invalid("log_level must be trace|debug|info|warn|error|critical|off");
+  if (direct_io != "auto" && direct_io != "on" && direct_io != "off") {
+    return Status::invalid("direct_io must be auto|on|off");
+  }
+  if (io_threads < 1 || io_threads > 64) return Status::invalid("io_threads must be 1..64");
+  if (max_payload_bytes < 4096 || max_payload_bytes > (32u << 20)) {
+    return Status::invalid("max_payload_bytes must be 4096..33554432");
+  }
+  if (max_inflight_per_connection < 1 || max_inflight_per_connection > 4096) {
+    return Status::invalid("max_inflight_per_connection must be 1..4096");
+  }
+  if (max_connections < 1 || max_connections > 65536) {
+    return Status::invalid("max_connections must be 1..65536");
+  }
+  if (export_name.size() > 4096) return Status::invalid("export_name longer than 4096 bytes");
+  if (description.size() > 4096) return Status::invalid("description longer than 4096 bytes");
+  return Status::ok();
+}
+
+Status merge_config_json(const std::string& text, Config& cfg) {
+  json doc = json::parse(text, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/true);
+  if (doc.is_discarded()) return Status::invalid("config is not valid JSON");
+  if (!doc.is_object()) return Status::invalid("config must be a JSON object");
+  Config next = cfg;
+  for (auto it = doc.begin(); it != doc.end(); ++it) {
+    auto s = setters().find(it.key());
+    if (s == setters().end()) return Status::invalid("unknown config key '" + it.key() + "'");
+    Status st = s->second(it.value(), next);
+    if (!st) return Status::invalid("config key '" + it.key() + "': " + st.message());
+  }
+  cfg = std::move(next);
+  return Status::ok();
+}
+
+Status load_config_file(const std::string& path, Config& cfg) {
+  std::ifstream in(path);
+  if (!in) return Status::from_errno(errno ? errno : ENOENT, "cannot read config " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  Status st = merge_config_json(ss.str(), cfg);
+  if (!st) return Status::invalid(path + ": " + st.message());
+  return Status::ok();
+}
+
+}  // namespace shadowd

@@ -1,0 +1,41 @@
+// shadowd's configuration: one struct whose fields mirror the command-line
+// options and the keys of the JSON config file (config/shadowd.example.json).
+// The file is read first; options given on the command line override it.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+
+namespace shadowd {
+
+struct Config {
+  std::string backing;
+  std::vector<std::string> unix_sockets;  // key "unix": a string or an array
+  std::vector<std::string> listen;        // "ADDR:PORT"
+  std::string export_name = "disk";
+  std::string description;
+  bool read_only = false;
+  bool foreground = false;
+  std::string pidfile;
+  std::string log_level = "info";
+  std::string direct_io = "auto";  // auto | on | off
+  uint32_t io_threads = 2;
+  uint32_t max_payload_bytes = 32u << 20;
+  uint32_t max_inflight_per_connection = 128;
+  uint32_t max_connections = 256;
+
+  // Check ranges and enumerations; the message names the offending key.
+  Status validate() const;
+};
+
+// Merge the JSON object in `text` into `cfg`. Unknown keys, wrong types and
+// out-of-range values are errors naming the key; `cfg` is unchanged on error.
+Status merge_config_json(const std::string& text, Config& cfg);
+// Read `path` and merge it.
+Status load_config_file(const std::string& path, Config& cfg);
+
+}  // namespace shadowd

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install what is missing, build, and run shadowd in the foreground on a
+# sparse 1 GiB var/disk.img, served on var/shadowd.sock and 127.0.0.1:10809.
+#
+# Extra arguments go to shadowd, e.g.  scripts/run.sh --read-only --log-level debug
+# BUILD_DIR=DIR selects the build directory (default build/).
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+
+scripts/build.sh
+build_dir=${BUILD_DIR:-build}
+
+mkdir -p var
+if [[ ! -e var/disk.img ]]; then
+  echo "run: creating sparse 1 GiB var/disk.img"
+  truncate -s 1G var/disk.img
+fi
+
+sock=$root/var/shadowd.sock
+unix_uri="nbd+unix:///?socket=$sock"
+tcp_uri="nbd://127.0.0.1:10809"
+
+cat <<EOF
+
+shadowd is starting in the foreground (Ctrl-C stops it). Export "disk"
+(the empty export name "" selects it too) over var/disk.img:
+
+  $unix_uri
+  $tcp_uri
+
+Try, from another shell:
+
+  nbdinfo '$unix_uri'
+  nbdinfo --list '$unix_uri'
+  nbdinfo --map '$unix_uri'
+  qemu-img info '$tcp_uri'
+  qemu-img convert -p -O qcow2 '$tcp_uri' /tmp/disk-copy.qcow2
+
+  # a file system through FUSE and a loop device (as root):
+  mkdir -p /tmp/shadowd-fuse /tmp/shadowd-mnt
+  nbdfuse /tmp/shadowd-fuse '$unix_uri' &
+  loop=\$(losetup -f --show /tmp/shadowd-fuse/nbd)
+  mkfs.ext4 -q "\$loop" && mount "\$loop" /tmp/shadowd-mnt
+  # ... use /tmp/shadowd-mnt, then:
+  umount /tmp/shadowd-mnt && losetup -d "\$loop" && fusermount3 -u /tmp/shadowd-fuse
+
+  # a real block device (needs the nbd kernel module: modprobe nbd):
+  nbd-client -unix '$sock' -N disk /dev/nbd0
+  nbd-client -d /dev/nbd0
+
+  $build_dir/ctl/shadowctl --help
+
+EOF
+
+exec "$build_dir/daemon/shadowd" \
+  --backing var/disk.img \
+  --unix var/shadowd.sock \
+  --listen 127.0.0.1:10809 \
+  --foreground \
+  "$@"

@@ -1,0 +1,488 @@
+"""Shared harness for the shadowd integration tests.
+
+Every test script imports this module.  It starts a real ``shadowd`` on a
+sparse backing file in a private temporary directory and waits for it to be
+ready through the sd_notify protocol: the harness binds an AF_UNIX datagram
+socket, passes its path in ``NOTIFY_SOCKET`` and blocks until a datagram
+containing ``READY=1`` arrives.  Nothing here sleeps to synchronise; every
+wait is on an event (a datagram, a process exit, an inotify event), bounded
+by a generous deadline that only exists to turn a hang into a failure.
+
+Environment:
+  SHADOWD                path of the shadowd binary (set by ctest)
+  SHADOWCTL              path of the shadowctl binary (set by ctest)
+  SHADOWD_TEST_LOG_LEVEL log level passed to shadowd (default "info")
+  SHADOWD_TEST_KEEP      if set, keep the temporary directory
+"""
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import hashlib
+import os
+import random
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Failure guards, not synchronisation: nothing waits for these to elapse in a
+# passing run.
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+SKIP = 77  # ctest SKIP_RETURN_CODE, for genuinely missing kernel features
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_REPO = os.path.dirname(os.path.dirname(_HERE))
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def shadowd_path():
+    p = os.environ.get("SHADOWD") or os.path.join(_REPO, "build", "daemon", "shadowd")
+    if not os.access(p, os.X_OK):
+        raise RuntimeError(f"shadowd binary not found or not executable: {p} "
+                           "(set SHADOWD)")
+    return p
+
+
+def shadowctl_path():
+    return os.environ.get("SHADOWCTL") or os.path.join(_REPO, "build", "ctl", "shadowctl")
+
+
+def free_tcp_port(host="127.0.0.1"):
+    """Bind port 0 to let the kernel pick a free port and return it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def sha256_file(path, chunk=4 * MiB):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_bytes(b):
+    return hashlib.sha256(b).hexdigest()
+
+
+def make_rng(name):
+    """Seeded RNG; the seed is printed so that a failure can be replayed.
+
+    SHADOWD_TEST_SEED overrides the seed.
+    """
+    seed = os.environ.get("SHADOWD_TEST_SEED")
+    seed = int(seed) if seed else random.SystemRandom().randrange(1 << 32)
+    log(f"[{name}] random seed: {seed}  (replay with SHADOWD_TEST_SEED={seed})")
+    return random.Random(seed)
+
+
+def random_bytes(rng, n):
+    return rng.randbytes(n)
+
+
+def write_random_file(path, size, rng, chunk=1 * MiB):
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            n = min(chunk, left)
+            f.write(rng.randbytes(n))
+            left -= n
+
+
+def run(cmd, check=True, timeout=600, **kw):
+    """Run a command, echo it and its output; raise with output on failure."""
+    log("+ " + " ".join(str(c) for c in cmd))
+    p = subprocess.run([str(c) for c in cmd], stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, timeout=timeout, **kw)
+    out = p.stdout.decode(errors="replace")
+    if out.strip():
+        log(out.rstrip())
+    if check and p.returncode != 0:
+        raise AssertionError(f"command failed with exit {p.returncode}: {cmd}")
+    return p.returncode, out
+
+
+# --------------------------------------------------------------------------
+# inotify + pidfd: event-driven waits without polling loops
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+IN_CLOSE_WRITE = 0x00000008
+IN_MOVED_TO = 0x00000080
+IN_CREATE = 0x00000100
+IN_CLOEXEC = 0o2000000
+
+
+def wait_for_file_written(path, proc=None, timeout=READY_TIMEOUT):
+    """Block until ``path`` exists and has been closed after writing.
+
+    Uses inotify on the parent directory (no polling).  If ``proc`` (a
+    subprocess.Popen) exits first, raise.  Used for programs that announce
+    readiness by writing a pidfile (nbdfuse -P).
+    """
+    d, name = os.path.split(os.path.abspath(path))
+    fd = _libc.inotify_init1(IN_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    pidfd = -1
+    try:
+        wd = _libc.inotify_add_watch(fd, d.encode(), IN_CLOSE_WRITE | IN_MOVED_TO)
+        if wd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        if proc is not None:
+            pidfd = os.pidfd_open(proc.pid)
+        # The watch is in place; a file written before it was added is
+        # caught here (non-empty means the writer already closed it for
+        # writers like nbdfuse that write then close).
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out waiting for {path}")
+            fds = [fd] + ([pidfd] if pidfd >= 0 else [])
+            r, _, _ = select.select(fds, [], [], left)
+            if pidfd in r:
+                if os.path.exists(path) and os.path.getsize(path) > 0:
+                    return
+                raise RuntimeError(f"process {proc.args!r} exited with "
+                                   f"{proc.wait()} before writing {path}")
+            if fd in r:
+                buf = os.read(fd, 65536)
+                off = 0
+                while off < len(buf):
+                    _wd, _mask, _cookie, ln = struct.unpack_from("iIII", buf, off)
+                    nm = buf[off + 16:off + 16 + ln].rstrip(b"\0").decode()
+                    off += 16 + ln
+                    if nm == name:
+                        return
+    finally:
+        os.close(fd)
+        if pidfd >= 0:
+            os.close(pidfd)
+
+
+def wait_process(proc, timeout):
+    """Wait for a Popen to exit; return its exit code or None on timeout."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# --------------------------------------------------------------------------
+# The daemon
+
+
+class DaemonError(AssertionError):
+    pass
+
+
+class Daemon:
+    """A running shadowd on a private sparse backing file.
+
+    with Daemon(size=64 * MiB) as d:
+        d.unix_path, d.port, d.uri_unix, d.uri_tcp, d.backing
+    """
+
+    def __init__(self, size=64 * MiB, read_only=False, extra_args=(),
+                 export_name=None, description=None, tcp=True, unix=True,
+                 backing=None, init_backing=None, name="shadowd",
+                 check_exit=True, checks=None):
+        self.size = size
+        self.read_only = read_only
+        self.extra_args = list(extra_args)
+        self.export_name = export_name
+        self.description = description
+        self.want_tcp = tcp
+        self.want_unix = unix
+        self._backing_arg = backing
+        self.init_backing = init_backing
+        self.name = name
+        self.check_exit = check_exit
+        self.checks = checks
+        self._failures_at_start = len(checks.failures) if checks else 0
+        self.proc = None
+        self.notify_messages = []
+        self.returncode = None
+        self._stderr_dumped = False
+
+    # --- properties
+    @property
+    def export(self):
+        return "disk" if self.export_name is None else self.export_name
+
+    @property
+    def uri_unix(self):
+        return f"nbd+unix:///{self.export}?socket={self.unix_path}"
+
+    @property
+    def uri_tcp(self):
+        return f"nbd://127.0.0.1:{self.port}/{self.export}"
+
+    # --- lifecycle
+    def __enter__(self):
+        self.tmpdir = tempfile.mkdtemp(prefix="shadowd-it-")
+        try:
+            self._start()
+        except BaseException:
+            self.dump_stderr("daemon failed to start")
+            self._kill()
+            self._cleanup_dir()
+            raise
+        return self
+
+    def _start(self):
+        if self._backing_arg is None:
+            self.backing = os.path.join(self.tmpdir, "backing.img")
+            with open(self.backing, "wb") as f:
+                f.truncate(self.size)  # sparse
+            if self.init_backing is not None:
+                self.init_backing(self.backing)
+        else:
+            self.backing = self._backing_arg
+        self.unix_path = os.path.join(self.tmpdir, "nbd.sock") if self.want_unix else None
+        self.port = free_tcp_port() if self.want_tcp else None
+        self.stderr_path = os.path.join(self.tmpdir, "shadowd.stderr")
+        self.notify_path = os.path.join(self.tmpdir, "notify.sock")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self.notify.bind(self.notify_path)
+
+        cmd = [shadowd_path(), "--backing", self.backing, "--foreground",
+               "--log-level", os.environ.get("SHADOWD_TEST_LOG_LEVEL", "info")]
+        if self.unix_path:
+            cmd += ["--unix", self.unix_path]
+        if self.port:
+            cmd += ["--listen", f"127.0.0.1:{self.port}"]
+        if self.export_name is not None:
+            cmd += ["--export-name", self.export_name]
+        if self.description is not None:
+            cmd += ["--description", self.description]
+        if self.read_only:
+            cmd += ["--read-only"]
+        cmd += self.extra_args
+        self.cmd = cmd
+        env = dict(os.environ)
+        env["NOTIFY_SOCKET"] = self.notify_path
+        env.pop("LISTEN_FDS", None)
+        env.pop("LISTEN_PID", None)
+        log(f"[{self.name}] starting: {' '.join(cmd)}")
+        self._stderr_f = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL,
+                                     stdout=self._stderr_f, stderr=self._stderr_f,
+                                     env=env, close_fds=True)
+        self._wait_ready()
+        log(f"[{self.name}] ready (pid {self.proc.pid}); unix={self.unix_path} "
+            f"tcp=127.0.0.1:{self.port}")
+
+    def _recv_notify(self, timeout):
+        """Wait for one notify datagram or the daemon's exit.
+
+        Returns the message, or None if the daemon exited.
+        """
+        pidfd = os.pidfd_open(self.proc.pid)
+        try:
+            r, _, _ = select.select([self.notify, pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+        if self.notify in r:
+            msg = self.notify.recv(65536).decode(errors="replace")
+            self.notify_messages.append(msg)
+            return msg
+        if r:
+            return None
+        raise TimeoutError("timed out waiting for an sd_notify message")
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DaemonError(f"shadowd sent no READY=1 within {READY_TIMEOUT}s")
+            msg = self._recv_notify(left)
+            if msg is None:
+                rc = self.proc.wait()
+                raise DaemonError(f"shadowd exited with {rc} before READY=1")
+            if "READY=1" in msg.split("\n"):
+                return
+
+    def drain_notify(self):
+        """Collect notify messages already queued (non-blocking)."""
+        while True:
+            try:
+                msg = self.notify.recv(65536, socket.MSG_DONTWAIT).decode(errors="replace")
+            except BlockingIOError:
+                return
+            self.notify_messages.append(msg)
+
+    def stop(self, sig=signal.SIGTERM):
+        """Signal the daemon and wait for it to exit; return the exit code."""
+        if self.proc is None or self.returncode is not None:
+            return self.returncode
+        self.proc.send_signal(sig)
+        rc = wait_process(self.proc, STOP_TIMEOUT)
+        if rc is None:
+            self.proc.kill()
+            self.proc.wait()
+            self.returncode = "hung"
+            raise DaemonError(f"shadowd did not exit within {STOP_TIMEOUT}s of {sig!r}")
+        self.returncode = rc
+        self.drain_notify()
+        return rc
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def assert_alive(self):
+        if not self.alive():
+            raise DaemonError(f"shadowd died (exit {self.proc.poll()})")
+
+    def stderr_text(self):
+        try:
+            with open(self.stderr_path, "rb") as f:
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    def dump_stderr(self, why):
+        if self._stderr_dumped:
+            return
+        self._stderr_dumped = True
+        text = self.stderr_text()
+        lines = text.splitlines()
+        if len(lines) > 400:
+            lines = lines[:100] + [f"... ({len(lines) - 300} lines omitted) ..."] + lines[-200:]
+        sys.stderr.write(f"===== shadowd stderr ({why}) =====\n")
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.write("===== end of shadowd stderr =====\n")
+        sys.stderr.flush()
+
+    def _kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _cleanup_dir(self):
+        try:
+            self.notify.close()
+        except Exception:
+            pass
+        try:
+            self._stderr_f.close()
+        except Exception:
+            pass
+        if os.environ.get("SHADOWD_TEST_KEEP"):
+            log(f"[{self.name}] keeping {self.tmpdir}")
+        else:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+    def __exit__(self, exc_type, exc, tb):
+        failed = exc_type is not None
+        checks_failed = (self.checks is not None and
+                         len(self.checks.failures) > self._failures_at_start)
+        try:
+            if self.proc.poll() is not None and self.returncode is None:
+                # Died on its own while the test ran.
+                self.returncode = self.proc.returncode
+                self.dump_stderr(f"shadowd died during the test, exit {self.returncode}")
+                if not failed:
+                    raise DaemonError(f"shadowd died during the test (exit {self.returncode})")
+            rc = self.stop()
+            if self.check_exit and rc != 0:
+                self.dump_stderr(f"exit code {rc} after SIGTERM")
+                if not failed:
+                    raise DaemonError(f"shadowd exited with {rc} after SIGTERM, expected 0")
+            if failed or checks_failed:
+                self.dump_stderr("test failed")
+        finally:
+            self._kill()
+            self._cleanup_dir()
+        return False
+
+
+# --------------------------------------------------------------------------
+# Test running
+
+
+class TestFailures(AssertionError):
+    pass
+
+
+class Checks:
+    """Run named sub-checks, keep going after a failure, summarise at the end."""
+
+    def __init__(self, name):
+        self.name = name
+        self.failures = []
+        self.passed = []
+
+    @contextlib.contextmanager
+    def check(self, what):
+        log(f"--- {what}")
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 — report and continue
+            self.failures.append((what, e))
+            log(f"FAIL: {what}: {type(e).__name__}: {e}")
+            traceback.print_exc(file=sys.stdout)
+            sys.stdout.flush()
+        else:
+            self.passed.append(what)
+            log(f"ok: {what}")
+
+    def finish(self):
+        log(f"===== {self.name}: {len(self.passed)} passed, {len(self.failures)} failed")
+        for what, e in self.failures:
+            log(f"  FAILED: {what}: {type(e).__name__}: {e}")
+        if self.failures:
+            raise TestFailures(f"{len(self.failures)} check(s) failed")
+
+
+def main(fn):
+    """Entry point wrapper: exit 0 on success, 1 on failure, 77 on skip."""
+    try:
+        rc = fn()
+    except SkipTest as e:
+        log(f"SKIP: {e}")
+        sys.exit(SKIP)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+    sys.exit(rc or 0)
+
+
+class SkipTest(Exception):
+    pass
+
+
+def expect(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+def expect_eq(got, want, what):
+    if got != want:
+        raise AssertionError(f"{what}: got {got!r}, want {want!r}")
