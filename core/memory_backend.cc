@@ -21,9 +21,7 @@ bool is_mutation(BlockOpKind kind) {
 // A uniform double in [0, 1) from the top 53 bits; unlike the standard
 // distributions its sequence is the same with every C++ library, so a seed
 // replays anywhere.
-double unit_interval(std::mt19937_64& rng) {
-  return static_cast<double>(rng() >> 11) * 0x1.0p-53;
-}
+double unit_interval(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
 }  // namespace
 
@@ -84,8 +82,7 @@ int MemoryBackend::apply(BlockOp& op) {
       for (const Pending& p : pending_) apply_prefix(durable_, p, p.length);
       pending_.clear();
       break;
-    case BlockOpKind::kCache:
-      break;
+    case BlockOpKind::kCache: break;
   }
   ++faults_[kind_index(op.kind)].completed;
   return 0;
@@ -121,8 +118,7 @@ void MemoryBackend::record(Pending write) {
   pending_.push_back(std::move(write));
 }
 
-void MemoryBackend::apply_prefix(std::vector<uint8_t>& image, const Pending& write,
-                                 uint64_t keep) {
+void MemoryBackend::apply_prefix(std::vector<uint8_t>& image, const Pending& write, uint64_t keep) {
   uint8_t* dst = image.data() + write.offset;
   if (write.data.empty()) {
     std::memset(dst, 0, keep);

@@ -161,7 +161,7 @@ void UringBackend::on_cqe(BlockOp& op, int res) {
   if (res < 0) {
     if (op.kind == BlockOpKind::kCache) return finish(op, Status::ok());  // only a hint
     if (res == -EOPNOTSUPP || res == -EINVAL || res == -ENODEV) {
-      if (op.kind == BlockOpKind::kTrim) return finish(op, Status::ok());  // advisory
+      if (op.kind == BlockOpKind::kTrim) return finish(op, Status::ok());  // advisory (NBD)
       if (op.kind == BlockOpKind::kWriteZeroes && op.stage_ == kStageMain) {
         op.stage_ = kStageZeroWrite;
         op.progress_ = 0;
@@ -178,7 +178,8 @@ void UringBackend::on_cqe(BlockOp& op, int res) {
       return start(op);
     }
   }
-  if (op.kind == BlockOpKind::kWriteZeroes && (op.flags & kFua)) {
+  const bool zeroing = op.kind == BlockOpKind::kWriteZeroes || op.kind == BlockOpKind::kTrim;
+  if (zeroing && (op.flags & kFua)) {
     op.stage_ = kStageFuaSync;
     io_uring_prep_fsync(op.loop_->sqe_for(&op), fd_buf_, IORING_FSYNC_DATASYNC);
     return;

@@ -485,7 +485,8 @@ void Connection::maybe_close() {
   ::close(fd_);
   fd_ = -1;
   spdlog::debug("{}: closed", peer_);
-  on_closed_(this);  // may delete this
+  ClosedFn done = std::move(on_closed_);  // outlives this: the callback deletes us
+  done(this);
 }
 
 }  // namespace shadowd::nbd
