@@ -1,5 +1,6 @@
 #include "config/config.h"
 
+#include <cmath>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -39,6 +40,37 @@ Setter u32(uint32_t Config::*field) {
   };
 }
 
+Setter u64(uint64_t Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_number_unsigned()) return Status::invalid("an unsigned integer expected");
+    c.*field = v.get<uint64_t>();
+    return Status::ok();
+  };
+}
+
+Setter number(double Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_number()) return Status::invalid("a number expected");
+    c.*field = v.get<double>();
+    return Status::ok();
+  };
+}
+
+Setter u32_list(std::vector<uint32_t> Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (!v.is_array()) return Status::invalid("an array of unsigned integers expected");
+    std::vector<uint32_t> out;
+    for (const auto& e : v) {
+      if (!e.is_number_unsigned() || e.get<uint64_t>() > UINT32_MAX) {
+        return Status::invalid("an array of unsigned 32-bit integers expected");
+      }
+      out.push_back(e.get<uint32_t>());
+    }
+    c.*field = std::move(out);
+    return Status::ok();
+  };
+}
+
 Setter str_list(std::vector<std::string> Config::*field) {
   return [field](const json& v, Config& c) -> Status {
     std::vector<std::string> out;
@@ -73,6 +105,19 @@ const std::map<std::string, Setter>& setters() {
       {"max_payload_bytes", u32(&Config::max_payload_bytes)},
       {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection)},
       {"max_connections", u32(&Config::max_connections)},
+      {"monitor", boolean(&Config::monitor)},
+      {"segment_size_bytes", u32(&Config::segment_size_bytes)},
+      {"bucket_seconds", u32(&Config::bucket_seconds)},
+      {"windows_seconds", u32_list(&Config::windows_seconds)},
+      {"history_max_records", u64(&Config::history_max_records)},
+      {"baseline", number(&Config::baseline)},
+      {"alpha", number(&Config::alpha)},
+      {"beta", number(&Config::beta)},
+      {"gamma", number(&Config::gamma)},
+      {"scoring_window_seconds", u32(&Config::scoring_window_seconds)},
+      {"control", str(&Config::control)},
+      {"control_group", str(&Config::control_group)},
+      {"metrics_listen", str(&Config::metrics_listen)},
   };
   return m;
 }
@@ -96,6 +141,28 @@ Status Config::validate() const {
   }
   if (max_connections < 1 || max_connections > 65536) {
     return Status::invalid("max_connections must be 1..65536");
+  }
+  if (segment_size_bytes < (64u << 10) || segment_size_bytes > (1u << 20) ||
+      (segment_size_bytes & (segment_size_bytes - 1)) != 0) {
+    return Status::invalid("segment_size_bytes must be a power of two, 65536..1048576");
+  }
+  if (bucket_seconds < 1 || bucket_seconds > 3600) return Status::invalid("bucket_seconds must be 1..3600");
+  if (windows_seconds.empty() || windows_seconds.size() > 8) {
+    return Status::invalid("windows_seconds must list 1..8 windows");
+  }
+  bool scoring_found = false;
+  for (uint32_t w : windows_seconds) {
+    if (w < bucket_seconds || w % bucket_seconds != 0 || w > 366u * 86400) {
+      return Status::invalid("each of windows_seconds must be a multiple of bucket_seconds, at most a year");
+    }
+    scoring_found |= w == scoring_window_seconds;
+  }
+  if (!scoring_found) return Status::invalid("scoring_window_seconds must be one of windows_seconds");
+  if (history_max_records < 1024 || history_max_records > (1ull << 32)) {
+    return Status::invalid("history_max_records must be 1024..4294967296");
+  }
+  for (double v : {baseline, alpha, beta, gamma}) {
+    if (!std::isfinite(v)) return Status::invalid("baseline, alpha, beta and gamma must be finite numbers");
   }
   if (export_name.size() > 4096) return Status::invalid("export_name longer than 4096 bytes");
   if (description.size() > 4096) return Status::invalid("description longer than 4096 bytes");

@@ -28,6 +28,24 @@ struct Config {
   uint32_t max_inflight_per_connection = 128;
   uint32_t max_connections = 256;
 
+  // Monitoring and priority (seed §1–§3).
+  bool monitor = true;
+  uint32_t segment_size_bytes = 256 * 1024;  // power of two, 64 KiB – 1 MiB
+  uint32_t bucket_seconds = 60;
+  std::vector<uint32_t> windows_seconds = {3600, 86400, 604800};
+  uint64_t history_max_records = 1u << 20;
+  double baseline = 0.0;
+  double alpha = 1.0;
+  double beta = 1.0;
+  double gamma = 0.001;
+  uint32_t scoring_window_seconds = 3600;
+
+  // Control plane.
+  std::string control;        // Unix socket; default /run/shadowd/<export>.sock
+  std::string control_group;  // members may change settings (besides root)
+  std::string metrics_listen; // "127.0.0.1:9810"; empty = no metrics endpoint
+  bool test_clock = false;    // a manual clock moved by `shadowctl debug advance`
+
   // Check ranges and enumerations; the message names the offending key.
   Status validate() const;
 };

@@ -57,7 +57,8 @@ class EventLoop {
   bool stopping() const { return stop_.load(std::memory_order_acquire); }
 
   // Number of operations submitted to the ring whose completion has not
-  // been dispatched yet (plus deferred ones).
+  // been dispatched yet (plus deferred ones), including the loop's own
+  // wake-up read: an idle loop reports 1.
   uint64_t in_flight() const { return in_flight_; }
 
  private:

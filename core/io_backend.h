@@ -18,7 +18,8 @@ enum class BlockOpKind : uint8_t {
   kRead,
   kWrite,
   kFlush,        // make every completed write durable
-  kTrim,         // discard; reads of the range return zeroes afterwards
+  kTrim,         // discard (advisory, as in NBD: where the file system cannot punch
+                 // holes it succeeds and the range keeps its content)
   kWriteZeroes,  // zero the range; may punch a hole unless kNoHole
   kCache,        // prefetch hint
 };

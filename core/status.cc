@@ -15,6 +15,7 @@ Status Status::from_errno(int err, std::string context) {
       code = Code::kNoSpace;
       break;
     case EINVAL:
+    case EISDIR:
       code = Code::kInvalid;
       break;
     case EROFS:

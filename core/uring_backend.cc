@@ -21,6 +21,7 @@ namespace {
 
 constexpr uint32_t kMaxRetries = 10000;
 constexpr size_t kZeroChunk = 1 << 20;
+constexpr uint64_t kMaxTransfer = 1u << 30;  // one SQE moves at most this much
 
 const uint8_t* zero_chunk() {
   static const auto* zeros = new uint8_t[kZeroChunk]();
@@ -50,6 +51,11 @@ class UringBackend final : public IoBackend {
     op->retries_ = 0;
     op->stage_ = kStageMain;
     op->loop_ = &loop;
+    const bool mutating = op->kind == BlockOpKind::kWrite || op->kind == BlockOpKind::kTrim ||
+                          op->kind == BlockOpKind::kWriteZeroes;
+    if (mutating && info_.read_only) return finish(*op, Status::from_errno(EROFS, op_name(op->kind)));
+    const bool data = op->kind == BlockOpKind::kRead || op->kind == BlockOpKind::kWrite;
+    if (data && op->length == 0) return finish(*op, Status::ok());
     start(*op);
   }
 
@@ -94,7 +100,7 @@ class UringBackend final : public IoBackend {
 void UringBackend::start(BlockOp& op) {
   EventLoop& loop = *op.loop_;
   const uint64_t pos = op.offset + op.progress_;
-  const uint64_t left = op.length - op.progress_;
+  const uint64_t left = std::min(op.length - op.progress_, kMaxTransfer);
   switch (op.kind) {
     case BlockOpKind::kRead: {
       io_uring_sqe* sqe = loop.sqe_for(&op);

@@ -8,8 +8,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
 #include <fstream>
+#include <mutex>
+#include <thread>
 #include <functional>
 #include <string>
 #include <vector>
@@ -22,6 +26,8 @@
 
 #include "config/config.h"
 #include "core/io_backend.h"
+#include "core/monitored_backend.h"
+#include "daemon/context.h"
 #include "nbd/server.h"
 #include "version.h"
 
@@ -34,6 +40,7 @@ constexpr int kExitFailure = 1;
 struct Cli {
   Config values;  // options as given on the command line
   std::string config_path;
+  bool no_monitor = false;
   // Apply the options the user actually gave, over the config file.
   std::vector<std::function<void(Config&)>> overrides;
 };
@@ -96,6 +103,22 @@ void build_cli(CLI::App& app, Cli& cli) {
       "Requests one connection may have in flight (default 128)");
   opt(app, cli, "--max-connections", &Config::max_connections,
       "Open connections at most; more are closed at once (default 256)");
+  opt(app, cli, "--segment-size", &Config::segment_size_bytes,
+      "Segment size in bytes for access monitoring: a power of two, 65536..1048576 "
+      "(default 262144)");
+  opt(app, cli, "--control", &Config::control,
+      "Control socket for shadowctl (default /run/shadowd/<export>.sock)");
+  opt(app, cli, "--control-group", &Config::control_group,
+      "Group whose members may change settings over the control socket (root always may)");
+  opt(app, cli, "--metrics-listen", &Config::metrics_listen,
+      "Serve Prometheus metrics on http://ADDR:PORT/metrics (off unless given)");
+  CLI::Option* no_mon = app.add_flag("--no-monitor", cli.no_monitor,
+                                     "Do not count accesses per segment (config: monitor=false)");
+  cli.overrides.push_back([no_mon](Config& c) {
+    if (no_mon->count() > 0) c.monitor = false;
+  });
+  flag(app, cli, "--test-clock", &Config::test_clock,
+       "For tests: the monitor's clock stands still until `shadowctl debug advance`");
 }
 
 void setup_logging(const std::string& level) {
@@ -156,7 +179,38 @@ std::string human_size(uint64_t b) {
   return buf;
 }
 
-int serve(const Config& cfg, int ready_fd) {
+// Rolls the monitor's buckets once a second and rescores after each roll.
+class Roller {
+ public:
+  explicit Roller(Monitor& m) : m_(m), t_([this] { run(); }) {}
+  ~Roller() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    t_.join();
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!stop_) {
+      cv_.wait_for(lock, std::chrono::seconds(1));
+      if (stop_) break;
+      lock.unlock();
+      if (m_.roll()) m_.rescore();
+      lock.lock();
+    }
+  }
+  Monitor& m_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread t_;
+};
+
+std::shared_ptr<IoBackend> open_primary(const Config& cfg) {
   FileBackendOptions fo;
   fo.read_only = cfg.read_only;
   fo.direct = cfg.direct_io == "on"    ? FileBackendOptions::Direct::kOn
@@ -165,18 +219,32 @@ int serve(const Config& cfg, int ready_fd) {
   auto backend = open_uring_backend(cfg.backing, fo);
   if (!backend) {
     spdlog::error("{}", backend.status().message());
-    return kExitFailure;
+    return nullptr;
   }
-  auto exp = std::make_shared<nbd::Export>();
-  exp->name = cfg.export_name;
-  exp->description = cfg.description;
-  exp->backend = std::shared_ptr<IoBackend>(std::move(*backend));
-  exp->read_only = cfg.read_only;
-  exp->max_payload_bytes = cfg.max_payload_bytes;
-  const BackendInfo info = exp->backend->info();
-  nbd::ExportRegistry registry;
-  registry.add(exp);
+  return std::shared_ptr<IoBackend>(std::move(*backend));
+}
 
+MonitorConfig monitor_config(const Config& cfg, uint64_t device_bytes) {
+  MonitorConfig mc;
+  mc.device_bytes = device_bytes;
+  mc.segment_bytes = cfg.segment_size_bytes;
+  mc.bucket_seconds = cfg.bucket_seconds;
+  mc.window_seconds = cfg.windows_seconds;
+  mc.history_max_records = cfg.history_max_records;
+  return mc;
+}
+
+PriorityParams priority_params(const Config& cfg) {
+  PriorityParams p;
+  p.baseline = cfg.baseline;
+  p.alpha = cfg.alpha;
+  p.beta = cfg.beta;
+  p.gamma = cfg.gamma;
+  p.scoring_window_seconds = cfg.scoring_window_seconds;
+  return p;
+}
+
+nbd::ServerOptions server_options(const Config& cfg) {
   nbd::ServerOptions so;
   so.unix_paths = cfg.unix_sockets;
   so.tcp = cfg.listen;
@@ -189,17 +257,96 @@ int serve(const Config& cfg, int ready_fd) {
   so.max_connections = cfg.max_connections;
   so.limits.max_payload_bytes = cfg.max_payload_bytes;
   so.limits.max_inflight = cfg.max_inflight_per_connection;
+  return so;
+}
 
-  nbd::Server server(registry, so);
+// SIGHUP: re-read the config file and apply what may change at run time.
+void reload(DaemonContext& ctx) {
+  if (ctx.config_path.empty()) {
+    spdlog::info("SIGHUP: no config file to reload");
+    return;
+  }
+  Config next;
+  {
+    std::lock_guard<std::mutex> lock(ctx.config_mu);
+    next = ctx.config;
+  }
+  Status st = load_config_file(ctx.config_path, next);
+  if (st) st = next.validate();
+  if (st && ctx.monitor != nullptr) {
+    st = ctx.monitor->set_windows(next.windows_seconds);
+    if (st) st = ctx.monitor->set_priority(priority_params(next));
+  }
+  if (!st) {
+    spdlog::error("SIGHUP: config not reloaded: {}", st.message());
+    return;
+  }
+  std::lock_guard<std::mutex> lock(ctx.config_mu);
+  ctx.config.baseline = next.baseline;
+  ctx.config.alpha = next.alpha;
+  ctx.config.beta = next.beta;
+  ctx.config.gamma = next.gamma;
+  ctx.config.scoring_window_seconds = next.scoring_window_seconds;
+  ctx.config.windows_seconds = next.windows_seconds;
+  spdlog::info("SIGHUP: reloaded tunables from {}", ctx.config_path);
+}
+
+int serve(DaemonContext& ctx, int ready_fd) {
+  const Config& cfg = ctx.config;
+  auto primary = open_primary(cfg);
+  if (!primary) return kExitFailure;
+  const BackendInfo info = primary->info();
+
+  SystemClock system_clock;
+  std::unique_ptr<ManualClock> manual_clock;
+  if (cfg.test_clock) {
+    manual_clock = std::make_unique<ManualClock>(system_clock.now_ns());
+    ctx.test_clock = manual_clock.get();
+  }
+  ctx.clock = manual_clock ? static_cast<const Clock*>(manual_clock.get()) : &system_clock;
+  ctx.started_s = ctx.clock->now_s();
+
+  std::unique_ptr<Monitor> monitor;
+  std::shared_ptr<IoBackend> served = primary;
+  if (cfg.monitor) {
+    monitor = std::make_unique<Monitor>(monitor_config(cfg, info.size_bytes), *ctx.clock);
+    Status st = monitor->set_priority(priority_params(cfg));
+    if (!st) {
+      spdlog::error("{}", st.message());
+      return kExitFailure;
+    }
+    served = std::make_shared<MonitoredBackend>(primary, *monitor);
+    ctx.monitor = monitor.get();
+  }
+
+  auto exp = std::make_shared<nbd::Export>();
+  exp->name = cfg.export_name;
+  exp->description = cfg.description;
+  exp->backend = served;
+  exp->read_only = cfg.read_only;
+  exp->max_payload_bytes = cfg.max_payload_bytes;
+  ctx.export_ = exp;
+  nbd::ExportRegistry registry;
+  registry.add(exp);
+
+  nbd::Server server(registry, server_options(cfg));
   Status st = server.start();
   if (!st) {
     spdlog::error("cannot start: {}", st.message());
     return kExitFailure;
   }
+  ctx.server = &server;
+  std::unique_ptr<Roller> roller;
+  if (monitor) roller = std::make_unique<Roller>(*monitor);
+
   std::string where;
   for (const auto& e : server.endpoints()) where += (where.empty() ? "" : ", ") + e;
   spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, human_size(info.size_bytes),
                cfg.read_only ? ", read-only" : "", info.direct_io ? "O_DIRECT" : "buffered", where);
+  if (monitor) {
+    spdlog::info("monitoring {} segments of {}", monitor->segment_count(),
+                 human_size(monitor->segment_bytes()));
+  }
   if (!cfg.pidfile.empty()) {
     std::ofstream(cfg.pidfile) << getpid() << "\n";
   }
@@ -211,13 +358,16 @@ int serve(const Config& cfg, int ready_fd) {
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
   int sig = 0;
-  sigwait(&set, &sig);
+  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) reload(ctx);
   spdlog::info("{} received: finishing in-flight requests", strsignal(sig));
   sd_notify(0, "STOPPING=1\nSTATUS=stopping");
   server.stop();
+  roller.reset();
+  ctx.server = nullptr;
   if (!cfg.read_only) {
-    Status fs = run_sync(*exp->backend, BlockOpKind::kFlush, 0, 0);
+    Status fs = run_sync(*primary, BlockOpKind::kFlush, 0, 0);
     if (!fs) spdlog::error("final flush: {}", fs.message());
   }
   if (!cfg.pidfile.empty()) unlink(cfg.pidfile.c_str());
@@ -238,7 +388,9 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
-  Config cfg;
+  DaemonContext ctx;
+  Config& cfg = ctx.config;
+  ctx.config_path = cli.config_path;
   if (!cli.config_path.empty()) {
     Status st = load_config_file(cli.config_path, cfg);
     if (!st) {
@@ -262,6 +414,7 @@ int main(int argc, char** argv) {
   sigemptyset(&set);
   sigaddset(&set, SIGTERM);
   sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
 
   int ready_fd = -1;
@@ -272,7 +425,7 @@ int main(int argc, char** argv) {
       return kExitFailure;
     }
   }
-  int rc = serve(cfg, ready_fd);
+  int rc = serve(ctx, ready_fd);
   report_ready(ready_fd, static_cast<char>(rc));
   return rc;
 }

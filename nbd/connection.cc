@@ -18,6 +18,25 @@ constexpr size_t kKeepBufMax = 4u << 20;  // larger buffers are freed, not poole
 constexpr size_t kMaxIov = 128;
 constexpr uint32_t kMaxExtents = 1024;  // per BLOCK_STATUS reply
 
+uint64_t mono_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000 + uint64_t(ts.tv_nsec);
+}
+
+StatOp stat_op(uint16_t type) {
+  switch (type) {
+    case kCmdRead: return kStatRead;
+    case kCmdWrite: return kStatWrite;
+    case kCmdFlush: return kStatFlush;
+    case kCmdTrim: return kStatTrim;
+    case kCmdWriteZeroes: return kStatWriteZeroes;
+    case kCmdCache: return kStatCache;
+    case kCmdBlockStatus: return kStatBlockStatus;
+    default: return kStatOther;
+  }
+}
+
 struct FreeDeleter {
   void operator()(uint8_t* p) const { std::free(p); }
 };
@@ -27,6 +46,7 @@ struct FreeDeleter {
 struct Connection::Req final : public BlockOp {
   Connection* conn = nullptr;
   Request hdr;
+  uint64_t start_ns = 0;
   std::unique_ptr<uint8_t, FreeDeleter> mem;
   size_t mem_cap = 0;
   uint64_t held_bytes = 0;  // counted in inflight_bytes_
@@ -69,12 +89,13 @@ class Connection::SendOp final : public IoCompletion {
 };
 
 Connection::Connection(EventLoop& loop, int fd, std::string peer, const ExportRegistry& registry,
-                       const ConnectionLimits& limits, ClosedFn on_closed)
+                       const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed)
     : loop_(loop),
       fd_(fd),
       peer_(std::move(peer)),
       registry_(registry),
       limits_(limits),
+      stats_(stats),
       on_closed_(std::move(on_closed)),
       negotiator_(registry),
       recv_op_(std::make_unique<RecvOp>(this)),
@@ -222,8 +243,10 @@ bool Connection::process_request_header() {
   }
   in_begin_ += kRequestSize;
   const Verdict v = check_request(hdr, ctx_);
-  if (spdlog::should_log(spdlog::level::trace)) spdlog::trace("{}: request type={} flags={:#x} offset={} length={} -> error {}", peer_,
-               hdr.type, hdr.flags, hdr.offset, hdr.length, v.error);
+  if (spdlog::should_log(spdlog::level::trace)) {
+    spdlog::trace("{}: request type={} flags={:#x} offset={} length={} -> error {}", peer_,
+                  hdr.type, hdr.flags, hdr.offset, hdr.length, v.error);
+  }
   if (v.close) {
     fail("request payload of " + std::to_string(hdr.length) + " bytes is too large");
     return false;
@@ -281,6 +304,7 @@ Connection::Req* Connection::new_req(const Request& hdr, uint64_t buf_bytes) {
     r->conn = this;
   }
   r->hdr = hdr;
+  r->start_ns = mono_ns();
   r->chunk.clear();
   r->data = nullptr;
   r->data_len = 0;
@@ -342,6 +366,7 @@ void Connection::block_status(Req* r) {
   }
   if (extents.empty()) return reply(r, kEio, "block status failed");
   r->chunk = encode_block_status(r->hdr.cookie, kBaseAllocationId, extents);
+  stats_->add(kStatBlockStatus, 0, false, mono_ns() - r->start_ns);
   sendq_.push_back(r);
   kick_send();
 }
@@ -359,6 +384,9 @@ void Connection::on_req_done(Req* r, const Status& st) {
 
 void Connection::reply(Req* r, uint32_t error, const std::string& msg) {
   const Request& h = r->hdr;
+  const bool moves_data = h.type == kCmdRead || h.type == kCmdWrite;
+  stats_->add(stat_op(h.type), error == 0 && moves_data ? h.length : 0, error != 0,
+              mono_ns() - r->start_ns);
   if (error == 0 && h.type == kCmdRead) {
     r->data = r->buf;
     r->data_len = h.length;

@@ -18,6 +18,7 @@
 #include "core/io_backend.h"
 #include "nbd/codec.h"
 #include "nbd/negotiate.h"
+#include "nbd/stats.h"
 
 namespace shadowd::nbd {
 
@@ -33,8 +34,9 @@ class Connection {
   // may be deleted.
   using ClosedFn = std::function<void(Connection*)>;
 
+  // `stats` is the shard of the worker thread that runs `loop`.
   Connection(EventLoop& loop, int fd, std::string peer, const ExportRegistry& registry,
-             const ConnectionLimits& limits, ClosedFn on_closed);
+             const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -79,6 +81,7 @@ class Connection {
   std::string peer_;
   const ExportRegistry& registry_;
   ConnectionLimits limits_;
+  StatsShard* stats_;
   ClosedFn on_closed_;
   Negotiator negotiator_;
   std::shared_ptr<Export> export_;

@@ -18,6 +18,7 @@ namespace shadowd::nbd {
 
 struct Server::Worker {
   std::unique_ptr<EventLoop> loop;
+  StatsShard* stats = nullptr;
   std::thread thread;
   std::unordered_set<Connection*> conns;  // touched only on the loop thread
   bool stopping = false;
@@ -215,11 +216,13 @@ Status Server::start() {
   Status st = listen_all();
   if (!st) return st;
   const unsigned n = std::max(1u, opts_.io_threads);
+  stats_ = std::make_unique<ServerStats>(n);
   for (unsigned i = 0; i < n; ++i) {
     auto loop = EventLoop::create(512);
     if (!loop) return loop.status();
     auto w = std::make_unique<Worker>();
     w->loop = std::move(*loop);
+    w->stats = &stats_->shard(i);
     workers_.push_back(std::move(w));
   }
   EventLoop* acceptor_loop = workers_[0]->loop.get();
@@ -254,7 +257,7 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
       w->finish_if_idle();
       return;
     }
-    auto* c = new Connection(*w->loop, fd, std::move(peer), registry_, opts_.limits,
+    auto* c = new Connection(*w->loop, fd, std::move(peer), registry_, opts_.limits, w->stats,
                              [this, w](Connection* done) {
                                w->conns.erase(done);
                                delete done;
@@ -264,6 +267,13 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
     w->conns.insert(c);
     c->start();
   });
+}
+
+StatsSnapshot Server::stats() const {
+  StatsSnapshot s = stats_ ? stats_->snapshot() : StatsSnapshot{};
+  s.connections_open = open_.load();
+  s.connections_total = accepted_total_.load();
+  return s;
 }
 
 void Server::stop() {

@@ -13,6 +13,7 @@
 #include "core/status.h"
 #include "nbd/connection.h"
 #include "nbd/export.h"
+#include "nbd/stats.h"
 
 namespace shadowd::nbd {
 
@@ -40,6 +41,8 @@ class Server {
   const std::vector<std::string>& endpoints() const { return endpoints_; }
   uint64_t connections_total() const { return accepted_total_.load(); }
   uint32_t connections_open() const { return open_.load(); }
+  // Requests, bytes, errors and latency so far (valid after start()).
+  StatsSnapshot stats() const;
 
  private:
   struct Worker;
@@ -50,6 +53,7 @@ class Server {
   ExportRegistry& registry_;
   ServerOptions opts_;
   std::vector<std::unique_ptr<Worker>> workers_;
+  std::unique_ptr<ServerStats> stats_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
   std::vector<int> listen_fds_;
   std::vector<std::string> unix_created_;
