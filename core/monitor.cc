@@ -24,9 +24,13 @@ Status MonitorConfig::validate() const {
   if (window_seconds.empty() || window_seconds.size() > 8) {
     return Status::invalid("between 1 and 8 windows");
   }
-  for (uint32_t w : window_seconds) {
+  for (size_t i = 0; i < window_seconds.size(); ++i) {
+    const uint32_t w = window_seconds[i];
     if (w < bucket_seconds || w % bucket_seconds != 0) {
       return Status::invalid("each window must be a multiple of the bucket length");
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (window_seconds[j] == w) return Status::invalid("window listed twice");
     }
   }
   if (history_max_records < 1) return Status::invalid("history_max_records must be >= 1");
@@ -48,6 +52,9 @@ Monitor::Monitor(const MonitorConfig& cfg, const Clock& clock)
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     assert(p != MAP_FAILED);
     cells_ = static_cast<SegmentCell*>(p);  // zero-filled = all counters 0
+    const uint64_t pages = (nsegments_ + kCellsPerPage - 1) / kCellsPerPage;
+    touched_words_ = (pages + 63) / 64;
+    touched_ = std::make_unique<std::atomic<uint64_t>[]>(touched_words_);
   }
   for (uint32_t w : cfg_.window_seconds) windows_.push_back(Window{w, {}, 0});
   const auto& ws = cfg_.window_seconds;
@@ -77,7 +84,32 @@ void Monitor::record(AccessOp op, uint64_t offset, uint64_t length) {
       if (c.last_write.load(kRelaxed) != now) c.last_write.store(now, kRelaxed);
     }
     if (c.last_access.load(kRelaxed) != now) c.last_access.store(now, kRelaxed);
+    const uint64_t page = id / kCellsPerPage;
+    std::atomic<uint64_t>& word = touched_[page / 64];
+    const uint64_t bit = uint64_t{1} << (page % 64);
+    if ((word.load(kRelaxed) & bit) == 0) word.fetch_or(bit, kRelaxed);
   }
+}
+
+template <typename Fn>
+void Monitor::for_each_touched(Fn fn) const {
+  for (size_t w = 0; w < touched_words_; ++w) {
+    uint64_t bits = touched_[w].load(kRelaxed);
+    while (bits != 0) {
+      const uint64_t page = w * 64 + static_cast<uint64_t>(__builtin_ctzll(bits));
+      bits &= bits - 1;
+      const uint64_t end = std::min(nsegments_, (page + 1) * kCellsPerPage);
+      for (uint64_t id = page * kCellsPerPage; id < end; ++id) fn(id);
+    }
+  }
+}
+
+bool Monitor::has_current(uint64_t id) const {
+  const SegmentCell& c = cells_[id];
+  // Bytes too: a roll racing with record() may leave bytes whose counts
+  // already moved; they go into the next bucket.
+  return (c.reads.load(kRelaxed) | c.writes.load(kRelaxed)) != 0 ||
+         (c.bytes_read.load(kRelaxed) | c.bytes_written.load(kRelaxed)) != 0;
 }
 
 Monitor::Agg Monitor::current(uint64_t id) const {
@@ -95,14 +127,14 @@ bool Monitor::roll() {
   const int64_t now = now_s();
   if (now < open_bucket_s_ + cfg_.bucket_seconds) return false;
   Bucket b{open_bucket_s_, {}};
-  for (uint64_t id = 0; id < nsegments_; ++id) {
+  for_each_touched([&](uint64_t id) {
+    if (!has_current(id)) return;
     SegmentCell& c = cells_[id];
-    if ((c.reads.load(kRelaxed) | c.writes.load(kRelaxed)) == 0) continue;
     HistoryRecord r{open_bucket_s_, id, c.reads.exchange(0, kRelaxed),
                     c.writes.exchange(0, kRelaxed), c.bytes_read.exchange(0, kRelaxed),
                     c.bytes_written.exchange(0, kRelaxed)};
     b.records.push_back(r);
-  }
+  });
   for (const HistoryRecord& r : b.records) {
     for (Window& w : windows_) {
       w.agg[r.segment].add(r);
@@ -113,7 +145,8 @@ bool Monitor::roll() {
   buckets_.push_back(std::move(b));
   open_bucket_s_ = bucket_start(now);
   expire_windows(now);
-  while (history_records_ > cfg_.history_max_records && !buckets_.empty()) drop_oldest_bucket();
+  // The newest bucket always stays: the bound trims the past, never the present.
+  while (history_records_ > cfg_.history_max_records && buckets_.size() > 1) drop_oldest_bucket();
   return true;
 }
 
@@ -201,12 +234,9 @@ std::vector<uint64_t> Monitor::candidates(const Window& w) const {
   std::vector<uint64_t> ids;
   ids.reserve(w.agg.size());
   for (const auto& [id, a] : w.agg) ids.push_back(id);
-  for (uint64_t id = 0; id < nsegments_; ++id) {
-    const SegmentCell& c = cells_[id];
-    if ((c.reads.load(kRelaxed) | c.writes.load(kRelaxed)) != 0 && w.agg.count(id) == 0) {
-      ids.push_back(id);
-    }
-  }
+  for_each_touched([&](uint64_t id) {
+    if (has_current(id) && w.agg.count(id) == 0) ids.push_back(id);
+  });
   return ids;
 }
 
@@ -273,12 +303,12 @@ std::vector<HistoryRecord> Monitor::history() const {
   std::vector<HistoryRecord> out;
   out.reserve(history_records_);
   for (const Bucket& b : buckets_) out.insert(out.end(), b.records.begin(), b.records.end());
-  for (uint64_t id = 0; id < nsegments_; ++id) {
+  for_each_touched([&](uint64_t id) {
     const Agg a = current(id);
-    if (a.reads + a.writes == 0) continue;
+    if (a.reads + a.writes == 0) return;
     out.push_back(HistoryRecord{open_bucket_s_, id, static_cast<uint32_t>(a.reads),
                                 static_cast<uint32_t>(a.writes), a.bytes_read, a.bytes_written});
-  }
+  });
   return out;
 }
 
@@ -289,7 +319,7 @@ uint64_t Monitor::resident_bytes() const {
   if (mincore(cells_, cells_bytes_, vec.data()) != 0) return cells_bytes_;
   uint64_t pages = 0;
   for (unsigned char v : vec) pages += v & 1;
-  return pages * page;
+  return pages * page + touched_words_ * sizeof(uint64_t);
 }
 
 MonitorTotals Monitor::totals() const {
@@ -308,6 +338,8 @@ MonitorTotals Monitor::totals() const {
   t.history_records = history_records_;
   t.history_bytes = history_records_ * sizeof(HistoryRecord) + buckets_.size() * sizeof(Bucket);
   t.history_dropped_records = history_dropped_;
+  t.windows_truncated = buckets_dropped_ > 0 && !buckets_.empty() &&
+                        buckets_.front().start_s > now_s() - static_cast<int64_t>(longest->seconds);
   t.started_s = epoch_s_;
   t.oldest_history_s = buckets_.empty() ? -1 : buckets_.front().start_s;
   return t;

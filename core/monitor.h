@@ -88,7 +88,8 @@ struct MonitorTotals {
   uint32_t segment_bytes = 0;
   uint64_t segments_active = 0;       // with accesses in the longest window
   uint64_t dense_bytes_virtual = 0;   // 32 * segments
-  uint64_t dense_bytes_resident = 0;  // pages of the dense array in RAM
+  uint64_t dense_bytes_resident = 0;  // pages of the dense array in RAM + page map
+  bool windows_truncated = false;     // history bound dropped buckets still in a window
   uint64_t history_records = 0;
   uint64_t history_bytes = 0;
   uint64_t history_dropped_records = 0;
@@ -197,6 +198,7 @@ class Monitor {
   int64_t abs_time(uint32_t r) const { return r == 0 ? -1 : epoch_s_ + r - 1; }
   // The open bucket's counters (not reset). Thread-safe.
   Agg current(uint64_t id) const;
+  bool has_current(uint64_t id) const;
   // Drop closed buckets that left each window. Queries call it too (windows_
   // is mutable): time moves on between rolls.
   void expire_windows(int64_t now) const;  // REQUIRES: mu_ held
@@ -215,6 +217,14 @@ class Monitor {
   int64_t epoch_s_;
   SegmentCell* cells_ = nullptr;  // mmap'ed, nsegments_ entries
   size_t cells_bytes_ = 0;
+  // One bit per page of cells_ (128 segments) ever written: scans visit only
+  // those pages, so a sparse device keeps its untouched pages unbacked.
+  static constexpr uint64_t kCellsPerPage = 4096 / sizeof(SegmentCell);
+  std::unique_ptr<std::atomic<uint64_t>[]> touched_;
+  size_t touched_words_ = 0;
+  // Calls fn(id) for every segment on a touched page.
+  template <typename Fn>
+  void for_each_touched(Fn fn) const;
 
   mutable std::mutex mu_;  // everything below
   int64_t open_bucket_s_;

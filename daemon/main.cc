@@ -386,7 +386,7 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return app.exit(e) == 0 ? 0 : kExitUsage;  // --help/--version exit 0
   }
   DaemonContext ctx;
   Config& cfg = ctx.config;

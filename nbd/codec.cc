@@ -28,7 +28,7 @@ namespace {
 // Flags each command accepts (anything else is EINVAL).
 uint16_t allowed_flags(uint16_t type) {
   switch (type) {
-    case kCmdRead: return kCmdFlagDf;
+    case kCmdRead: return 0;  // DF is not advertised (every read is one chunk anyway)
     case kCmdWrite: return kCmdFlagFua;
     case kCmdWriteZeroes: return kCmdFlagFua | kCmdFlagNoHole;
     case kCmdTrim: return kCmdFlagFua;
@@ -72,7 +72,9 @@ Verdict check_request(const Request& r, const RequestContext& ctx) {
       v.error = kEinval;
       return v;
   }
-  if (r.flags & ~allowed_flags(r.type)) {
+  // FUA is valid on every command once SEND_FUA is advertised (it always
+  // is); on commands that write nothing it is a no-op.
+  if (r.flags & ~(allowed_flags(r.type) | kCmdFlagFua)) {
     v.error = kEinval;
     return v;
   }

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 
 #include <spdlog/spdlog.h>
 
@@ -167,6 +168,7 @@ void Connection::on_recv(int res) {
       payload_req_ = nullptr;
       payload_direct_ = false;
     }
+    if (skip_req_ != nullptr) release(std::exchange(skip_req_, nullptr));
     begin_drain();
     maybe_close();
     return;
@@ -195,6 +197,8 @@ void Connection::process_input() {
       in_begin_ += n;
       skip_bytes_ -= n;
       if (skip_bytes_ > 0) return;
+      Req* r = std::exchange(skip_req_, nullptr);
+      reply(r, skip_error_, "request refused");
       continue;
     }
     if (inflight_ >= limits_.max_inflight || inflight_bytes_ >= limits_.max_inflight_bytes) {
@@ -257,8 +261,15 @@ bool Connection::process_request_header() {
     return false;
   }
   if (v.error != 0) {
-    if (v.has_payload) skip_bytes_ = hdr.length;
     Req* r = new_req(hdr, 0);
+    if (v.has_payload && hdr.length > 0) {
+      // Reply only once the payload is consumed: clients match replies to
+      // requests they have finished sending.
+      skip_bytes_ = hdr.length;
+      skip_req_ = r;
+      skip_error_ = v.error;
+      return true;
+    }
     reply(r, v.error, "request refused");
     return true;
   }
@@ -510,10 +521,10 @@ void Connection::maybe_close() {
     payload_req_ = nullptr;
   }
   phase_ = Phase::kClosed;
-  ::close(fd_);
-  fd_ = -1;
   spdlog::debug("{}: closed", peer_);
-  ClosedFn done = std::move(on_closed_);  // outlives this: the callback deletes us
+  // The callback releases the connection slot, then deletes this (whose
+  // destructor closes the socket): a client that saw EOF may reconnect.
+  ClosedFn done = std::move(on_closed_);
   done(this);
 }
 

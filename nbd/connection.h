@@ -102,6 +102,8 @@ class Connection {
   bool payload_direct_ = false;  // the next recv should target payload_req_'s buffer
   bool recv_direct_ = false;     // the pending recv targets payload_req_'s buffer
   uint64_t skip_bytes_ = 0;      // payload of a refused WRITE still to discard
+  Req* skip_req_ = nullptr;      // the refused WRITE, answered once skipped
+  uint32_t skip_error_ = 0;
 
   uint32_t inflight_ = 0;
   uint64_t inflight_bytes_ = 0;

@@ -260,8 +260,8 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
     auto* c = new Connection(*w->loop, fd, std::move(peer), registry_, opts_.limits, w->stats,
                              [this, w](Connection* done) {
                                w->conns.erase(done);
-                               delete done;
                                --open_;
+                               delete done;
                                w->finish_if_idle();
                              });
     w->conns.insert(c);

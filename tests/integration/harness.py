@@ -18,7 +18,6 @@ Environment:
 import contextlib
 import ctypes
 import ctypes.util
-import errno
 import hashlib
 import os
 import random
@@ -211,7 +210,7 @@ class Daemon:
     def __init__(self, size=64 * MiB, read_only=False, extra_args=(),
                  export_name=None, description=None, tcp=True, unix=True,
                  backing=None, init_backing=None, name="shadowd",
-                 check_exit=True, checks=None):
+                 check_exit=True, checks=None, pidfile=False):
         self.size = size
         self.read_only = read_only
         self.extra_args = list(extra_args)
@@ -224,6 +223,8 @@ class Daemon:
         self.name = name
         self.check_exit = check_exit
         self.checks = checks
+        self.want_pidfile = pidfile
+        self.pidfile = None
         self._failures_at_start = len(checks.failures) if checks else 0
         self.proc = None
         self.notify_messages = []
@@ -283,6 +284,9 @@ class Daemon:
             cmd += ["--description", self.description]
         if self.read_only:
             cmd += ["--read-only"]
+        if self.want_pidfile:
+            self.pidfile = os.path.join(self.tmpdir, "shadowd.pid")
+            cmd += ["--pidfile", self.pidfile]
         cmd += self.extra_args
         self.cmd = cmd
         env = dict(os.environ)
@@ -476,6 +480,19 @@ def main(fn):
 
 class SkipTest(Exception):
     pass
+
+
+def expect_clean_refusal(e, what):
+    """An nbd.Error from a request the server had to refuse must be a proper
+    NBD error reply or a clean close of the connection, never a protocol
+    violation (libnbd reports those as EPROTO, e.g. a reply it cannot match
+    to a request it has finished sending)."""
+    import errno as _e
+    ok = {_e.EINVAL, _e.EOVERFLOW, _e.ENOMEM, _e.ENOTCONN, _e.ESHUTDOWN, _e.ECONNRESET,
+          _e.EPIPE}
+    if e.errnum not in ok:
+        raise AssertionError(f"{what}: not a clean refusal: {e} (errno {e.errnum})")
+    log(f"   {what}: refused cleanly: {e}")
 
 
 def expect(cond, msg):

@@ -20,8 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd  # noqa: E402
 
-from harness import (KiB, MiB, Checks, Daemon, expect, expect_eq, log, main,  # noqa: E402
-                     make_rng, sha256_file)
+from harness import (KiB, MiB, Checks, Daemon, expect, expect_clean_refusal,  # noqa: E402
+                     expect_eq, log, main, make_rng, sha256_file)
 
 SIZE = 64 * MiB
 MAX_PAYLOAD = 32 * MiB
@@ -56,6 +56,7 @@ def connect(d, uri=None, meta=True, structured=True, handshake_flags=None, stric
     if uri:
         h.connect_uri(uri)
     else:
+        h.set_export_name("disk")
         h.connect_unix(d.unix_path)
     return h
 
@@ -156,6 +157,7 @@ def test_basic(checks, d, rng):
     with checks.check("full info: canonical name and description (NBD_INFO_NAME/DESCRIPTION)"):
         h2 = nbd.NBD()
         h2.set_full_info(True)
+        h2.set_export_name("disk")
         h2.connect_unix(d.unix_path)
         expect_eq(h2.get_canonical_export_name(), "disk", "canonical export name")
         expect_eq(h2.get_export_description(), "libnbd test export", "description")
@@ -445,7 +447,7 @@ def test_errors(checks, d, rng, model):
                 h.pwrite(bytes(MAX_PAYLOAD + 4096), 0)
                 raise AssertionError("a write above the maximum payload succeeded")
             except nbd.Error as e:
-                log(f"   oversized write refused: {e}")
+                expect_clean_refusal(e, "write above the maximum payload")
         d.assert_alive()
         expect_eq(sha256_file(d.backing), sha, "backing sha256 after oversized write")
         with opened(d) as h:
@@ -547,15 +549,37 @@ def test_simple_replies(checks, d, rng, model):
 
 
 def test_unadvertised_flags(checks, d, model):
-    with checks.check("unadvertised command flags -> EINVAL"), opened(d, strict=0) as h:
-        # FAST_ZERO is only allowed when advertised; DF only with SEND_DF.
-        if not h.can_df():
+    # proto.md: the server MUST set SEND_DF if READ supports NBD_CMD_FLAG_DF,
+    # and SHOULD fail FAST_ZERO with EINVAL when SEND_FAST_ZERO is not set;
+    # unknown or inapplicable flags SHOULD get EINVAL.
+    with checks.check("READ with NBD_CMD_FLAG_DF when SEND_DF is not advertised -> EINVAL"), \
+            opened(d, strict=0) as h:
+        if h.can_df():
+            log("   server advertises SEND_DF; DF read must then succeed")
+            expect(h.pread(4096, 0, nbd.CMD_FLAG_DF) == model.get(0, 4096), "DF read")
+        else:
             expect_nbd_error(lambda: h.pread(4096, 0, nbd.CMD_FLAG_DF),
                              {errno.EINVAL}, "pread with unadvertised DF")
-        if not h.can_fast_zero():
+        expect(h.pread(4096, 0) == model.get(0, 4096), "read after the DF request")
+    with checks.check("WRITE_ZEROES with FAST_ZERO when not advertised -> EINVAL"), \
+            opened(d, strict=0) as h:
+        if h.can_fast_zero():
+            log("   server advertises SEND_FAST_ZERO; skipping")
+        else:
             expect_nbd_error(lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO),
-                             {errno.EINVAL, errno.ENOTSUP}, "zero with unadvertised FAST_ZERO")
-        expect(h.pread(4096, 0) == model.get(0, 4096), "read after flag errors")
+                             {errno.EINVAL}, "zero with unadvertised FAST_ZERO")
+        expect(h.pread(4096, 0) == model.get(0, 4096), "read after the FAST_ZERO request")
+    with checks.check("inapplicable flags -> EINVAL (NO_HOLE on WRITE, REQ_ONE on READ)"), \
+            opened(d, strict=0) as h:
+        sha = sha256_file(d.backing)
+        expect_nbd_error(lambda: h.pwrite(b"z" * 4096, 0, nbd.CMD_FLAG_NO_HOLE),
+                         {errno.EINVAL}, "pwrite with NO_HOLE")
+        expect_nbd_error(lambda: h.pread(4096, 0, nbd.CMD_FLAG_REQ_ONE),
+                         {errno.EINVAL}, "pread with REQ_ONE")
+        expect_nbd_error(lambda: h.trim(4096, 0, nbd.CMD_FLAG_NO_HOLE),
+                         {errno.EINVAL}, "trim with NO_HOLE")
+        h.flush()
+        expect_eq(sha256_file(d.backing), sha, "backing sha256 after refused requests")
 
 
 def test_read_only(checks, rng):

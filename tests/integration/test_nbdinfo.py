@@ -112,7 +112,7 @@ def test():
             expect(rc != 0, "nbdinfo succeeded on an unknown export name")
         with checks.check("nbdinfo --list lists the export"):
             _, out = run(["nbdinfo", "--list", f"nbd+unix:///?socket={d.unix_path}"])
-            expect('export="disk"' in out, f'export="disk" not in --list output')
+            expect('export="disk"' in out, 'export="disk" not in --list output')
             info = json.loads(run(["nbdinfo", "--list", "--json",
                                    f"nbd+unix:///?socket={d.unix_path}"])[1])
             names = [e.get("export-name") for e in info["exports"]]

@@ -233,8 +233,8 @@ def option_sessions(checks, d):
     with checks.check("unknown options -> ERR_UNSUP and negotiation continues"):
         with P.Client.unix(d.unix_path) as c:
             c.handshake()
-            for opt, data in ((0x1234, b""), (0x7FFFFFFF, b"some payload"), (P.OPT_PEEK_EXPORT, b""),
-                              (11, b""), (0, b"")):
+            for opt, data in ((0x1234, b""), (0x7FFFFFFF, b"some payload"),
+                              (P.OPT_PEEK_EXPORT, b""), (11, b""), (0, b"")):
                 replies = c.option(opt, data)
                 expect_eq(len(replies), 1, f"reply count for option {opt:#x}")
                 expect_rep(replies[0][0], P.REP_ERR_UNSUP, f"option {opt:#x}")

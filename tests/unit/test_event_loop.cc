@@ -25,7 +25,7 @@ class Recorder final : public IoCompletion {
   std::vector<int>* log_;
 };
 
-TEST_CASE("post() from another thread runs fn on the loop thread", "[event_loop]") {
+TEST_CASE("event_loop: post() from another thread runs fn on the loop thread", "[event_loop]") {
   auto loop = make_loop();
   std::thread::id ran_on;
   int calls = 0;
@@ -42,7 +42,8 @@ TEST_CASE("post() from another thread runs fn on the loop thread", "[event_loop]
   REQUIRE(ran_on == std::this_thread::get_id());
 }
 
-TEST_CASE("post() from many threads runs every fn once, in each poster's order", "[event_loop]") {
+TEST_CASE("event_loop: post() from many threads runs every fn once, in each poster's order",
+          "[event_loop]") {
   constexpr int kThreads = 4;
   constexpr int kPerThread = 2000;
   auto loop = make_loop();
@@ -67,7 +68,7 @@ TEST_CASE("post() from many threads runs every fn once, in each poster's order",
   REQUIRE(in_order);
 }
 
-TEST_CASE("stop() from another thread wakes a blocked run()", "[event_loop]") {
+TEST_CASE("event_loop: stop() from another thread wakes a blocked run()", "[event_loop]") {
   auto loop = make_loop();
   std::promise<void> running;
   auto running_future = running.get_future();
@@ -85,7 +86,7 @@ TEST_CASE("stop() from another thread wakes a blocked run()", "[event_loop]") {
   REQUIRE(late_post_ran);
 }
 
-TEST_CASE("defer() completes in order, on a later iteration, and counts as in flight",
+TEST_CASE("event_loop: defer() completes in order, on a later iteration, and counts as in flight",
           "[event_loop]") {
   auto loop = make_loop();
   const uint64_t base = loop->in_flight();  // the loop's own wakeup read
@@ -120,7 +121,7 @@ TEST_CASE("defer() completes in order, on a later iteration, and counts as in fl
   REQUIRE(loop->in_flight() == base);
 }
 
-TEST_CASE("OneShot passes the result and deletes itself", "[event_loop]") {
+TEST_CASE("event_loop: OneShot passes the result and deletes itself", "[event_loop]") {
   auto loop = make_loop();
   std::vector<int> got;
   loop->defer(new OneShot([&](int res) { got.push_back(res); }), -5);
@@ -131,7 +132,7 @@ TEST_CASE("OneShot passes the result and deletes itself", "[event_loop]") {
   REQUIRE(got == std::vector<int>{-5, 100});
 }
 
-TEST_CASE("io_uring nops beyond the ring size all complete", "[event_loop]") {
+TEST_CASE("event_loop: io_uring nops beyond the ring size all complete", "[event_loop]") {
   // 8 entries: sqe_for() must submit when the queue is full.
   auto loop = make_loop(8);
   const uint64_t base = loop->in_flight();
@@ -149,7 +150,7 @@ TEST_CASE("io_uring nops beyond the ring size all complete", "[event_loop]") {
   REQUIRE(loop->in_flight() == base);
 }
 
-TEST_CASE("a completion callback can submit the next operation", "[event_loop]") {
+TEST_CASE("event_loop: a completion callback can submit the next operation", "[event_loop]") {
   auto loop = make_loop();
   int remaining = 10;
   std::function<void(int)> step = [&](int res) {
@@ -161,20 +162,20 @@ TEST_CASE("a completion callback can submit the next operation", "[event_loop]")
   REQUIRE(remaining == 0);
 }
 
-TEST_CASE("an io_uring read from a pipe delivers the bytes", "[event_loop]") {
+TEST_CASE("event_loop: an io_uring read from a pipe delivers the bytes", "[event_loop]") {
   auto loop = make_loop();
   int fds[2];
   REQUIRE(pipe(fds) == 0);
   char buf[16] = {};
   int res = -1;
   bool done = false;
-  io_uring_prep_read(loop->sqe_for(new OneShot([&](int r) {
-                       res = r;
-                       done = true;
-                     })),
-                     fds[0], buf, sizeof buf, 0);
+  auto* on_read = new OneShot([&](int r) {
+    res = r;
+    done = true;
+  });
+  io_uring_prep_read(loop->sqe_for(on_read), fds[0], buf, sizeof buf, 0);
   loop->run_once(false);  // the read is now parked in the kernel, waiting for data
-  ssize_t written = 0;  // Catch assertions are not thread-safe: check it here
+  ssize_t written = 0;    // Catch assertions are not thread-safe: check it here
   std::thread writer([&] { written = write(fds[1], "hello", 5); });
   while (!done) loop->run_once(true);
   writer.join();

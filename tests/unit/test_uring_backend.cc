@@ -137,8 +137,7 @@ TEST_CASE("uring: aligned (direct) and unaligned (buffered) round trips", "[urin
   CAPTURE(seed);
   std::mt19937_64 rng(seed);
   TempFile f(kFileSize);
-  const auto direct = GENERATE(FileBackendOptions::Direct::kAuto,
-                               FileBackendOptions::Direct::kOff);
+  const auto direct = GENERATE(FileBackendOptions::Direct::kAuto, FileBackendOptions::Direct::kOff);
   FileBackendOptions opts;
   opts.direct = direct;
   auto b = open_backend(f.path(), opts);

@@ -1,0 +1,390 @@
+// The JSON config loader and Config::validate(): every key with the right and
+// wrong types, error messages that name the key, all-or-nothing merging, and
+// the example file shipped in config/.
+#include "config/config.h"
+
+#include <catch2/catch.hpp>
+#include <functional>
+#include <string>
+#include <vector>
+
+#ifndef SHADOWD_SOURCE_DIR
+#error "SHADOWD_SOURCE_DIR must name the source tree (tests/unit/CMakeLists.txt)"
+#endif
+
+namespace shadowd {
+namespace {
+
+using Strings = std::vector<std::string>;
+
+bool mentions(const Status& st, const std::string& word) {
+  return st.message().find(word) != std::string::npos;
+}
+
+// Every field of Config, for "nothing changed" checks.
+bool same(const Config& a, const Config& b) {
+  return a.backing == b.backing && a.unix_sockets == b.unix_sockets && a.listen == b.listen &&
+         a.export_name == b.export_name && a.description == b.description &&
+         a.read_only == b.read_only && a.foreground == b.foreground && a.pidfile == b.pidfile &&
+         a.log_level == b.log_level && a.direct_io == b.direct_io &&
+         a.io_threads == b.io_threads && a.max_payload_bytes == b.max_payload_bytes &&
+         a.max_inflight_per_connection == b.max_inflight_per_connection &&
+         a.max_connections == b.max_connections;
+}
+
+// A Config with every field away from its default.
+Config nondefault() {
+  Config c;
+  c.backing = "/old/backing";
+  c.unix_sockets = {"/old/sock"};
+  c.listen = {"0.0.0.0:1"};
+  c.export_name = "old";
+  c.description = "old description";
+  c.read_only = true;
+  c.foreground = true;
+  c.pidfile = "/old/pid";
+  c.log_level = "debug";
+  c.direct_io = "off";
+  c.io_threads = 3;
+  c.max_payload_bytes = 8192;
+  c.max_inflight_per_connection = 7;
+  c.max_connections = 9;
+  return c;
+}
+
+// ---- defaults ----
+
+TEST_CASE("config: defaults are valid", "[config]") {
+  Config c;
+  CHECK(c.validate().is_ok());
+  CHECK(c.export_name == "disk");
+  CHECK(c.log_level == "info");
+  CHECK(c.direct_io == "auto");
+  CHECK(c.max_payload_bytes == 32u << 20);
+  CHECK(c.unix_sockets.empty());
+  CHECK(c.listen.empty());
+}
+
+TEST_CASE("config: an empty object changes nothing", "[config]") {
+  Config c = nondefault();
+  REQUIRE(merge_config_json("{}", c).is_ok());
+  CHECK(same(c, nondefault()));
+  REQUIRE(merge_config_json("  { }\n", c).is_ok());
+  CHECK(same(c, nondefault()));
+}
+
+// ---- each key, right type ----
+
+struct KeyCase {
+  const char* key;
+  const char* value;  // JSON text
+  std::function<bool(const Config&)> applied;
+};
+
+TEST_CASE("config: every key accepts its type", "[config]") {
+  const std::vector<KeyCase> cases = {
+      {"backing", R"("/dev/vdb")", [](const Config& c) { return c.backing == "/dev/vdb"; }},
+      {"unix", R"("/run/a.sock")",
+       [](const Config& c) { return c.unix_sockets == Strings{"/run/a.sock"}; }},
+      {"listen", R"("[::1]:10809")",
+       [](const Config& c) { return c.listen == Strings{"[::1]:10809"}; }},
+      {"export_name", R"("vm1")", [](const Config& c) { return c.export_name == "vm1"; }},
+      {"description", R"("a disk")", [](const Config& c) { return c.description == "a disk"; }},
+      {"read_only", "false", [](const Config& c) { return !c.read_only; }},
+      {"foreground", "false", [](const Config& c) { return !c.foreground; }},
+      {"pidfile", R"("/run/x.pid")", [](const Config& c) { return c.pidfile == "/run/x.pid"; }},
+      {"log_level", R"("warn")", [](const Config& c) { return c.log_level == "warn"; }},
+      {"direct_io", R"("on")", [](const Config& c) { return c.direct_io == "on"; }},
+      {"io_threads", "5", [](const Config& c) { return c.io_threads == 5; }},
+      {"max_payload_bytes", "65536", [](const Config& c) { return c.max_payload_bytes == 65536; }},
+      {"max_inflight_per_connection", "64",
+       [](const Config& c) { return c.max_inflight_per_connection == 64; }},
+      {"max_connections", "1000", [](const Config& c) { return c.max_connections == 1000; }},
+  };
+  for (const KeyCase& k : cases) {
+    const std::string text = std::string("{\"") + k.key + "\": " + k.value + "}";
+    CAPTURE(text);
+    Config c = nondefault();
+    Status st = merge_config_json(text, c);
+    REQUIRE(st.is_ok());
+    CHECK(k.applied(c));
+    CHECK(c.validate().is_ok());
+  }
+}
+
+TEST_CASE("config: all keys at once", "[config]") {
+  const std::string text = R"({
+    "backing": "/b", "unix": ["/u1", "/u2"], "listen": ["127.0.0.1:1", "[::]:2"],
+    "export_name": "e", "description": "d", "read_only": true, "foreground": true,
+    "pidfile": "/p", "log_level": "trace", "direct_io": "off", "io_threads": 64,
+    "max_payload_bytes": 4096, "max_inflight_per_connection": 4096, "max_connections": 65536
+  })";
+  Config c;
+  REQUIRE(merge_config_json(text, c).is_ok());
+  CHECK(c.backing == "/b");
+  CHECK(c.unix_sockets == Strings{"/u1", "/u2"});
+  CHECK(c.listen == Strings{"127.0.0.1:1", "[::]:2"});
+  CHECK(c.export_name == "e");
+  CHECK(c.description == "d");
+  CHECK(c.read_only);
+  CHECK(c.foreground);
+  CHECK(c.pidfile == "/p");
+  CHECK(c.log_level == "trace");
+  CHECK(c.direct_io == "off");
+  CHECK(c.io_threads == 64);
+  CHECK(c.max_payload_bytes == 4096);
+  CHECK(c.max_inflight_per_connection == 4096);
+  CHECK(c.max_connections == 65536);
+  CHECK(c.validate().is_ok());
+}
+
+// ---- each key, wrong types ----
+
+TEST_CASE("config: every key refuses wrong types, naming the key", "[config]") {
+  const char* string_keys[] = {"backing", "export_name", "description",
+                               "pidfile", "log_level",   "direct_io"};
+  const char* bool_keys[] = {"read_only", "foreground"};
+  const char* u32_keys[] = {"io_threads", "max_payload_bytes", "max_inflight_per_connection",
+                            "max_connections"};
+  const char* list_keys[] = {"unix", "listen"};
+  std::vector<std::pair<std::string, std::string>> bad;  // (key, JSON value)
+  for (const char* k : string_keys) {
+    for (const char* v : {"1", "true", "null", "[\"a\"]", "{}", "1.5"}) bad.emplace_back(k, v);
+  }
+  for (const char* k : bool_keys) {
+    for (const char* v : {"1", "0", "\"true\"", "null", "[]", "{}"}) bad.emplace_back(k, v);
+  }
+  for (const char* k : u32_keys) {
+    for (const char* v : {"-1", "1.5", "2.0", "\"2\"", "true", "null", "[2]", "{}",
+                          "4294967296", "18446744073709551615", "1e3"}) {
+      bad.emplace_back(k, v);
+    }
+  }
+  for (const char* k : list_keys) {
+    for (const char* v : {"1", "true", "{}", "[1]", "[\"a\", 2]", "[[\"a\"]]", "[null]"}) {
+      bad.emplace_back(k, v);
+    }
+  }
+  for (const auto& [key, value] : bad) {
+    const std::string text = "{\"" + key + "\": " + value + "}";
+    CAPTURE(text);
+    Config c = nondefault();
+    Status st = merge_config_json(text, c);
+    CHECK_FALSE(st.is_ok());
+    CHECK(st.code() == Status::Code::kInvalid);
+    CHECK(mentions(st, "'" + key + "'"));
+    CHECK(same(c, nondefault()));
+  }
+}
+
+TEST_CASE("config: unsigned keys take the whole 32-bit range", "[config]") {
+  Config c;
+  REQUIRE(merge_config_json(R"({"max_connections": 4294967295})", c).is_ok());
+  CHECK(c.max_connections == UINT32_MAX);
+  REQUIRE(merge_config_json(R"({"max_connections": 0})", c).is_ok());
+  CHECK(c.max_connections == 0);
+  CHECK_FALSE(c.validate().is_ok());  // ranges are validate()'s business
+}
+
+// ---- unknown keys, bad documents ----
+
+TEST_CASE("config: an unknown key is an error naming it", "[config]") {
+  for (const char* key : {"bogus", "io-threads", "Backing", "", "unix_sockets", "listen "}) {
+    const std::string text = std::string("{\"backing\": \"/new\", \"") + key + "\": 1}";
+    CAPTURE(text);
+    Config c = nondefault();
+    Status st = merge_config_json(text, c);
+    CHECK_FALSE(st.is_ok());
+    CHECK(mentions(st, std::string("'") + key + "'"));
+    CHECK(same(c, nondefault()));
+  }
+}
+
+TEST_CASE("config: documents that are not one JSON object", "[config]") {
+  for (const char* text : {"", "   ", "[]", "[{\"backing\": \"/x\"}]", "\"backing\"", "42",
+                           "null", "{", "{\"backing\": }", "{\"backing\": \"/x\",}",
+                           "{\"backing\": \"/x\"} {}", "{'backing': '/x'}",
+                           "{\"backing\": \"/x\" // unterminated\n"}) {
+    CAPTURE(text);
+    Config c = nondefault();
+    Status st = merge_config_json(text, c);
+    CHECK_FALSE(st.is_ok());
+    CHECK(st.code() == Status::Code::kInvalid);
+    CHECK(same(c, nondefault()));
+  }
+}
+
+TEST_CASE("config: a failing merge leaves the config untouched", "[config]") {
+  // Keys are applied in order; a bad one late in the document must not leave
+  // the earlier ones applied.
+  for (const char* text : {
+           R"({"backing": "/new", "export_name": "new", "io_threads": "two"})",
+           R"({"backing": "/new", "unix": ["/new"], "zzz_unknown": 1})",
+           R"({"unix": "/new", "listen": ["ok", 5]})",
+           R"({"aaa_unknown": 1, "backing": "/new"})",
+       }) {
+    CAPTURE(text);
+    Config c = nondefault();
+    CHECK_FALSE(merge_config_json(text, c).is_ok());
+    CHECK(same(c, nondefault()));
+  }
+}
+
+TEST_CASE("config: merging overrides only the keys given", "[config]") {
+  Config c = nondefault();
+  REQUIRE(merge_config_json(R"({"io_threads": 8, "unix": "/a"})", c).is_ok());
+  Config want = nondefault();
+  want.io_threads = 8;
+  want.unix_sockets = {"/a"};
+  CHECK(same(c, want));
+  // A second merge replaces lists rather than appending to them.
+  REQUIRE(merge_config_json(R"({"unix": ["/b", "/c"]})", c).is_ok());
+  CHECK(c.unix_sockets == Strings{"/b", "/c"});
+  REQUIRE(merge_config_json(R"({"unix": []})", c).is_ok());
+  CHECK(c.unix_sockets.empty());
+}
+
+TEST_CASE("config: unix and listen take a string or an array", "[config]") {
+  for (const char* key : {"unix", "listen"}) {
+    CAPTURE(key);
+    auto field = [&](Config& c) -> Strings& {
+      return std::string(key) == "unix" ? c.unix_sockets : c.listen;
+    };
+    const std::string k = std::string("{\"") + key + "\": ";
+    Config c;
+    REQUIRE(merge_config_json(k + "\"one\"}", c).is_ok());
+    CHECK(field(c) == Strings{"one"});
+    REQUIRE(merge_config_json(k + "[\"a\", \"b\", \"c\"]}", c).is_ok());
+    CHECK(field(c) == Strings{"a", "b", "c"});
+    REQUIRE(merge_config_json(k + "[\"solo\"]}", c).is_ok());
+    CHECK(field(c) == Strings{"solo"});
+    REQUIRE(merge_config_json(k + "[]}", c).is_ok());
+    CHECK(field(c).empty());
+    REQUIRE(merge_config_json(k + "\"\"}", c).is_ok());
+    CHECK(field(c) == Strings{""});
+  }
+}
+
+TEST_CASE("config: comments are allowed", "[config]") {
+  const std::string text = R"(// shadowd configuration
+{
+  /* the image */ "backing": "/img", // trailing comment
+  // "io_threads": "not read",
+  "io_threads": 4 /* block
+  comment */
+}
+// after
+)";
+  Config c;
+  Status st = merge_config_json(text, c);
+  REQUIRE(st.is_ok());
+  CHECK(c.backing == "/img");
+  CHECK(c.io_threads == 4);
+}
+
+TEST_CASE("config: strings keep their escapes and UTF-8", "[config]") {
+  Config c;
+  REQUIRE(merge_config_json(R"({"description": "tab\tquote\" \u00e9 é"})", c).is_ok());
+  CHECK(c.description == "tab\tquote\" \xc3\xa9 \xc3\xa9");
+}
+
+// ---- validate() ----
+
+struct RangeCase {
+  const char* key;
+  std::function<void(Config&)> set;
+  bool ok;
+};
+
+TEST_CASE("config: validate() checks ranges, naming the key", "[config]") {
+  auto u32 = [](uint32_t Config::*f, uint32_t v) {
+    return [f, v](Config& c) { c.*f = v; };
+  };
+  auto str = [](std::string Config::*f, std::string v) {
+    return [f, v](Config& c) { c.*f = v; };
+  };
+  const std::vector<RangeCase> cases = {
+      {"io_threads", u32(&Config::io_threads, 0), false},
+      {"io_threads", u32(&Config::io_threads, 1), true},
+      {"io_threads", u32(&Config::io_threads, 64), true},
+      {"io_threads", u32(&Config::io_threads, 65), false},
+      {"io_threads", u32(&Config::io_threads, UINT32_MAX), false},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes, 0), false},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes, 4095), false},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes, 4096), true},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes, 32u << 20), true},
+      {"max_payload_bytes", u32(&Config::max_payload_bytes, (32u << 20) + 1), false},
+      {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection, 0), false},
+      {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection, 1), true},
+      {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection, 4096), true},
+      {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection, 4097), false},
+      {"max_connections", u32(&Config::max_connections, 0), false},
+      {"max_connections", u32(&Config::max_connections, 1), true},
+      {"max_connections", u32(&Config::max_connections, 65536), true},
+      {"max_connections", u32(&Config::max_connections, 65537), false},
+      {"export_name", str(&Config::export_name, std::string(4096, 'e')), true},
+      {"export_name", str(&Config::export_name, std::string(4097, 'e')), false},
+      {"export_name", str(&Config::export_name, ""), true},
+      {"description", str(&Config::description, std::string(4096, 'd')), true},
+      {"description", str(&Config::description, std::string(4097, 'd')), false},
+      {"direct_io", str(&Config::direct_io, "auto"), true},
+      {"direct_io", str(&Config::direct_io, "on"), true},
+      {"direct_io", str(&Config::direct_io, "off"), true},
+      {"direct_io", str(&Config::direct_io, "yes"), false},
+      {"direct_io", str(&Config::direct_io, "ON"), false},
+      {"direct_io", str(&Config::direct_io, ""), false},
+      {"log_level", str(&Config::log_level, "verbose"), false},
+      {"log_level", str(&Config::log_level, "INFO"), false},
+      {"log_level", str(&Config::log_level, ""), false},
+  };
+  for (const RangeCase& k : cases) {
+    Config c;
+    k.set(c);
+    Status st = c.validate();
+    CAPTURE(k.key, k.ok, st.message());
+    CHECK(st.is_ok() == k.ok);
+    if (!k.ok) CHECK(mentions(st, k.key));
+  }
+  for (const char* level : {"trace", "debug", "info", "warn", "error", "critical", "off"}) {
+    Config c;
+    c.log_level = level;
+    CAPTURE(level);
+    CHECK(c.validate().is_ok());
+  }
+}
+
+// ---- files ----
+
+const std::string kExample = std::string(SHADOWD_SOURCE_DIR) + "/config/shadowd.example.json";
+
+TEST_CASE("config: the example file parses and validates", "[config]") {
+  Config c;
+  Status st = load_config_file(kExample, c);
+  CAPTURE(kExample, st.message());
+  REQUIRE(st.is_ok());
+  CHECK(c.validate().is_ok());
+  CHECK(c.backing == "/var/lib/shadowd/disk.img");
+  CHECK(c.unix_sockets == Strings{"/run/shadowd/disk.nbd"});
+  CHECK(c.listen == Strings{"127.0.0.1:10809"});
+  CHECK(c.export_name == "disk");
+  CHECK_FALSE(c.read_only);
+  CHECK(c.foreground);
+  CHECK(c.log_level == "info");
+  CHECK(c.direct_io == "auto");
+  CHECK(c.io_threads == 2);
+  CHECK(c.max_payload_bytes == 33554432);
+  CHECK(c.max_inflight_per_connection == 128);
+  CHECK(c.max_connections == 256);
+}
+
+TEST_CASE("config: a missing file is an error naming it", "[config]") {
+  Config c = nondefault();
+  const std::string path = std::string(SHADOWD_SOURCE_DIR) + "/config/no-such-file.json";
+  Status st = load_config_file(path, c);
+  CHECK_FALSE(st.is_ok());
+  CHECK(mentions(st, path));
+  CHECK(same(c, nondefault()));
+}
+
+}  // namespace
+}  // namespace shadowd
