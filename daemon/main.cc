@@ -28,6 +28,8 @@
 #include "core/io_backend.h"
 #include "core/monitored_backend.h"
 #include "daemon/context.h"
+#include "daemon/control.h"
+#include "daemon/metrics.h"
 #include "nbd/server.h"
 #include "version.h"
 
@@ -339,6 +341,26 @@ int serve(DaemonContext& ctx, int ready_fd) {
   std::unique_ptr<Roller> roller;
   if (monitor) roller = std::make_unique<Roller>(*monitor);
 
+  const std::string control_path =
+      cfg.control.empty() ? "/run/shadowd/" + cfg.export_name + ".sock" : cfg.control;
+  ControlServer control(ctx, control_path, cfg.control_group);
+  st = control.start();
+  if (!st) {
+    spdlog::error("control socket: {}", st.message());
+    server.stop();
+    return kExitFailure;
+  }
+  MetricsEndpoint metrics(ctx);
+  if (!cfg.metrics_listen.empty()) {
+    st = metrics.start(cfg.metrics_listen);
+    if (!st) {
+      spdlog::error("metrics endpoint: {}", st.message());
+      control.stop();
+      server.stop();
+      return kExitFailure;
+    }
+  }
+
   std::string where;
   for (const auto& e : server.endpoints()) where += (where.empty() ? "" : ", ") + e;
   spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, human_size(info.size_bytes),
@@ -347,6 +369,8 @@ int serve(DaemonContext& ctx, int ready_fd) {
     spdlog::info("monitoring {} segments of {}", monitor->segment_count(),
                  human_size(monitor->segment_bytes()));
   }
+  spdlog::info("control socket {}{}", control_path,
+               cfg.metrics_listen.empty() ? "" : "; metrics on http://" + cfg.metrics_listen + "/metrics");
   if (!cfg.pidfile.empty()) {
     std::ofstream(cfg.pidfile) << getpid() << "\n";
   }
@@ -363,6 +387,8 @@ int serve(DaemonContext& ctx, int ready_fd) {
   while (sigwait(&set, &sig) == 0 && sig == SIGHUP) reload(ctx);
   spdlog::info("{} received: finishing in-flight requests", strsignal(sig));
   sd_notify(0, "STOPPING=1\nSTATUS=stopping");
+  metrics.stop();
+  control.stop();
   server.stop();
   roller.reset();
   ctx.server = nullptr;

@@ -287,6 +287,12 @@ class Daemon:
         if self.want_pidfile:
             self.pidfile = os.path.join(self.tmpdir, "shadowd.pid")
             cmd += ["--pidfile", self.pidfile]
+        if "--control" not in self.extra_args:
+            # Private control socket: tests run in parallel, each daemon its own.
+            self.control_path = os.path.join(self.tmpdir, "control.sock")
+            cmd += ["--control", self.control_path]
+        else:
+            self.control_path = self.extra_args[self.extra_args.index("--control") + 1]
         cmd += self.extra_args
         self.cmd = cmd
         env = dict(os.environ)

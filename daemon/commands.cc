@@ -1,0 +1,558 @@
+#include "daemon/commands.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <ctime>
+#include <exception>
+#include <initializer_list>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "ctl/protocol.h"
+#include "nbd/stats.h"
+#include "version.h"
+
+namespace shadowd {
+namespace {
+
+using json = nlohmann::json;
+using ctl::ControlError;
+namespace errc = ctl::errc;
+
+constexpr uint64_t kTopMax = 10000;
+constexpr uint64_t kHistoryPageMax = 50000;  // history records per reply
+constexpr uint64_t kAdvanceMaxSeconds = 10ull * 366 * 86400;
+
+// The tunables config.set may change while the daemon runs.
+constexpr const char* kRuntimeKeys[] = {"baseline", "alpha", "beta", "gamma",
+                                        "scoring_window_seconds", "windows_seconds"};
+
+bool is_runtime_key(std::string_view key) {
+  for (const char* k : kRuntimeKeys) {
+    if (key == k) return true;
+  }
+  return false;
+}
+
+// Reads a request's arguments. The first problem is kept (later reads then
+// return defaults), so a command reads everything and checks failed() once.
+class Args {
+ public:
+  Args(const json& req, std::initializer_list<const char*> allowed) : req_(req) {
+    for (auto it = req.begin(); it != req.end(); ++it) {
+      const std::string& k = it.key();
+      if (k == "version" || k == "cmd") continue;
+      bool known = false;
+      for (const char* a : allowed) known |= k == a;
+      if (!known) {
+        fail(errc::kInvalidArgument, "unknown argument '" + k + "' for '" + cmd() + "'");
+        return;
+      }
+    }
+  }
+
+  bool failed() const { return err_.has_value(); }
+  json error() const { return ctl::error_reply(*err_); }
+  void fail(const char* code, std::string message) {
+    if (!err_) err_ = ControlError{code, std::move(message)};
+  }
+  std::string cmd() const { return req_.value("cmd", std::string()); }
+  const json* find(const char* key) const {
+    auto it = req_.find(key);
+    return it == req_.end() ? nullptr : &*it;
+  }
+  bool has(const char* key) const { return find(key) != nullptr; }
+
+  // An unsigned integer in [lo, hi]; `def` when absent (required without).
+  uint64_t uint(const char* key, uint64_t lo, uint64_t hi, std::optional<uint64_t> def) {
+    const json* v = find(key);
+    if (v == nullptr) {
+      if (!def) fail(errc::kInvalidArgument, "'" + cmd() + "' needs argument '" + key + "'");
+      return def.value_or(lo);
+    }
+    if (!v->is_number_integer()) {
+      fail(errc::kInvalidArgument, std::string("'") + key + "' must be an integer");
+      return def.value_or(lo);
+    }
+    const bool negative = v->is_number_unsigned() ? false : v->get<int64_t>() < 0;
+    const uint64_t x = negative ? 0 : v->get<uint64_t>();
+    if (negative || x < lo || x > hi) {
+      fail(errc::kOutOfRange, std::string("'") + key + "' must be " + std::to_string(lo) +
+                                  ".." + std::to_string(hi) + " (got " + v->dump() + ")");
+      return def.value_or(lo);
+    }
+    return x;
+  }
+
+  // A string out of `options`; `def` when absent.
+  std::string choice(const char* key, std::initializer_list<const char*> options,
+                     const char* def) {
+    std::string list;
+    for (const char* o : options) list += (list.empty() ? "" : "|") + std::string(o);
+    const json* v = find(key);
+    if (v == nullptr) return def;
+    if (!v->is_string()) {
+      fail(errc::kInvalidArgument, std::string("'") + key + "' must be a string: " + list);
+      return def;
+    }
+    const std::string s = v->get<std::string>();
+    for (const char* o : options) {
+      if (s == o) return s;
+    }
+    fail(errc::kOutOfRange, std::string("'") + key + "' must be " + list + " (got \"" + s + "\")");
+    return def;
+  }
+
+  // Seconds, as an integer or a string such as "1h"; nullopt when absent.
+  std::optional<uint32_t> duration(const char* key) {
+    const json* v = find(key);
+    if (v == nullptr) return std::nullopt;
+    if (v->is_string()) {
+      auto s = ctl::parse_duration_seconds(v->get<std::string>());
+      if (!s) fail(errc::kInvalidArgument, std::string("'") + key + "': bad duration " + v->dump());
+      return s;
+    }
+    const uint64_t x = uint(key, 1, UINT32_MAX, 1);
+    return static_cast<uint32_t>(x);
+  }
+
+ private:
+  const json& req_;
+  std::optional<ControlError> err_;
+};
+
+int64_t now_s(const DaemonContext& ctx) {
+  if (ctx.clock != nullptr) return ctx.clock->now_s();
+  return static_cast<int64_t>(std::time(nullptr));
+}
+
+Config config_snapshot(const DaemonContext& ctx) {
+  std::lock_guard<std::mutex> lock(ctx.config_mu);
+  return ctx.config;
+}
+
+// The configuration with the key names of the config file.
+json config_json(const Config& c) {
+  return json{
+      {"backing", c.backing},
+      {"unix", c.unix_sockets},
+      {"listen", c.listen},
+      {"export_name", c.export_name},
+      {"description", c.description},
+      {"read_only", c.read_only},
+      {"foreground", c.foreground},
+      {"pidfile", c.pidfile},
+      {"log_level", c.log_level},
+      {"direct_io", c.direct_io},
+      {"io_threads", c.io_threads},
+      {"max_payload_bytes", c.max_payload_bytes},
+      {"max_inflight_per_connection", c.max_inflight_per_connection},
+      {"max_connections", c.max_connections},
+      {"monitor", c.monitor},
+      {"segment_size_bytes", c.segment_size_bytes},
+      {"bucket_seconds", c.bucket_seconds},
+      {"windows_seconds", c.windows_seconds},
+      {"history_max_records", c.history_max_records},
+      {"baseline", c.baseline},
+      {"alpha", c.alpha},
+      {"beta", c.beta},
+      {"gamma", c.gamma},
+      {"scoring_window_seconds", c.scoring_window_seconds},
+      {"control", c.control},
+      {"control_group", c.control_group},
+      {"metrics_listen", c.metrics_listen},
+  };
+}
+
+json window_json(const WindowStats& w) {
+  return json{{"window_seconds", w.window_seconds}, {"reads", w.reads},
+              {"writes", w.writes},                 {"bytes_read", w.bytes_read},
+              {"bytes_written", w.bytes_written},   {"access_rate", w.access_rate},
+              {"change_rate", w.change_rate}};
+}
+
+json segment_json(const SegmentReport& r) {
+  json windows = json::array();
+  for (const WindowStats& w : r.windows) windows.push_back(window_json(w));
+  return json{{"id", r.id},
+              {"offset", r.offset},
+              {"length", r.length},
+              {"last_access_s", r.last_access_s},
+              {"last_write_s", r.last_write_s},
+              {"priority", r.priority},
+              {"windows", std::move(windows)}};
+}
+
+json priority_json(const PriorityParams& p) {
+  return json{{"baseline", p.baseline},
+              {"alpha", p.alpha},
+              {"beta", p.beta},
+              {"gamma", p.gamma},
+              {"scoring_window_seconds", p.scoring_window_seconds}};
+}
+
+json unavailable_monitor() {
+  return ctl::error_reply(errc::kUnavailable,
+                          "access monitoring is off (shadowd runs with --no-monitor)");
+}
+
+// ---------------------------------------------------------------- commands
+
+json cmd_version(DaemonContext&, const json& req) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  return ctl::ok_reply(
+      {{"daemon_version", SHADOWD_VERSION}, {"protocol_version", ctl::kControlProtocolVersion}});
+}
+
+json ops_json(const nbd::StatsSnapshot& s) {
+  json ops = json::object();
+  for (size_t i = 0; i < nbd::kStatOpCount; ++i) {
+    ops[nbd::stat_op_name(static_cast<nbd::StatOp>(i))] = {
+        {"requests", s.requests[i]}, {"bytes", s.bytes[i]}, {"errors", s.errors[i]}};
+  }
+  return ops;
+}
+
+json monitor_status(const DaemonContext& ctx, const Config& cfg) {
+  if (ctx.monitor == nullptr) return json{{"enabled", false}};
+  const MonitorTotals t = ctx.monitor->totals();
+  const double per_segment =
+      t.segments == 0 ? 0.0 : static_cast<double>(t.dense_bytes_resident) / t.segments;
+  return json{{"enabled", true},
+              {"segments", t.segments},
+              {"segments_active", t.segments_active},
+              {"dense_bytes_virtual", t.dense_bytes_virtual},
+              {"dense_bytes_resident", t.dense_bytes_resident},
+              {"bytes_per_segment_resident", per_segment},
+              {"history_records", t.history_records},
+              {"history_bytes", t.history_bytes},
+              {"history_dropped_records", t.history_dropped_records},
+              {"oldest_history_s", t.oldest_history_s},
+              {"windows_truncated", t.windows_truncated},
+              {"started_s", t.started_s},
+              {"bucket_seconds", cfg.bucket_seconds},
+              {"windows_seconds", cfg.windows_seconds},
+              {"priority", priority_json(ctx.monitor->priority())}};
+}
+
+json cmd_status(DaemonContext& ctx, const json& req) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  const Config cfg = config_snapshot(ctx);
+  const int64_t now = now_s(ctx);
+  const nbd::Export* exp = ctx.export_.get();
+  const uint64_t size = exp != nullptr ? exp->size_bytes() : 0;
+  const uint32_t seg = ctx.monitor ? ctx.monitor->segment_bytes() : cfg.segment_size_bytes;
+  json r;
+  r["export"] = {{"name", exp ? exp->name : cfg.export_name},
+                 {"description", exp ? exp->description : cfg.description},
+                 {"size_bytes", size},
+                 {"read_only", exp ? exp->read_only : cfg.read_only},
+                 {"backing", cfg.backing}};
+  r["segment_bytes"] = seg;
+  r["segments"] = ctx.monitor ? ctx.monitor->segment_count() : (size + seg - 1) / seg;
+  nbd::StatsSnapshot stats;
+  json endpoints = json::array();
+  if (ctx.server != nullptr) {
+    stats = ctx.server->stats();
+    stats.connections_open = ctx.server->connections_open();
+    stats.connections_total = ctx.server->connections_total();
+    for (const auto& e : ctx.server->endpoints()) endpoints.push_back(e);
+  }
+  r["endpoints"] = std::move(endpoints);
+  r["connections"] = {{"open", stats.connections_open}, {"total", stats.connections_total}};
+  r["ops"] = ops_json(stats);
+  r["latency"] = {{"count", stats.latency_count},
+                  {"sum_seconds", static_cast<double>(stats.latency_sum_ns) * 1e-9}};
+  r["started_s"] = ctx.started_s;
+  r["now_s"] = now;
+  r["uptime_seconds"] = std::max<int64_t>(0, now - ctx.started_s);
+  r["monitor"] = monitor_status(ctx, cfg);
+  return ctl::ok_reply(std::move(r));
+}
+
+// The window argument of `top`: one of the configured windows.
+std::optional<uint32_t> window_arg(Args& a, const DaemonContext& ctx, uint32_t def) {
+  const std::optional<uint32_t> w = a.duration("window");
+  if (a.failed() || !w) return def;
+  const Config cfg = config_snapshot(ctx);
+  const auto& ws = cfg.windows_seconds;
+  if (std::find(ws.begin(), ws.end(), *w) != ws.end()) return *w;
+  std::string list;
+  for (uint32_t s : ws) list += (list.empty() ? "" : ", ") + std::to_string(s);
+  a.fail(errc::kOutOfRange,
+         "window " + std::to_string(*w) + " s is not configured (windows: " + list + ")");
+  return def;
+}
+
+json cmd_top(DaemonContext& ctx, const json& req) {
+  if (ctx.monitor == nullptr) return unavailable_monitor();
+  Args a(req, {"n", "by", "window"});
+  const uint64_t n = a.uint("n", 1, kTopMax, 10);
+  const std::string by = a.choice("by", {"priority", "reads", "writes"}, "priority");
+  const uint32_t window =
+      *window_arg(a, ctx, ctx.monitor->priority().scoring_window_seconds);
+  if (a.failed()) return a.error();
+  const TopBy key = by == "reads" ? TopBy::kReads : by == "writes" ? TopBy::kWrites : TopBy::kPriority;
+  auto top = ctx.monitor->top(n, key, window);
+  if (!top) return ctl::error_reply(errc::kOutOfRange, top.status().message());
+  json segments = json::array();
+  for (const SegmentReport& r : *top) {
+    json s = segment_json(r);
+    for (const WindowStats& w : r.windows) {
+      if (w.window_seconds != window) continue;
+      json flat = window_json(w);
+      for (auto it = flat.begin(); it != flat.end(); ++it) s[it.key()] = it.value();
+    }
+    segments.push_back(std::move(s));
+  }
+  return ctl::ok_reply({{"by", by},
+                        {"n", n},
+                        {"window_seconds", window},
+                        {"segment_bytes", ctx.monitor->segment_bytes()},
+                        {"now_s", now_s(ctx)},
+                        {"segments", std::move(segments)}});
+}
+
+json cmd_segment(DaemonContext& ctx, const json& req) {
+  if (ctx.monitor == nullptr) return unavailable_monitor();
+  Args a(req, {"offset", "id"});
+  const Monitor& m = *ctx.monitor;
+  const uint64_t count = m.segment_count();
+  uint64_t id = 0;
+  if (a.has("offset") == a.has("id")) {
+    a.fail(errc::kInvalidArgument, "'segment' needs exactly one of 'offset' (bytes) or 'id'");
+  } else if (a.has("id")) {
+    id = a.uint("id", 0, count == 0 ? 0 : count - 1, std::nullopt);
+    if (count == 0) a.fail(errc::kOutOfRange, "the export has no segments");
+  } else {
+    const uint64_t size = m.config().device_bytes;
+    const uint64_t offset = a.uint("offset", 0, UINT64_MAX, std::nullopt);
+    if (!a.failed() && offset >= size) {
+      a.fail(errc::kOutOfRange, "offset " + std::to_string(offset) +
+                                    " is past the end of the export (" + std::to_string(size) +
+                                    " bytes)");
+    }
+    id = offset / m.segment_bytes();
+  }
+  if (a.failed()) return a.error();
+  return ctl::ok_reply({{"segment_bytes", m.segment_bytes()},
+                        {"now_s", now_s(ctx)},
+                        {"segment", segment_json(m.segment(id))}});
+}
+
+json cmd_config_get(DaemonContext& ctx, const json& req) {
+  Args a(req, {"key"});
+  const json* key = a.find("key");
+  if (key != nullptr && !key->is_string()) a.fail(errc::kInvalidArgument, "'key' must be a string");
+  if (a.failed()) return a.error();
+  const json all = config_json(config_snapshot(ctx));
+  json runtime = json::array();
+  for (const char* k : kRuntimeKeys) runtime.push_back(k);
+  if (key == nullptr) return ctl::ok_reply({{"config", all}, {"runtime_keys", runtime}});
+  const std::string k = key->get<std::string>();
+  auto it = all.find(k);
+  if (it == all.end()) return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
+  return ctl::ok_reply({{"key", k}, {"value", *it}, {"runtime", is_runtime_key(k)}});
+}
+
+// Apply a validated configuration's tunables to the monitor, then to ctx.
+// REQUIRES: ctx.config_mu held, ctx.monitor non-null.
+Status apply_tunables(DaemonContext& ctx, const Config& next, const std::string& key) {
+  Status st = key == "windows_seconds" ? ctx.monitor->set_windows(next.windows_seconds)
+                                       : ctx.monitor->set_priority(priority_params(next));
+  if (!st) return st;
+  ctx.config.baseline = next.baseline;
+  ctx.config.alpha = next.alpha;
+  ctx.config.beta = next.beta;
+  ctx.config.gamma = next.gamma;
+  ctx.config.scoring_window_seconds = next.scoring_window_seconds;
+  ctx.config.windows_seconds = next.windows_seconds;
+  return Status::ok();
+}
+
+json cmd_config_set(DaemonContext& ctx, const json& req) {
+  Args a(req, {"key", "value"});
+  const json* key = a.find("key");
+  const json* value = a.find("value");
+  if (key == nullptr || value == nullptr) {
+    a.fail(errc::kInvalidArgument, "'config.set' needs 'key' and 'value'");
+  } else if (!key->is_string()) {
+    a.fail(errc::kInvalidArgument, "'key' must be a string");
+  }
+  if (a.failed()) return a.error();
+  const std::string k = key->get<std::string>();
+  if (!is_runtime_key(k)) {
+    const json all = config_json(config_snapshot(ctx));
+    if (all.contains(k)) {
+      return ctl::error_reply(errc::kInvalidArgument,
+                              "'" + k + "' cannot be changed at run time (edit the config file "
+                              "and restart shadowd)");
+    }
+    return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
+  }
+  if (ctx.monitor == nullptr) return unavailable_monitor();
+  std::lock_guard<std::mutex> lock(ctx.config_mu);
+  Config next = ctx.config;
+  Status st = merge_config_json(json{{k, *value}}.dump(), next);
+  if (!st) return ctl::error_reply(errc::kInvalidArgument, st.message());
+  st = next.validate();
+  const json previous = config_json(ctx.config)[k];
+  if (st) st = apply_tunables(ctx, next, k);
+  if (!st) return ctl::error_reply(errc::kOutOfRange, st.message());
+  ctx.monitor->rescore();  // the ranking the shadowing thread reads follows at once
+  return ctl::ok_reply({{"key", k}, {"value", config_json(ctx.config)[k]}, {"previous", previous}});
+}
+
+// One row per operation with a nonzero count.
+template <typename Fn>
+void for_each_row(const HistoryRecord& r, Fn fn) {
+  if (r.reads != 0) fn("read", r.reads, r.bytes_read);
+  if (r.writes != 0) fn("write", r.writes, r.bytes_written);
+}
+
+json cmd_history_export(DaemonContext& ctx, const json& req) {
+  if (ctx.monitor == nullptr) return unavailable_monitor();
+  Args a(req, {"format", "limit", "after_t", "after_segment"});
+  const std::string format = a.choice("format", {"json", "csv"}, "json");
+  const uint64_t limit = a.uint("limit", 1, kHistoryPageMax, kHistoryPageMax);
+  const bool resume = a.has("after_t") || a.has("after_segment");
+  const uint64_t after_t = a.uint("after_t", 0, INT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
+  const uint64_t after_seg = a.uint("after_segment", 0, UINT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
+  if (a.failed()) return a.error();
+
+  const std::vector<HistoryRecord> all = ctx.monitor->history();
+  // Records come in (bucket, segment) order; a page starts after the cursor.
+  auto begin = all.begin();
+  if (resume) {
+    begin = std::find_if(all.begin(), all.end(), [&](const HistoryRecord& r) {
+      const uint64_t t = static_cast<uint64_t>(r.bucket_start_s);
+      return t > after_t || (t == after_t && r.segment > after_seg);
+    });
+  }
+  const size_t left = static_cast<size_t>(all.end() - begin);
+  const auto end = begin + static_cast<ptrdiff_t>(std::min<size_t>(left, limit));
+  json result = {{"format", format}, {"bucket_seconds", config_snapshot(ctx).bucket_seconds}};
+  if (format == "csv") {
+    std::string csv = resume ? "" : "timestamp,segment,op,count,bytes\n";
+    for (auto it = begin; it != end; ++it) {
+      for_each_row(*it, [&](const char* op, uint64_t count, uint64_t bytes) {
+        csv += std::to_string(it->bucket_start_s) + ',' + std::to_string(it->segment) + ',' + op +
+               ',' + std::to_string(count) + ',' + std::to_string(bytes) + '\n';
+      });
+    }
+    result["csv"] = std::move(csv);
+  } else {
+    json records = json::array();
+    for (auto it = begin; it != end; ++it) {
+      for_each_row(*it, [&](const char* op, uint64_t count, uint64_t bytes) {
+        records.push_back({{"t", it->bucket_start_s},
+                           {"segment", it->segment},
+                           {"op", op},
+                           {"count", count},
+                           {"bytes", bytes}});
+      });
+    }
+    result["records"] = std::move(records);
+  }
+  result["more"] = end != all.end();
+  if (end != all.end() && end != begin) {
+    const HistoryRecord& last = *(end - 1);
+    result["next"] = {{"after_t", last.bucket_start_s}, {"after_segment", last.segment}};
+  }
+  return ctl::ok_reply(std::move(result));
+}
+
+json cmd_debug_advance(DaemonContext& ctx, const json& req) {
+  Args a(req, {"seconds"});
+  const uint64_t seconds = a.uint("seconds", 0, kAdvanceMaxSeconds, std::nullopt);
+  if (a.failed()) return a.error();
+  ctx.test_clock->advance_ns(static_cast<int64_t>(seconds) * 1'000'000'000);
+  uint64_t rolled = 0;
+  if (ctx.monitor != nullptr) {
+    while (ctx.monitor->roll()) ++rolled;
+    ctx.monitor->rescore();
+  }
+  return ctl::ok_reply({{"now_s", now_s(ctx)}, {"buckets_rolled", rolled}});
+}
+
+struct Command {
+  const char* name;
+  bool mutating;
+  json (*run)(DaemonContext&, const json&);
+};
+
+constexpr Command kCommands[] = {
+    {"version", false, cmd_version},
+    {"status", false, cmd_status},
+    {"top", false, cmd_top},
+    {"segment", false, cmd_segment},
+    {"config.get", false, cmd_config_get},
+    {"config.set", true, cmd_config_set},
+    {"history.export", false, cmd_history_export},
+    {"debug.advance", true, cmd_debug_advance},
+};
+
+const Command* find_command(const DaemonContext& ctx, std::string_view name) {
+  // debug.advance exists only with a test clock; elsewhere it is unknown.
+  if (name == "debug.advance" && ctx.test_clock == nullptr) return nullptr;
+  for (const Command& c : kCommands) {
+    if (name == c.name) return &c;
+  }
+  return nullptr;
+}
+
+}  // namespace
+
+PriorityParams priority_params(const Config& cfg) {
+  PriorityParams p;
+  p.baseline = cfg.baseline;
+  p.alpha = cfg.alpha;
+  p.beta = cfg.beta;
+  p.gamma = cfg.gamma;
+  p.scoring_window_seconds = cfg.scoring_window_seconds;
+  return p;
+}
+
+bool is_mutating_command(std::string_view cmd) {
+  for (const Command& c : kCommands) {
+    if (cmd == c.name) return c.mutating;
+  }
+  return false;
+}
+
+json run_command(DaemonContext& ctx, const json& request, bool may_write) {
+  ctl::Request req;
+  if (auto err = ctl::check_request(request, req)) return ctl::error_reply(*err);
+  const Command* c = find_command(ctx, req.cmd);
+  if (c == nullptr) {
+    return ctl::error_reply(errc::kUnknownCommand, "unknown command '" + req.cmd + "'");
+  }
+  if (c->mutating && !may_write) {
+    return ctl::error_reply(errc::kPermissionDenied,
+                            "'" + req.cmd + "' changes the daemon: only root or members of the "
+                            "control group may run it");
+  }
+  try {
+    return c->run(ctx, request);
+  } catch (const std::exception& e) {
+    return ctl::error_reply(errc::kInternal, std::string("'") + req.cmd + "' failed: " + e.what());
+  }
+}
+
+json run_command_line(DaemonContext& ctx, std::string_view line, bool may_write,
+                      std::string* cmd) {
+  json request = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  if (request.is_discarded()) {
+    return ctl::error_reply(errc::kInvalidJson, "the request line is not valid JSON");
+  }
+  if (cmd != nullptr && request.is_object()) {
+    auto c = request.find("cmd");
+    if (c != request.end() && c->is_string()) *cmd = c->get<std::string>();
+  }
+  return run_command(ctx, request, may_write);
+}
+
+}  // namespace shadowd

@@ -1,0 +1,44 @@
+// The control commands of shadowd: a JSON request in, a JSON reply out.
+// No sockets here (daemon/control.cc carries the bytes), so every command
+// can be tested on its own.
+//
+// Commands (arguments beside "cmd"; see ctl/protocol.h for the envelope):
+//   version                      daemon and protocol versions
+//   status                       export, endpoints, connections, requests and
+//                                bytes by op, uptime, monitor totals
+//   top [n] [by] [window]        the hottest segments; n 1..10000 (10), by
+//                                "priority"|"reads"|"writes", window seconds
+//                                or "1h"/"1d"/"1w" (one of the configured)
+//   segment offset|id            one segment in detail
+//   config.get [key]             the configuration (or one key)
+//   config.set key value         a run-time tunable (mutating)
+//   history.export [format]      access history, "json" or "csv"
+//   debug.advance seconds        move the --test-clock (mutating; only with
+//                                a test clock, else an unknown command)
+// A request that fails changes nothing.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include <nlohmann/json.hpp>
+
+#include "core/monitor.h"
+#include "daemon/context.h"
+
+namespace shadowd {
+
+// Run one parsed request. `may_write`: the peer may run mutating commands.
+// Never throws; the reply always has "ok" and "version".
+nlohmann::json run_command(DaemonContext& ctx, const nlohmann::json& request, bool may_write);
+// Parse one request line (without '\n') and run it. `cmd`, if given, gets
+// the command's name when the line was a request at all.
+nlohmann::json run_command_line(DaemonContext& ctx, std::string_view line, bool may_write,
+                                std::string* cmd = nullptr);
+// True for commands that change the daemon's state.
+bool is_mutating_command(std::string_view cmd);
+
+// The priority tunables of a configuration.
+PriorityParams priority_params(const Config& cfg);
+
+}  // namespace shadowd

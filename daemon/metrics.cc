@@ -1,0 +1,284 @@
+#include "daemon/metrics.h"
+
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <utility>
+
+#include <prometheus/client_metric.h>
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <spdlog/spdlog.h>
+
+#include "nbd/server.h"
+#include "nbd/stats.h"
+#include "version.h"
+
+namespace shadowd {
+
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+MetricFamily family(std::string name, std::string help, MetricType type) {
+  MetricFamily f;
+  f.name = std::move(name);
+  f.help = std::move(help);
+  f.type = type;
+  return f;
+}
+
+ClientMetric sample(MetricType type, double value, std::vector<ClientMetric::Label> labels = {}) {
+  ClientMetric m;
+  m.label = std::move(labels);
+  switch (type) {
+    case MetricType::Counter: m.counter.value = value; break;
+    case MetricType::Gauge: m.gauge.value = value; break;
+    default: m.untyped.value = value; break;
+  }
+  return m;
+}
+
+// One family with a single unlabelled sample.
+MetricFamily scalar(std::string name, std::string help, MetricType type, double value) {
+  MetricFamily f = family(std::move(name), std::move(help), type);
+  f.metric.push_back(sample(type, value));
+  return f;
+}
+
+// One counter family with a sample per NBD command.
+MetricFamily per_op(std::string name, std::string help,
+                    const std::array<uint64_t, nbd::kStatOpCount>& values) {
+  MetricFamily f = family(std::move(name), std::move(help), MetricType::Counter);
+  for (size_t op = 0; op < nbd::kStatOpCount; ++op) {
+    f.metric.push_back(sample(MetricType::Counter, static_cast<double>(values[op]),
+                              {{"op", nbd::stat_op_name(static_cast<nbd::StatOp>(op))}}));
+  }
+  return f;
+}
+
+// The snapshot's histogram is per bucket; Prometheus wants cumulative counts.
+// The count is the +Inf bucket, so _count and the buckets always agree even
+// if the shards moved while the snapshot was taken.
+MetricFamily latency_histogram(const nbd::StatsSnapshot& s) {
+  MetricFamily f = family("shadowd_request_duration_seconds",
+                          "Time from a request being parsed to its reply being queued",
+                          MetricType::Histogram);
+  ClientMetric m;
+  uint64_t cumulative = 0;
+  for (size_t i = 0; i < nbd::kLatencyBuckets; ++i) {
+    cumulative += s.latency[i];
+    ClientMetric::Bucket b;
+    b.cumulative_count = cumulative;
+    b.upper_bound = i + 1 < nbd::kLatencyBuckets ? nbd::latency_bound_seconds(i)
+                                                 : std::numeric_limits<double>::infinity();
+    m.histogram.bucket.push_back(b);
+  }
+  m.histogram.sample_count = cumulative;
+  m.histogram.sample_sum = static_cast<double>(s.latency_sum_ns) * 1e-9;
+  f.metric.push_back(std::move(m));
+  return f;
+}
+
+}  // namespace
+
+std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
+  std::vector<MetricFamily> out;
+  const auto G = MetricType::Gauge;
+  const auto C = MetricType::Counter;
+
+  {
+    MetricFamily f = family("shadowd_build_info", "shadowd version (always 1)", G);
+    f.metric.push_back(sample(G, 1, {{"version", SHADOWD_VERSION}}));
+    out.push_back(std::move(f));
+  }
+  if (ctx.clock != nullptr) {
+    const int64_t up = std::max<int64_t>(0, ctx.clock->now_s() - ctx.started_s);
+    out.push_back(scalar("shadowd_uptime_seconds",
+                         "Seconds since the daemon started (on the monitor's clock)", G,
+                         static_cast<double>(up)));
+  }
+  if (ctx.export_ && ctx.export_->backend) {
+    out.push_back(scalar("shadowd_export_size_bytes", "Size of the export in bytes", G,
+                         static_cast<double>(ctx.export_->size_bytes())));
+  }
+
+  if (ctx.server != nullptr) {
+    const nbd::StatsSnapshot s = ctx.server->stats();
+    out.push_back(per_op("shadowd_requests_total", "NBD requests handled, by command",
+                         s.requests));
+    out.push_back(per_op("shadowd_request_bytes_total",
+                         "Payload bytes moved by successful requests, by command", s.bytes));
+    out.push_back(per_op("shadowd_request_errors_total",
+                         "NBD requests answered with an error, by command", s.errors));
+    out.push_back(latency_histogram(s));
+    out.push_back(scalar("shadowd_connections_active", "Open client connections", G,
+                         s.connections_open));
+    out.push_back(scalar("shadowd_connections_total", "Client connections accepted", C,
+                         static_cast<double>(s.connections_total)));
+  }
+
+  if (ctx.monitor != nullptr) {
+    const MonitorTotals t = ctx.monitor->totals();
+    out.push_back(scalar("shadowd_segment_size_bytes", "Size of a monitored segment in bytes", G,
+                         t.segment_bytes));
+    out.push_back(scalar("shadowd_segments", "Segments tracked by the access monitor", G,
+                         static_cast<double>(t.segments)));
+    out.push_back(scalar("shadowd_segments_active",
+                         "Segments with accesses in the longest rolling window", G,
+                         static_cast<double>(t.segments_active)));
+    out.push_back(scalar("shadowd_monitor_memory_bytes",
+                         "Resident memory of the access monitor: per-segment state and history",
+                         G, static_cast<double>(t.dense_bytes_resident + t.history_bytes)));
+    out.push_back(scalar("shadowd_history_records", "Access history records kept in memory", G,
+                         static_cast<double>(t.history_records)));
+    out.push_back(scalar("shadowd_history_dropped_records_total",
+                         "Access history records dropped by the memory bound", C,
+                         static_cast<double>(t.history_dropped_records)));
+  }
+  return out;
+}
+
+class MetricsEndpoint::Collector final : public prometheus::Collectable {
+ public:
+  explicit Collector(const DaemonContext& ctx) : ctx_(ctx) {}
+  std::vector<MetricFamily> Collect() const override {
+    // Runs on a civetweb thread: an exception must not escape into it.
+    try {
+      return collect_metrics(ctx_);
+    } catch (const std::exception& e) {
+      spdlog::warn("metrics: scrape failed: {}", e.what());
+    } catch (...) {
+      spdlog::warn("metrics: scrape failed");
+    }
+    return {};
+  }
+
+ private:
+  const DaemonContext& ctx_;
+};
+
+namespace {
+
+struct ListenAddr {
+  std::string civet;  // civetweb listening_ports: "1.2.3.4:P" or "[v6]:P"
+  std::string host;   // "1.2.3.4" or "[v6]"
+  sockaddr_storage sa{};
+  socklen_t sa_len = 0;
+};
+
+// "ADDR:PORT" -> the numeric form civetweb binds to exactly. civetweb's own
+// syntax would also take a bare port (all interfaces), lists and suffixes;
+// none of those get through here.
+Result<ListenAddr> parse_listen(const std::string& listen) {
+  std::string host;
+  uint16_t port = 0;
+  Status st = nbd::parse_host_port(listen, host, port);
+  if (!st) return Status::invalid("metrics listen address: " + st.message());
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_NUMERICSERV;
+  addrinfo* res = nullptr;
+  const std::string port_s = std::to_string(port);
+  const int rc = ::getaddrinfo(host.c_str(), port_s.c_str(), &hints, &res);
+  if (rc != 0 || res == nullptr) {
+    return Status::invalid("metrics listen address: cannot resolve '" + host +
+                           "': " + ::gai_strerror(rc));
+  }
+  ListenAddr a;
+  char buf[NI_MAXHOST];
+  const int nrc = ::getnameinfo(res->ai_addr, res->ai_addrlen, buf, sizeof buf, nullptr, 0,
+                                NI_NUMERICHOST);
+  const bool v6 = res->ai_family == AF_INET6;
+  std::memcpy(&a.sa, res->ai_addr, res->ai_addrlen);
+  a.sa_len = res->ai_addrlen;
+  ::freeaddrinfo(res);
+  if (nrc != 0) {
+    return Status::invalid("metrics listen address: '" + host + "': " + ::gai_strerror(nrc));
+  }
+  const std::string addr = buf;
+  if (addr.find_first_of(",%") != std::string::npos) {
+    return Status::invalid("metrics listen address: unsupported address '" + addr + "'");
+  }
+  a.host = v6 ? "[" + addr + "]" : addr;
+  a.civet = a.host + ":" + port_s;
+  return a;
+}
+
+// civetweb only says that it could not start; find out why binding fails.
+std::string bind_error(const ListenAddr& a) {
+  const int fd = ::socket(a.sa.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return std::strerror(errno);
+  int one = 1;
+  ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+  std::string err;
+  if (::bind(fd, reinterpret_cast<const sockaddr*>(&a.sa), a.sa_len) < 0) {
+    err = std::strerror(errno);
+  }
+  ::close(fd);
+  return err;
+}
+
+}  // namespace
+
+MetricsEndpoint::MetricsEndpoint(DaemonContext& ctx) : ctx_(ctx) {}
+
+MetricsEndpoint::~MetricsEndpoint() { stop(); }
+
+Status MetricsEndpoint::start(const std::string& listen) {
+  if (exposer_) return Status::invalid("metrics endpoint already running");
+  Result<ListenAddr> addr = parse_listen(listen);
+  if (!addr) return addr.status();
+  try {
+    // Two threads serve scrapes; a client that stalls is dropped after 10 s.
+    auto exposer = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+        "listening_ports", addr->civet, "num_threads", "2", "request_timeout_ms", "10000"});
+    auto collector = std::make_shared<Collector>(ctx_);
+    exposer->RegisterCollectable(collector, "/metrics");
+    const std::vector<int> bound = exposer->GetListeningPorts();
+    collector_ = std::move(collector);
+    exposer_ = std::move(exposer);
+    const std::string port = bound.empty() ? std::string("?") : std::to_string(bound[0]);
+    url_ = "http://" + addr->host + ":" + port + "/metrics";
+  } catch (const std::exception& e) {
+    std::string why = bind_error(*addr);
+    if (why.empty()) {
+      why = e.what();
+      // Debian 12's civetweb is built without IPv6.
+      if (addr->sa.ss_family == AF_INET6) why += " (IPv6 needs a civetweb built with IPv6)";
+    }
+    return Status::io_error("cannot serve metrics on " + listen + ": " + why);
+  } catch (...) {
+    return Status::io_error("cannot serve metrics on " + listen);
+  }
+  return Status::ok();
+}
+
+void MetricsEndpoint::stop() {
+  // Destroying the Exposer stops civetweb and joins its threads, so no
+  // Collect() runs after this; the collector can go then.
+  exposer_.reset();
+  collector_.reset();
+}
+
+std::vector<int> MetricsEndpoint::ports() const {
+  if (!exposer_) return {};
+  try {
+    return exposer_->GetListeningPorts();
+  } catch (...) {
+    return {};
+  }
+}
+
+}  // namespace shadowd
