@@ -29,7 +29,6 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 
@@ -280,16 +279,9 @@ def segments_of(off, ln):
 
 def test_workload(checks, rng):
     port = free_tcp_port()
-    ctl_dir = tempfile.mkdtemp(prefix="shadowd-it-metrics-")
-    args = ["--metrics-listen", f"127.0.0.1:{port}", "--segment-size", str(SEGMENT),
-            "--control", os.path.join(ctl_dir, "ctl.sock")]
-    try:
-        with Daemon(size=SIZE, extra_args=args, name="shadowd-metrics", checks=checks) as d:
-            _test_workload(checks, rng, d, port)
-    finally:
-        for n in os.listdir(ctl_dir):
-            os.unlink(os.path.join(ctl_dir, n))
-        os.rmdir(ctl_dir)
+    args = ["--metrics-listen", f"127.0.0.1:{port}", "--segment-size", str(SEGMENT)]
+    with Daemon(size=SIZE, extra_args=args, name="shadowd-metrics", checks=checks) as d:
+        _test_workload(checks, rng, d, port)
 
 
 def _test_workload(checks, rng, d, port):
