@@ -46,7 +46,8 @@ std::variant<int, ControlError> connect_to(const std::string& path, Fd& sock) {
     return ControlError{"unreachable", "control socket path empty or too long: '" + path + "'"};
   }
   sock.fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (sock.fd < 0) return ControlError{"unreachable", std::string("socket: ") + std::strerror(errno)};
+  if (sock.fd < 0)
+    return ControlError{"unreachable", std::string("socket: ") + std::strerror(errno)};
   sa.sun_family = AF_UNIX;
   std::memcpy(sa.sun_path, path.c_str(), path.size() + 1);
   if (::connect(sock.fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
@@ -63,7 +64,8 @@ std::optional<ControlError> send_all(int fd, const std::string& data) {
   while (off < data.size()) {
     const ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return ControlError{"io", std::string("sending the request: ") + std::strerror(errno)};
+    if (n < 0)
+      return ControlError{"io", std::string("sending the request: ") + std::strerror(errno)};
     off += static_cast<size_t>(n);
   }
   return std::nullopt;
@@ -77,15 +79,16 @@ std::variant<std::string, ControlError> read_line(int fd) {
     const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-      return ControlError{"io", "no reply from shadowd within " +
-                                    std::to_string(kReplyTimeoutSeconds) + " s"};
+      return ControlError{
+          "io", "no reply from shadowd within " + std::to_string(kReplyTimeoutSeconds) + " s"};
     }
     if (n < 0) return ControlError{"io", std::string("reading the reply: ") + std::strerror(errno)};
     if (n == 0) return ControlError{"protocol", "shadowd closed the connection without a reply"};
     const char* nl = static_cast<const char*>(std::memchr(buf, '\n', static_cast<size_t>(n)));
     line.append(buf, nl ? static_cast<size_t>(nl - buf) : static_cast<size_t>(n));
     if (line.size() > kMaxReplyBytes) {
-      return ControlError{"protocol", "reply longer than " + std::to_string(kMaxReplyBytes) + " bytes"};
+      return ControlError{"protocol",
+                          "reply longer than " + std::to_string(kMaxReplyBytes) + " bytes"};
     }
     if (nl != nullptr) return line;
   }

@@ -107,8 +107,8 @@ std::optional<uint64_t> parse_size(std::string_view s) {
   if (s.empty()) return std::nullopt;
   size_t digits = 0;
   bool dot = false;
-  while (digits < s.size() && (std::isdigit(static_cast<unsigned char>(s[digits])) ||
-                               (s[digits] == '.' && !dot))) {
+  while (digits < s.size() &&
+         (std::isdigit(static_cast<unsigned char>(s[digits])) || (s[digits] == '.' && !dot))) {
     dot |= s[digits] == '.';
     ++digits;
   }
@@ -150,7 +150,7 @@ void Table::add(std::vector<std::string> row) {
   rows_.push_back(std::move(row));
 }
 
-std::string Table::render() const {
+std::string Table::render(bool header) const {
   std::vector<size_t> width(header_.size());
   for (size_t c = 0; c < header_.size(); ++c) width[c] = header_[c].size();
   for (const auto& row : rows_) {
@@ -168,7 +168,7 @@ std::string Table::render() const {
     }
     return out + "\n";
   };
-  std::string out = line(header_);
+  std::string out = header ? line(header_) : "";
   for (const auto& row : rows_) out += line(row);
   return out;
 }

@@ -40,7 +40,8 @@ class Table {
   // Columns given here are right-aligned.
   Table& right(std::vector<size_t> columns);
   void add(std::vector<std::string> row);
-  std::string render() const;
+  // The rendered table; without the header row when `header` is false.
+  std::string render(bool header = true) const;
 
  private:
   std::vector<std::string> header_;

@@ -51,11 +51,10 @@ std::optional<ControlError> check_request(const json& message, Request& out) {
       return ControlError{errc::kInvalidRequest, "\"version\" must be an integer"};
     }
     if (v->get<int64_t>() != kControlProtocolVersion) {
-      return ControlError{errc::kUnsupportedVersion,
-                          "client speaks control protocol version " + v->dump() +
-                              "; this shadowd speaks version " +
-                              std::to_string(kControlProtocolVersion) +
-                              " (use a shadowctl of the same release)"};
+      return ControlError{
+          errc::kUnsupportedVersion,
+          "client speaks control protocol version " + v->dump() + "; this shadowd speaks version " +
+              std::to_string(kControlProtocolVersion) + " (use a shadowctl of the same release)"};
     }
   }
   auto c = message.find("cmd");
@@ -73,11 +72,10 @@ std::optional<ControlError> check_reply(const json& reply) {
     return ControlError{"protocol", "the reply has no protocol version"};
   }
   if (v->get<int64_t>() != kControlProtocolVersion) {
-    return ControlError{"version_mismatch",
-                        "shadowd speaks control protocol version " + v->dump() +
-                            "; this shadowctl speaks version " +
-                            std::to_string(kControlProtocolVersion) +
-                            " (use a shadowctl of the same release)"};
+    return ControlError{"version_mismatch", "shadowd speaks control protocol version " + v->dump() +
+                                                "; this shadowctl speaks version " +
+                                                std::to_string(kControlProtocolVersion) +
+                                                " (use a shadowctl of the same release)"};
   }
   auto ok = reply.find("ok");
   if (ok == reply.end() || !ok->is_boolean()) {

@@ -37,8 +37,8 @@ inline constexpr size_t kMaxReplyBytes = size_t{256} << 20;
 
 // Error codes (the "code" field of a failed reply).
 namespace errc {
-inline constexpr const char* kInvalidJson = "invalid_json";            // line is not JSON
-inline constexpr const char* kInvalidRequest = "invalid_request";      // not an object, no "cmd"
+inline constexpr const char* kInvalidJson = "invalid_json";        // line is not JSON
+inline constexpr const char* kInvalidRequest = "invalid_request";  // not an object, no "cmd"
 inline constexpr const char* kUnsupportedVersion = "unsupported_version";
 inline constexpr const char* kUnknownCommand = "unknown_command";
 inline constexpr const char* kInvalidArgument = "invalid_argument";    // unknown arg, wrong type

@@ -56,7 +56,8 @@ std::optional<json> call(const Globals& g, std::string_view cmd, json args = jso
   json& r = std::get<json>(reply);
   if (auto e = ctl::check_reply(r)) {
     std::fprintf(stderr, "shadowctl: %s: %s\n", e->code.c_str(), e->message.c_str());
-    if (g.json) std::printf("%s", ctl::encode_line(r.is_object() ? r : ctl::error_reply(*e)).c_str());
+    if (g.json)
+      std::printf("%s", ctl::encode_line(r.is_object() ? r : ctl::error_reply(*e)).c_str());
     return std::nullopt;
   }
   return std::move(r);
@@ -80,8 +81,7 @@ std::string windows_text(const json& list) {
 
 // ------------------------------------------------------------------ info
 
-std::string uri_for(const std::string& uri, const std::string& unix_path,
-                    const std::string& name) {
+std::string uri_for(const std::string& uri, const std::string& unix_path, const std::string& name) {
   if (!uri.empty()) return uri;
   return "nbd+unix:///" + name + "?socket=" + unix_path;
 }
@@ -142,8 +142,8 @@ void print_status(const json& r) {
   std::string endpoints;
   for (const auto& ep : r["endpoints"]) endpoints += (endpoints.empty() ? "" : ", ") + str(ep);
   t.add({"endpoints", endpoints.empty() ? "-" : endpoints});
-  t.add({"segments", std::to_string(u64(r["segments"])) + " x " +
-                         ctl::format_bytes(u64(r["segment_bytes"]))});
+  t.add({"segments",
+         std::to_string(u64(r["segments"])) + " x " + ctl::format_bytes(u64(r["segment_bytes"]))});
   t.add({"clients", std::to_string(u64(r["connections"]["open"])) + " connected, " +
                         std::to_string(u64(r["connections"]["total"])) + " since start"});
   t.add({"uptime", ctl::format_span(i64(r["uptime_seconds"])) + " (since " +
@@ -168,16 +168,17 @@ void print_status(const json& r) {
   } else {
     t.add({"monitor", "off"});
   }
-  std::string head = t.render();
-  head.erase(0, head.find('\n') + 1);  // the table has no header of its own
-  std::printf("%s\n", head.c_str());
+  std::printf("%s\n", t.render(/*header=*/false).c_str());
 
   ctl::Table ops({"OP", "REQUESTS", "BYTES", "ERRORS"});
   ops.right({1, 2, 3});
-  for (auto it = r["ops"].begin(); it != r["ops"].end(); ++it) {
-    const json& o = *it;
-    ops.add({it.key(), std::to_string(u64(o["requests"])), ctl::format_bytes(u64(o["bytes"])),
-             std::to_string(u64(o["errors"]))});
+  // The daemon's op names, in the order an operator reads them.
+  for (const char* op :
+       {"read", "write", "write_zeroes", "trim", "flush", "cache", "block_status", "other"}) {
+    auto it = r["ops"].find(op);
+    if (it == r["ops"].end()) continue;
+    ops.add({op, std::to_string(u64((*it)["requests"])), ctl::format_bytes(u64((*it)["bytes"])),
+             std::to_string(u64((*it)["errors"]))});
   }
   std::printf("%s", ops.render().c_str());
 }
@@ -250,9 +251,7 @@ int cmd_segment(const Globals& g, const std::string& target) {
   head.add({"last access", when(s["last_access_s"])});
   head.add({"last write", when(s["last_write_s"])});
   head.add({"priority", ctl::format_number(num(s["priority"]))});
-  std::string text = head.render();
-  text.erase(0, text.find('\n') + 1);
-  std::printf("%s\n", text.c_str());
+  std::printf("%s\n", head.render(/*header=*/false).c_str());
   ctl::Table t({"WINDOW", "READS", "WRITES", "READ", "WRITTEN", "ACCESS/S", "CHANGE/S"});
   t.right({1, 2, 3, 4, 5, 6});
   for (const json& w : s["windows"]) {
@@ -390,7 +389,8 @@ int cmd_debug_advance(const Globals& g, const std::string& seconds) {
   auto r = call(g, "debug.advance", {{"seconds", *s}});
   if (!r) return kExitError;
   if (g.json) return print_json(*r);
-  std::printf("test clock now %s; %llu bucket(s) closed\n", ctl::format_utc(i64((*r)["now_s"])).c_str(),
+  std::printf("test clock now %s; %llu bucket(s) closed\n",
+              ctl::format_utc(i64((*r)["now_s"])).c_str(),
               static_cast<unsigned long long>(u64((*r)["buckets_rolled"])));
   return kExitOk;
 }
@@ -402,7 +402,7 @@ const char* kMainHelp =
     "Commands that talk to the daemon use its control socket: --socket PATH, else\n"
     "$SHADOWD_SOCKET, else /run/shadowd/disk.sock. Reading needs permission to\n"
     "connect to the socket (mode 0660: root and the daemon's control group);\n"
-    "changing settings needs root or membership in the control group.";
+    "changing settings needs root or membership in the control group.\n";
 
 const char* kMainFooter =
     "Every command takes --json: the daemon's reply as one JSON object on stdout\n"
@@ -423,7 +423,8 @@ struct Cli {
 };
 
 void add_info(CLI::App& app, Cli& c) {
-  CLI::App* info = app.add_subcommand("info", "Show an export's size, flags and block sizes (over NBD)");
+  CLI::App* info =
+      app.add_subcommand("info", "Show an export's size, flags and block sizes (over NBD)");
   info->footer(
       "Connects to the export itself with libnbd (not to the control socket) and\n"
       "reports what a client negotiates: size, read-only, flush/FUA/trim/zero/cache,\n"
@@ -432,12 +433,14 @@ void add_info(CLI::App& app, Cli& c) {
       "  shadowctl info --unix /run/shadowd/disk.nbd\n"
       "  shadowctl info --uri nbd://127.0.0.1:10809/disk --json");
   info->add_option("--uri", c.uri, "NBD URI (nbd://HOST:PORT/NAME, nbd+unix:///NAME?socket=PATH)");
-  info->add_option("--unix", c.unix_path, "Unix socket of the export (default /run/shadowd/disk.nbd)");
+  info->add_option("--unix", c.unix_path,
+                   "Unix socket of the export (default /run/shadowd/disk.nbd)");
   info->add_option("--export-name", c.name, "Export name (default disk)");
 }
 
 void add_status_top_segment(CLI::App& app, Cli& c) {
-  CLI::App* status = app.add_subcommand("status", "Show the export, clients, request counts and uptime");
+  CLI::App* status =
+      app.add_subcommand("status", "Show the export, clients, request counts and uptime");
   status->footer(
       "Shows the export (name, size, read-only), the backing file, the NBD endpoints,\n"
       "segment size and count, open and total client connections, uptime, the access\n"
@@ -506,7 +509,8 @@ void add_config_history_debug(CLI::App& app, Cli& c) {
   exp->footer(
       "One row per time bucket, segment and operation with a nonzero count:\n"
       "  CSV:  timestamp,segment,op,count,bytes   (timestamp = bucket start, Unix s)\n"
-      "  JSON: [{\"t\":..., \"segment\":..., \"op\":\"read\"|\"write\", \"count\":..., \"bytes\":...}]\n"
+      "  JSON: [{\"t\":..., \"segment\":..., \"op\":\"read\"|\"write\", \"count\":..., "
+      "\"bytes\":...}]\n"
       "The still-open bucket is included as if it closed now.\n\n"
       "Examples:\n"
       "  shadowctl history export --format csv -o history.csv\n"
@@ -520,7 +524,8 @@ void add_config_history_debug(CLI::App& app, Cli& c) {
   debug->require_subcommand(1);
   CLI::App* advance = debug->add_subcommand(
       "advance", "Move a --test-clock daemon's clock forward and close the buckets due");
-  advance->footer("Only for a shadowd started with --test-clock. Example: shadowctl debug advance 1h");
+  advance->footer(
+      "Only for a shadowd started with --test-clock. Example: shadowctl debug advance 1h");
   advance->add_option("SECONDS", c.advance_seconds, "Seconds (or 90m, 1h, 1d)")->required();
 }
 
@@ -552,8 +557,9 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.fallthrough();  // global options may follow the subcommand
   Cli c;
-  app.add_option("--socket", c.g.socket,
-                 "Control socket of the daemon (default $SHADOWD_SOCKET or /run/shadowd/disk.sock)");
+  app.add_option(
+      "--socket", c.g.socket,
+      "Control socket of the daemon (default $SHADOWD_SOCKET or /run/shadowd/disk.sock)");
   app.add_flag("--json", c.g.json, "Print the reply as JSON on stdout");
   add_info(app, c);
   add_status_top_segment(app, c);

@@ -25,8 +25,8 @@ constexpr uint64_t kHistoryPageMax = 50000;  // history records per reply
 constexpr uint64_t kAdvanceMaxSeconds = 10ull * 366 * 86400;
 
 // The tunables config.set may change while the daemon runs.
-constexpr const char* kRuntimeKeys[] = {"baseline", "alpha", "beta", "gamma",
-                                        "scoring_window_seconds", "windows_seconds"};
+constexpr const char* kRuntimeKeys[] = {
+    "baseline", "alpha", "beta", "gamma", "scoring_window_seconds", "windows_seconds"};
 
 bool is_runtime_key(std::string_view key) {
   for (const char* k : kRuntimeKeys) {
@@ -78,16 +78,15 @@ class Args {
     const bool negative = v->is_number_unsigned() ? false : v->get<int64_t>() < 0;
     const uint64_t x = negative ? 0 : v->get<uint64_t>();
     if (negative || x < lo || x > hi) {
-      fail(errc::kOutOfRange, std::string("'") + key + "' must be " + std::to_string(lo) +
-                                  ".." + std::to_string(hi) + " (got " + v->dump() + ")");
+      fail(errc::kOutOfRange, std::string("'") + key + "' must be " + std::to_string(lo) + ".." +
+                                  std::to_string(hi) + " (got " + v->dump() + ")");
       return def.value_or(lo);
     }
     return x;
   }
 
   // A string out of `options`; `def` when absent.
-  std::string choice(const char* key, std::initializer_list<const char*> options,
-                     const char* def) {
+  std::string choice(const char* key, std::initializer_list<const char*> options, const char* def) {
     std::string list;
     for (const char* o : options) list += (list.empty() ? "" : "|") + std::string(o);
     const json* v = find(key);
@@ -166,9 +165,12 @@ json config_json(const Config& c) {
 }
 
 json window_json(const WindowStats& w) {
-  return json{{"window_seconds", w.window_seconds}, {"reads", w.reads},
-              {"writes", w.writes},                 {"bytes_read", w.bytes_read},
-              {"bytes_written", w.bytes_written},   {"access_rate", w.access_rate},
+  return json{{"window_seconds", w.window_seconds},
+              {"reads", w.reads},
+              {"writes", w.writes},
+              {"bytes_read", w.bytes_read},
+              {"bytes_written", w.bytes_written},
+              {"access_rate", w.access_rate},
               {"change_rate", w.change_rate}};
 }
 
@@ -292,10 +294,11 @@ json cmd_top(DaemonContext& ctx, const json& req) {
   Args a(req, {"n", "by", "window"});
   const uint64_t n = a.uint("n", 1, kTopMax, 10);
   const std::string by = a.choice("by", {"priority", "reads", "writes"}, "priority");
-  const uint32_t window =
-      *window_arg(a, ctx, ctx.monitor->priority().scoring_window_seconds);
+  const uint32_t window = *window_arg(a, ctx, ctx.monitor->priority().scoring_window_seconds);
   if (a.failed()) return a.error();
-  const TopBy key = by == "reads" ? TopBy::kReads : by == "writes" ? TopBy::kWrites : TopBy::kPriority;
+  const TopBy key = by == "reads"    ? TopBy::kReads
+                    : by == "writes" ? TopBy::kWrites
+                                     : TopBy::kPriority;
   auto top = ctx.monitor->top(n, key, window);
   if (!top) return ctl::error_reply(errc::kOutOfRange, top.status().message());
   json segments = json::array();
@@ -354,7 +357,8 @@ json cmd_config_get(DaemonContext& ctx, const json& req) {
   if (key == nullptr) return ctl::ok_reply({{"config", all}, {"runtime_keys", runtime}});
   const std::string k = key->get<std::string>();
   auto it = all.find(k);
-  if (it == all.end()) return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
+  if (it == all.end())
+    return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
   return ctl::ok_reply({{"key", k}, {"value", *it}, {"runtime", is_runtime_key(k)}});
 }
 
@@ -388,8 +392,9 @@ json cmd_config_set(DaemonContext& ctx, const json& req) {
     const json all = config_json(config_snapshot(ctx));
     if (all.contains(k)) {
       return ctl::error_reply(errc::kInvalidArgument,
-                              "'" + k + "' cannot be changed at run time (edit the config file "
-                              "and restart shadowd)");
+                              "'" + k +
+                                  "' cannot be changed at run time (edit the config file "
+                                  "and restart shadowd)");
     }
     return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
   }
@@ -419,8 +424,10 @@ json cmd_history_export(DaemonContext& ctx, const json& req) {
   const std::string format = a.choice("format", {"json", "csv"}, "json");
   const uint64_t limit = a.uint("limit", 1, kHistoryPageMax, kHistoryPageMax);
   const bool resume = a.has("after_t") || a.has("after_segment");
-  const uint64_t after_t = a.uint("after_t", 0, INT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
-  const uint64_t after_seg = a.uint("after_segment", 0, UINT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
+  const uint64_t after_t =
+      a.uint("after_t", 0, INT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
+  const uint64_t after_seg =
+      a.uint("after_segment", 0, UINT64_MAX, resume ? std::nullopt : std::optional<uint64_t>(0));
   if (a.failed()) return a.error();
 
   const std::vector<HistoryRecord> all = ctx.monitor->history();
@@ -532,8 +539,9 @@ json run_command(DaemonContext& ctx, const json& request, bool may_write) {
   }
   if (c->mutating && !may_write) {
     return ctl::error_reply(errc::kPermissionDenied,
-                            "'" + req.cmd + "' changes the daemon: only root or members of the "
-                            "control group may run it");
+                            "'" + req.cmd +
+                                "' changes the daemon: only root or members of the "
+                                "control group may run it");
   }
   try {
     return c->run(ctx, request);
@@ -542,8 +550,7 @@ json run_command(DaemonContext& ctx, const json& request, bool may_write) {
   }
 }
 
-json run_command_line(DaemonContext& ctx, std::string_view line, bool may_write,
-                      std::string* cmd) {
+json run_command_line(DaemonContext& ctx, std::string_view line, bool may_write, std::string* cmd) {
   json request = json::parse(line, nullptr, /*allow_exceptions=*/false);
   if (request.is_discarded()) {
     return ctl::error_reply(errc::kInvalidJson, "the request line is not valid JSON");

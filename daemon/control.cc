@@ -31,6 +31,7 @@ constexpr size_t kReadChunkBytes = 64 * 1024;
 constexpr size_t kOutputHighWaterBytes = 1 << 20;
 constexpr int kAcceptsPerWake = 16;
 constexpr int kListenBacklog = 64;
+constexpr int kAcceptPauseMs = 100;
 
 // A buffer for the reentrant passwd/group lookups, grown on ERANGE.
 std::vector<char> lookup_buffer() {
@@ -85,9 +86,9 @@ struct ControlServer::Client {
   uid_t uid = static_cast<uid_t>(-1);
   pid_t pid = 0;
   bool may_write = false;
-  std::string in;        // received bytes not yet consumed
-  size_t scanned = 0;    // in[0, scanned) has no '\n'
-  std::string out;       // reply bytes; out[0, sent) already sent
+  std::string in;      // received bytes not yet consumed
+  size_t scanned = 0;  // in[0, scanned) has no '\n'
+  std::string out;     // reply bytes; out[0, sent) already sent
   size_t sent = 0;
   bool read_done = false;  // EOF, or cut off: close once the output is sent
   bool dead = false;       // close now
@@ -180,8 +181,8 @@ Status ControlServer::start() {
   }
   started_ = true;
   thread_ = std::thread([this] { run(); });
-  spdlog::info("control socket {} (mode 0660{}{})", path_, has_group_ ? ", group " : "",
-               has_group_ ? group_ : "");
+  spdlog::debug("control socket {} (mode 0660{}{})", path_, has_group_ ? ", group " : "",
+                has_group_ ? group_ : "");
   return Status::ok();
 }
 
@@ -217,8 +218,12 @@ void ControlServer::accept_clients() {
   for (int i = 0; i < kAcceptsPerWake; ++i) {
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
-          errno != ECONNABORTED) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        spdlog::warn("control socket: accept: {}; pausing for {} ms", std::strerror(errno),
+                     kAcceptPauseMs);
+        accept_paused_until_ = SteadyClock::now() + std::chrono::milliseconds(kAcceptPauseMs);
+      } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR &&
+                 errno != ECONNABORTED) {
         spdlog::warn("control socket: accept: {}", std::strerror(errno));
       }
       return;
@@ -269,13 +274,14 @@ void ControlServer::process_lines(Client& c) {
     const nlohmann::json reply = run_command_line(ctx_, line, c.may_write, &cmd);
     std::string out = ctl::encode_line(reply);
     if (out.size() > ctl::kMaxReplyBytes) {
-      out = ctl::encode_line(ctl::error_reply(
-          ctl::errc::kInternal, "the reply (" + std::to_string(out.size()) + " bytes) is larger "
-                                "than the protocol allows"));
+      out = ctl::encode_line(
+          ctl::error_reply(ctl::errc::kInternal, "the reply (" + std::to_string(out.size()) +
+                                                     " bytes) is larger "
+                                                     "than the protocol allows"));
     }
     if (is_mutating_command(cmd)) {
-      spdlog::info("control: uid {} pid {}: {} -> {}", c.uid, c.pid,
-                   line.substr(0, 200), reply.value("ok", false) ? "ok" : reply.value("code", ""));
+      spdlog::info("control: uid {} pid {}: {} -> {}", c.uid, c.pid, line.substr(0, 200),
+                   reply.value("ok", false) ? "ok" : reply.value("code", ""));
     }
     queue_reply(c, out);
   }
@@ -285,10 +291,10 @@ void ControlServer::process_lines(Client& c) {
   if (line_bytes > ctl::kMaxRequestLineBytes) {
     spdlog::warn("control: uid {} pid {}: request line over {} bytes; closing", c.uid, c.pid,
                  ctl::kMaxRequestLineBytes);
-    queue_reply(c, ctl::encode_line(ctl::error_reply(
-                       ctl::errc::kLineTooLong,
-                       "request line longer than " + std::to_string(ctl::kMaxRequestLineBytes) +
-                           " bytes; closing the connection")));
+    queue_reply(c, ctl::encode_line(ctl::error_reply(ctl::errc::kLineTooLong,
+                                                     "request line longer than " +
+                                                         std::to_string(ctl::kMaxRequestLineBytes) +
+                                                         " bytes; closing the connection")));
     c.read_done = true;
     c.in.clear();
     c.scanned = 0;
@@ -313,7 +319,7 @@ void ControlServer::on_readable(Client& c) {
 
 // Send what can be sent now, run waiting lines when there is room, and
 // decide whether the connection is finished.
-void ControlServer::flush(Client& c) {
+void ControlServer::service(Client& c) {
   for (;;) {
     if (!c.read_done || !c.in.empty()) process_lines(c);
     while (!c.dead && c.pending() > 0) {
@@ -339,26 +345,34 @@ void ControlServer::flush(Client& c) {
   if (c.read_done) c.dead = true;
 }
 
+// Until the nearest idle deadline or the end of an accept pause; -1: none.
+int ControlServer::poll_timeout_ms() const {
+  const auto now = SteadyClock::now();
+  auto until = [&](SteadyClock::time_point t) {
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(t - now).count();
+    return static_cast<int>(std::clamp<int64_t>(ms + 1, 0, 60'000));
+  };
+  int timeout_ms = accept_paused_until_ > now ? until(accept_paused_until_) : -1;
+  for (const auto& c : clients_) {
+    const int left = until(c->last_activity + std::chrono::seconds(kIdleTimeoutSeconds));
+    timeout_ms = timeout_ms < 0 ? left : std::min(timeout_ms, left);
+  }
+  return timeout_ms;
+}
+
 void ControlServer::run() {
   std::vector<pollfd> pfds;
   while (!stopping_.load()) {
     pfds.clear();
     pfds.push_back({wake_fd_, POLLIN, 0});
-    pfds.push_back({listen_fd_, POLLIN, 0});
+    const bool accepting = SteadyClock::now() >= accept_paused_until_;
+    pfds.push_back({listen_fd_, static_cast<short>(accepting ? POLLIN : 0), 0});
     for (const auto& c : clients_) {
       short events = c->may_read() ? POLLIN : 0;
       if (c->pending() > 0) events |= POLLOUT;
       pfds.push_back({c->fd, events, 0});
     }
-    const auto now = SteadyClock::now();
-    int timeout_ms = -1;
-    for (const auto& c : clients_) {
-      const auto deadline = c->last_activity + std::chrono::seconds(kIdleTimeoutSeconds);
-      const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - now).count();
-      const int left = static_cast<int>(std::clamp<int64_t>(ms + 1, 0, 60'000));
-      timeout_ms = timeout_ms < 0 ? left : std::min(timeout_ms, left);
-    }
-    if (::poll(pfds.data(), pfds.size(), timeout_ms) < 0 && errno != EINTR) {
+    if (::poll(pfds.data(), pfds.size(), poll_timeout_ms()) < 0 && errno != EINTR) {
       spdlog::error("control socket: poll: {}", std::strerror(errno));
       break;
     }
@@ -368,23 +382,23 @@ void ControlServer::run() {
       (void)n;
       continue;  // stopping
     }
-    const size_t existing = clients_.size();  // accept_clients() appends
-    for (size_t i = 0; i < existing; ++i) {
+    for (size_t i = 0; i < clients_.size(); ++i) {
       Client& c = *clients_[i];
       const short rev = pfds[i + 2].revents;
       if (rev == 0) continue;
       if ((rev & (POLLIN | POLLHUP | POLLERR)) != 0 && c.may_read()) on_readable(c);
-      if (!c.dead) flush(c);
+      if (!c.dead) service(c);
     }
-    if ((pfds[1].revents & POLLIN) != 0) accept_clients();
     const auto idle_limit = SteadyClock::now() - std::chrono::seconds(kIdleTimeoutSeconds);
     for (auto& c : clients_) {
       if (c->last_activity < idle_limit) c->dead = true;
     }
+    // Before accepting: the slots of clients that left are free again.
     std::erase_if(clients_, [](const std::unique_ptr<Client>& c) {
       if (c->dead) ::close(c->fd);
       return c->dead;
     });
+    if ((pfds[1].revents & POLLIN) != 0) accept_clients();
   }
   for (auto& c : clients_) ::close(c->fd);
   clients_.clear();

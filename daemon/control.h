@@ -19,6 +19,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <memory>
 #include <string>
 #include <thread>
@@ -55,12 +56,13 @@ class ControlServer {
   Status resolve_group();
   Status listen_socket();
   void run();
+  int poll_timeout_ms() const;
   void accept_clients();
   bool peer_may_write(int fd, uid_t& uid, pid_t& pid) const;
   void on_readable(Client& c);
   void process_lines(Client& c);
   void queue_reply(Client& c, const std::string& line);
-  void flush(Client& c);
+  void service(Client& c);
 
   DaemonContext& ctx_;
   std::string path_;
@@ -68,9 +70,11 @@ class ControlServer {
   bool has_group_ = false;
   gid_t gid_ = 0;
   int listen_fd_ = -1;
-  int wake_fd_ = -1;  // eventfd: stop() wakes the loop
+  int wake_fd_ = -1;      // eventfd: stop() wakes the loop
   ino_t socket_ino_ = 0;  // the socket file we created (unlinked only if still ours)
   std::vector<std::unique_ptr<Client>> clients_;
+  // Out of file descriptors: accepting pauses until then instead of spinning.
+  std::chrono::steady_clock::time_point accept_paused_until_{};
   std::thread thread_;
   std::atomic<bool> stopping_{false};
   bool started_ = false;

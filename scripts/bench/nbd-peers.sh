@@ -249,6 +249,24 @@ stop_server() {  # stops $server_pid; sets server_rc (exit status, or "killed")
   server_pid=
 }
 
+# CPU accounting around a job, to see who used the CPUs (this machine may be
+# shared): appends "wall busy_ticks server_ticks children_user children_sys"
+# to file $1. Children times come from the `times` builtin (fio is a waited-for
+# child), so it must run in this shell, not in a subshell.
+cpu_snap() {
+  local f=$1 wall u n sy irq sirq srv=0 stat rest
+  local -a a
+  wall=$(date +%s.%N)
+  read -r _ u n sy _ _ irq sirq _ </proc/stat
+  if stat=$(<"/proc/$server_pid/stat") 2>/dev/null; then
+    rest=${stat##*) }
+    read -ra a <<<"$rest"
+    srv=$(( a[11] + a[12] ))  # utime + stime, all threads
+  fi
+  times >"$work/times.txt"
+  echo "$wall $((u + n + sy + irq + sirq)) $srv $(sed -n 2p "$work/times.txt")" >>"$f"
+}
+
 job_args() {  # job -> sets jargs=()
   case $1 in
     randread)  jargs=(--rw=randread  --bs=4k --iodepth=32) ;;
@@ -273,7 +291,7 @@ header=$work/header.txt
 {
   echo "nbd-peers benchmark  $stamp"
   echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  if awk -v n="$(nproc)" '{ exit !($1 > n / 4) }' /proc/loadavg; then
+  if awk -v n="$(nproc)" '{ exit !($1 > n / 2) }' /proc/loadavg; then
     echo "WARNING: the machine is busy (load average above) - other work skews the figures"
   fi
   echo "backing: $file ($file_bytes bytes$([[ $prefill == 1 ]] && echo ', prefilled with random data'); page cache dropped before each server)"
@@ -319,8 +337,11 @@ for s in "${servers[@]}"; do
       continue
     fi
     frc=0
+    rm -f "$work/$s-$j.cpu"
+    cpu_snap "$work/$s-$j.cpu"
     fio "--name=$j" "${fio_common[@]}" "${jargs[@]}" "--uri=$uri" "--output=$out" \
       >"$work/$s-$j.fio.log" 2>&1 || frc=$?
+    cpu_snap "$work/$s-$j.cpu"
     if (( frc != 0 )); then
       log "$s: fio $j exited $frc: $(tail -n 3 "$work/$s-$j.fio.log" | tr '\n' ' ')"
     fi
@@ -343,6 +364,26 @@ servers, jobs = sys.argv[5].split(), sys.argv[6].split()
 labels = {"randread": "4k randread  qd32 (IOPS)", "randwrite": "4k randwrite qd32 (IOPS)",
           "seqread": "1M seq read  qd8  (MB/s)", "seqwrite": "1M seq write qd8  (MB/s)"}
 results = {s: {} for s in servers}
+tck = os.sysconf("SC_CLK_TCK")
+
+def secs(t):  # "1m2.345s" -> 62.345
+    m, rest = t.rstrip("s").split("m")
+    return int(m) * 60 + float(rest)
+
+def cpu_usage(path):
+    """CPU used during a job, in % of one core: server, fio, everything else."""
+    try:
+        a, b = [l.split() for l in open(path).read().splitlines()[:2]]
+    except (OSError, ValueError):
+        return None
+    wall = float(b[0]) - float(a[0])
+    busy = (int(b[1]) - int(a[1])) / tck
+    srv = (int(b[2]) - int(a[2])) / tck
+    fio = secs(b[3]) + secs(b[4]) - secs(a[3]) - secs(a[4])
+    if wall <= 0:
+        return None
+    return {"server": 100 * srv / wall, "fio": 100 * fio / wall,
+            "other": max(0.0, 100 * (busy - srv - fio) / wall), "wall_s": wall}
 notes = {s: {} for s in servers}
 anomalies = []
 for line in open(manifest):
@@ -377,6 +418,12 @@ for line in open(manifest):
         except Exception as e:  # noqa
             r["parse_error"] = str(e)
             anomalies.append(f"{s} {j}: unparsable fio output ({e})")
+    cpu = cpu_usage(path[:-len(".json")] + ".cpu")
+    if cpu:
+        r["cpu_pct_of_one_core"] = cpu
+        if cpu["other"] > 25:
+            anomalies.append(f"{s} {j}: other processes used {cpu['other']:.0f}% of a core "
+                             "during the job (the machine was not idle)")
     if status != "fio-rc=0":
         anomalies.append(f"{s} {j}: {status}")
     results[s][j] = r
@@ -413,6 +460,15 @@ for j in jobs:
         row += f"{r['lat_mean_us']:>12,.0f}" if "lat_mean_us" in r else f"{'-':>12}"
     lat.append(row)
 print("\n".join(lat))
+print()
+cpu = [f"{'CPU % of a core: srv/fio/other':<32}" + "".join(f"{c:>15}" for c in cols)]
+for j in jobs:
+    row = f"{j:<32}"
+    for c in cols:
+        u = results.get(c, {}).get(j, {}).get("cpu_pct_of_one_core")
+        row += f"{u['server']:>5.0f}/{u['fio']:>3.0f}/{u['other']:>3.0f}" if u else f"{'-':>15}"
+    cpu.append(row)
+print("\n".join(cpu))
 print()
 if anomalies:
     print("anomalies:")

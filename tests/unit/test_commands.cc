@@ -236,8 +236,8 @@ TEST_CASE("commands: top refuses bad arguments", "[commands]") {
 TEST_CASE("commands: priority follows the formula and config.set changes the ranking",
           "[commands]") {
   Fixture f;
-  f.reads(1, 10);   // 10 accesses, no writes
-  f.writes(2, 4);   // 4 accesses, all writes
+  f.reads(1, 10);  // 10 accesses, no writes
+  f.writes(2, 4);  // 4 accesses, all writes
   f.clock.advance_ns(100 * kNsPerS);
   json top = f.ok({{"cmd", "top"}, {"by", "priority"}});
   REQUIRE(ids(top) == std::vector<uint64_t>{1, 2});

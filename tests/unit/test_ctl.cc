@@ -1,7 +1,6 @@
 // Unit tests for the control protocol helpers (ctl/protocol.h) and
 // shadowctl's formatting and parsing (ctl/format.h).
 #include <catch2/catch.hpp>
-
 #include <string>
 
 #include "ctl/format.h"
@@ -120,6 +119,9 @@ TEST_CASE("format: tables align columns", "[ctl]") {
   t.add({"longer", "12345"});
   CHECK(t.render() ==
         "NAME    COUNT\n"
+        "a           1\n"
+        "longer  12345\n");
+  CHECK(t.render(/*header=*/false) ==
         "a           1\n"
         "longer  12345\n");
 }
