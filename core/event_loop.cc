@@ -26,9 +26,17 @@ Result<std::unique_ptr<EventLoop>> EventLoop::create(unsigned entries) {
   std::unique_ptr<EventLoop> loop(new EventLoop());
   io_uring_params params;
   std::memset(&params, 0, sizeof params);
-  params.flags = IORING_SETUP_CQSIZE;
+  // COOP_TASKRUN: completions are posted when the loop next enters the
+  // kernel (it always does, to wait) instead of interrupting it.
+  params.flags = IORING_SETUP_CQSIZE | IORING_SETUP_COOP_TASKRUN | IORING_SETUP_SUBMIT_ALL;
   params.cq_entries = entries * 4;
   int rc = io_uring_queue_init_params(entries, &loop->ring_, &params);
+  if (rc == -EINVAL) {  // kernels before 5.19
+    std::memset(&params, 0, sizeof params);
+    params.flags = IORING_SETUP_CQSIZE;
+    params.cq_entries = entries * 4;
+    rc = io_uring_queue_init_params(entries, &loop->ring_, &params);
+  }
   if (rc < 0) {
     // Older kernels: retry without a larger completion queue.
     rc = io_uring_queue_init(entries, &loop->ring_, 0);

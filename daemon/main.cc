@@ -27,6 +27,7 @@
 #include "config/config.h"
 #include "core/io_backend.h"
 #include "core/monitored_backend.h"
+#include "daemon/commands.h"
 #include "daemon/context.h"
 #include "daemon/control.h"
 #include "daemon/metrics.h"
@@ -236,16 +237,6 @@ MonitorConfig monitor_config(const Config& cfg, uint64_t device_bytes) {
   return mc;
 }
 
-PriorityParams priority_params(const Config& cfg) {
-  PriorityParams p;
-  p.baseline = cfg.baseline;
-  p.alpha = cfg.alpha;
-  p.beta = cfg.beta;
-  p.gamma = cfg.gamma;
-  p.scoring_window_seconds = cfg.scoring_window_seconds;
-  return p;
-}
-
 nbd::ServerOptions server_options(const Config& cfg) {
   nbd::ServerOptions so;
   so.unix_paths = cfg.unix_sockets;
@@ -268,11 +259,9 @@ void reload(DaemonContext& ctx) {
     spdlog::info("SIGHUP: no config file to reload");
     return;
   }
-  Config next;
-  {
-    std::lock_guard<std::mutex> lock(ctx.config_mu);
-    next = ctx.config;
-  }
+  // Held throughout, as `config.set` does, so the two never interleave.
+  std::lock_guard<std::mutex> lock(ctx.config_mu);
+  Config next = ctx.config;
   Status st = load_config_file(ctx.config_path, next);
   if (st) st = next.validate();
   if (st && ctx.monitor != nullptr) {
@@ -283,7 +272,6 @@ void reload(DaemonContext& ctx) {
     spdlog::error("SIGHUP: config not reloaded: {}", st.message());
     return;
   }
-  std::lock_guard<std::mutex> lock(ctx.config_mu);
   ctx.config.baseline = next.baseline;
   ctx.config.alpha = next.alpha;
   ctx.config.beta = next.beta;
@@ -384,7 +372,11 @@ int serve(DaemonContext& ctx, int ready_fd) {
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGHUP);
   int sig = 0;
-  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) reload(ctx);
+  while (sigwait(&set, &sig) == 0 && sig == SIGHUP) {
+    sd_notify(0, "RELOADING=1\nSTATUS=reloading");
+    reload(ctx);
+    sd_notifyf(0, "READY=1\nSTATUS=serving %s on %s", exp->name.c_str(), where.c_str());
+  }
   spdlog::info("{} received: finishing in-flight requests", strsignal(sig));
   sd_notify(0, "STOPPING=1\nSTATUS=stopping");
   metrics.stop();

@@ -248,6 +248,12 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
   ++open_;
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);  // fails harmlessly on unix
+  // Room for several large read replies in the kernel: with the default
+  // (about 200 KiB) a 1 MiB reply takes several partial sends.
+  int sndbuf = 4 << 20;
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &sndbuf, sizeof sndbuf) != 0) {
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+  }
   Worker* w = workers_[next_worker_++ % workers_.size()].get();
   std::string peer = describe_peer(fd);
   w->loop->post([this, w, fd, peer = std::move(peer)]() mutable {
