@@ -362,12 +362,17 @@ json cmd_config_get(DaemonContext& ctx, const json& req) {
   return ctl::ok_reply({{"key", k}, {"value", *it}, {"runtime", is_runtime_key(k)}});
 }
 
-// Apply a validated configuration's tunables to the monitor, then to ctx.
-// REQUIRES: ctx.config_mu held, ctx.monitor non-null.
-Status apply_tunables(DaemonContext& ctx, const Config& next, const std::string& key) {
-  Status st = key == "windows_seconds" ? ctx.monitor->set_windows(next.windows_seconds)
-                                       : ctx.monitor->set_priority(priority_params(next));
-  if (!st) return st;
+}  // namespace
+
+Status apply_runtime_config(DaemonContext& ctx, const Config& next) {
+  if (ctx.monitor != nullptr) {
+    Status st = Status::ok();
+    if (next.windows_seconds != ctx.config.windows_seconds) {
+      st = ctx.monitor->set_windows(next.windows_seconds);  // rebuilds from history
+    }
+    if (st) st = ctx.monitor->set_priority(priority_params(next));
+    if (!st) return st;
+  }
   ctx.config.baseline = next.baseline;
   ctx.config.alpha = next.alpha;
   ctx.config.beta = next.beta;
@@ -376,6 +381,8 @@ Status apply_tunables(DaemonContext& ctx, const Config& next, const std::string&
   ctx.config.windows_seconds = next.windows_seconds;
   return Status::ok();
 }
+
+namespace {
 
 json cmd_config_set(DaemonContext& ctx, const json& req) {
   Args a(req, {"key", "value"});
@@ -405,7 +412,7 @@ json cmd_config_set(DaemonContext& ctx, const json& req) {
   if (!st) return ctl::error_reply(errc::kInvalidArgument, st.message());
   st = next.validate();
   const json previous = config_json(ctx.config)[k];
-  if (st) st = apply_tunables(ctx, next, k);
+  if (st) st = apply_runtime_config(ctx, next);
   if (!st) return ctl::error_reply(errc::kOutOfRange, st.message());
   ctx.monitor->rescore();  // the ranking the shadowing thread reads follows at once
   return ctl::ok_reply({{"key", k}, {"value", config_json(ctx.config)[k]}, {"previous", previous}});

@@ -41,4 +41,10 @@ bool is_mutating_command(std::string_view cmd);
 // The priority tunables of a configuration.
 PriorityParams priority_params(const Config& cfg);
 
+// Apply the run-time tunables of a validated configuration (windows and
+// priority) to the monitor, then record them in ctx.config. Used by
+// `config.set` and by SIGHUP. On error nothing in ctx.config changes.
+// REQUIRES: ctx.config_mu held.
+Status apply_runtime_config(DaemonContext& ctx, const Config& next);
+
 }  // namespace shadowd

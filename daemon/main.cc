@@ -264,20 +264,11 @@ void reload(DaemonContext& ctx) {
   Config next = ctx.config;
   Status st = load_config_file(ctx.config_path, next);
   if (st) st = next.validate();
-  if (st && ctx.monitor != nullptr) {
-    st = ctx.monitor->set_windows(next.windows_seconds);
-    if (st) st = ctx.monitor->set_priority(priority_params(next));
-  }
+  if (st) st = apply_runtime_config(ctx, next);
   if (!st) {
     spdlog::error("SIGHUP: config not reloaded: {}", st.message());
     return;
   }
-  ctx.config.baseline = next.baseline;
-  ctx.config.alpha = next.alpha;
-  ctx.config.beta = next.beta;
-  ctx.config.gamma = next.gamma;
-  ctx.config.scoring_window_seconds = next.scoring_window_seconds;
-  ctx.config.windows_seconds = next.windows_seconds;
   spdlog::info("SIGHUP: reloaded tunables from {}", ctx.config_path);
 }
 
