@@ -32,162 +32,38 @@
 #   BENCH_OUT=FILE             JSON result file
 #   BENCH_KEEP=1               keep the work directory (logs, fio JSON)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$root"
-
-py=/usr/bin/python3
-[[ -x $py ]] || py=python3
-
-build_dir=${BUILD_DIR:-build}
-[[ $build_dir == /* ]] || build_dir=$root/$build_dir
-shadowd_bin=$build_dir/daemon/shadowd
 shadowctl_bin=$build_dir/ctl/shadowctl
-
-runtime=${BENCH_RUNTIME:-15}
-ramp=${BENCH_RAMP:-2}
-size=${BENCH_SIZE:-2G}
 rounds=${BENCH_ROUNDS:-2}
 nseg=${BENCH_SEGMENTS:-65536}
 read -ra jobs <<<"${BENCH_JOBS:-randread randwrite}"
 read -ra parts <<<"${BENCH_PARTS:-overhead memory}"
-read -ra shadowd_extra <<<"${BENCH_SHADOWD_ARGS:-}"
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out_json=${BENCH_OUT:-$root/var/bench/monitor-overhead-$stamp.json}
-
-log() { echo "bench: $*" >&2; }
-die() { log "error: $*"; exit 1; }
 
 # --- prerequisites --------------------------------------------------------
 [[ $rounds =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer"
 [[ $nseg =~ ^[1-9][0-9]*$ ]] || die "BENCH_SEGMENTS must be a positive integer"
-for j in "${jobs[@]}"; do
-  case $j in randread|randwrite) ;; *) die "unknown job '$j' in BENCH_JOBS (randread randwrite)" ;; esac
-done
+check_words job BENCH_JOBS "randread randwrite" "${jobs[@]}"
+check_words part BENCH_PARTS "overhead memory" "${parts[@]}"
 want_overhead=0 want_memory=0
-for p in "${parts[@]}"; do
-  case $p in overhead) want_overhead=1 ;; memory) want_memory=1 ;;
-    *) die "unknown part '$p' in BENCH_PARTS (overhead memory)" ;; esac
-done
-for c in fio nbdinfo; do
-  command -v "$c" >/dev/null || die "$c not found (scripts/deps.sh installs it)"
-done
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+[[ " ${parts[*]} " != *" overhead "* ]] || want_overhead=1
+[[ " ${parts[*]} " != *" memory "* ]] || want_memory=1
+need_tools fio nbdinfo
 if [[ ! -x $shadowd_bin || ( $want_memory == 1 && ! -x $shadowctl_bin ) ]]; then
-  log "$shadowd_bin or $shadowctl_bin missing: running scripts/build.sh"
-  scripts/build.sh
-  [[ -x $shadowd_bin ]] || die "build did not produce $shadowd_bin"
+  build_shadowd "$shadowd_bin or $shadowctl_bin"
 fi
 [[ $want_memory == 0 || -x $shadowctl_bin ]] || die "build did not produce $shadowctl_bin"
 
-# --- work directory -----------------------------------------------------------
-bench_parent=${BENCH_DIR:-$root/var}
-mkdir -p "$bench_parent" "$(dirname "$out_json")"
-work=$(mktemp -d "$bench_parent/monitor-overhead.XXXXXX")
-work=$(cd "$work" && pwd)
-sockdir=$work
-if (( ${#sockdir} > 80 )); then  # sun_path holds 108 bytes
-  sockdir=$(mktemp -d "${TMPDIR:-/tmp}/monitor-overhead.XXXXXX")
-fi
-
-server_pid=
-helper_pid=
-cleanup() {
-  local rc=$?
-  for p in $helper_pid $server_pid; do
-    if kill -0 "$p" 2>/dev/null; then
-      kill -TERM "$p" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$p" 2>/dev/null || true
-      wait "$p" 2>/dev/null || true
-    fi
-  done
-  if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-    log "kept work directory $work"
-  else
-    rm -rf "$work"
-  fi
-  [[ $sockdir == "$work" ]] || rm -rf "$sockdir"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# --- shadowd start/stop with sd_notify readiness ---------------------------------
-# Waits for READY=1 on a NOTIFY_SOCKET datagram socket (sd_notify protocol).
-# Exits 0 on READY=1, 2 if the watched PID (read from a file) dies, 3 on timeout.
-notify_helper=$work/notify-wait.py
-cat >"$notify_helper" <<'PY'
-import os, socket, sys, time
-path, pidfile, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(path)
-open(path + ".bound", "w").close()
-s.settimeout(0.05)
-deadline = time.monotonic() + timeout
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-while time.monotonic() < deadline:
-    try:
-        msg = s.recv(4096).decode(errors="replace")
-        if "READY=1" in msg.split("\n"):
-            sys.exit(0)
-        continue
-    except socket.timeout:
-        pass
-    try:
-        pid = int(open(pidfile).read())
-    except (OSError, ValueError):
-        continue
-    if not alive(pid):
-        sys.exit(2)
-sys.exit(3)
-PY
+# --- work directory, shadowd start with sd_notify readiness ----------------------
+bench_workdir monitor-overhead "$(dirname "$out_json")"
 
 # start_shadowd LOG ARGS... : sets server_pid; returns nonzero on failure.
 start_shadowd() {
   local slog=$1; shift
-  local nsock=$sockdir/notify.sock
-  rm -f "$nsock" "$nsock.bound" "$work/shadowd.pid"
-  "$py" "$notify_helper" "$nsock" "$work/shadowd.pid" 60 &
-  helper_pid=$!
-  for _ in $(seq 100); do [[ -e $nsock.bound ]] && break; sleep 0.05; done
-  NOTIFY_SOCKET=$nsock "$shadowd_bin" "$@" >"$slog" 2>&1 &
-  server_pid=$!
-  echo "$server_pid" >"$work/shadowd.pid"
-  local hrc=0
-  wait "$helper_pid" || hrc=$?
-  helper_pid=
-  rm -f "$nsock" "$nsock.bound"
-  (( hrc == 0 )) || { log "shadowd did not report READY=1 (helper rc $hrc); log:"; tail -n 20 "$slog" >&2; return 1; }
-}
-
-stop_shadowd() {  # stops $server_pid; sets server_rc (exit status, or "killed")
-  server_rc=0
-  kill -TERM "$server_pid" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$server_pid" 2>/dev/null; then
-    kill -KILL "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_rc=killed
-  else
-    wait "$server_pid" 2>/dev/null || server_rc=$?
-  fi
-  server_pid=
-}
-
-q() {  # print a command line, single-quoting words that need it
-  local out='' a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+="${out:+ }$a"
-    else out+="${out:+ }'${a//\'/\'\\\'\'}'"; fi
-  done
-  echo "$out"
+  start_notified 60 "$slog" "$shadowd_bin" "$@" ||
+    { log "shadowd did not report READY=1 (helper rc $notify_rc); log:"; tail -n 20 "$slog" >&2; return 1; }
 }
 
 manifest=$work/manifest.tsv   # part 1: round, config, job, fio-rc, json
@@ -197,33 +73,17 @@ memfile=$work/memory.tsv      # part 2: pattern, segments touched, status json
 
 {
   echo "monitor-overhead benchmark  $stamp"
-  echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  if awk -v n="$(nproc)" '{ exit !($1 > n / 4) }' /proc/loadavg; then
-    echo "WARNING: the machine is busy (load average above) - other work skews the figures"
-  fi
+  host_info 4
   echo "shadowd: $("$shadowd_bin" --version 2>&1 | head -n1)   fio: $(fio --version)"
 } | tee "$work/header.txt"
 
 # --- part 1: throughput, monitor on vs off -------------------------------------------
-fio_common=(--ioengine=nbd --numjobs=1 --time_based "--runtime=${runtime}s"
-            "--ramp_time=${ramp}s" --output-format=json)
-job_args() {
-  case $1 in
-    randread)  jargs=(--rw=randread  --bs=4k --iodepth=32) ;;
-    randwrite) jargs=(--rw=randwrite --bs=4k --iodepth=32) ;;
-  esac
-}
-
 if (( want_overhead )); then
   file=$work/backing.img
   log "preallocating $size at $file and filling it with random data"
-  fallocate -l "$size" "$file" 2>/dev/null || truncate -s "$size" "$file"
+  preallocate "$file" "$size"
   file_bytes=$(stat -c %s "$file")
-  prefill_cmd=(fio --name=prefill --filename="$file" --rw=write --bs=1M --iodepth=16
-    --ioengine=libaio --size="$file_bytes" --refill_buffers --end_fsync=1 --output=/dev/null)
-  "${prefill_cmd[@]}" --direct=1 >/dev/null 2>"$work/prefill.log" ||
-    "${prefill_cmd[@]}" --direct=0 >/dev/null 2>>"$work/prefill.log" ||
-    die "prefill failed: $(tail -n 5 "$work/prefill.log")"
+  prefill "$file" "$file_bytes"
 
   sock=$sockdir/nbd.sock
   uri="nbd+unix:///?socket=$sock"
@@ -235,8 +95,8 @@ if (( want_overhead )); then
     echo "  on:  $(q shadowd "${base_args[@]}")" | sed "s|$sockdir|DIR|g"
     echo "  off: $(q shadowd "${base_args[@]}" --no-monitor)" | sed "s|$sockdir|DIR|g"
     for j in "${jobs[@]}"; do
-      job_args "$j"
-      echo "  fio: $(q fio "--name=$j" "${fio_common[@]}" "${jargs[@]}" '--uri=nbd+unix:///?socket=DIR/nbd.sock')"
+      fio_cmd "$j" 'nbd+unix:///?socket=DIR/nbd.sock'
+      echo "  fio: $(q "${fcmd[@]}")"
     done
   } | tee -a "$work/header.txt"
 
@@ -249,16 +109,15 @@ if (( want_overhead )); then
       rm -f "$sock"
       start_shadowd "$slog" "${args[@]}" || die "shadowd (monitor $cfg) did not start"
       for j in "${jobs[@]}"; do
-        job_args "$j"
+        fio_cmd "$j" "$uri"
         out=$work/r$r-$cfg-$j.json
         log "round $r, monitor $cfg: $j (${runtime}s)"
         frc=0
-        fio "--name=$j" "${fio_common[@]}" "${jargs[@]}" "--uri=$uri" "--output=$out" \
-          >"$work/r$r-$cfg-$j.fio.log" 2>&1 || frc=$?
+        "${fcmd[@]}" "--output=$out" >"$work/r$r-$cfg-$j.fio.log" 2>&1 || frc=$?
         (( frc == 0 )) || log "fio $j exited $frc: $(tail -n 3 "$work/r$r-$cfg-$j.fio.log" | tr '\n' ' ')"
         printf '%s\t%s\t%s\t%s\t%s\n' "$r" "$cfg" "$j" "$frc" "$out" >>"$manifest"
       done
-      stop_shadowd
+      stop_server
       [[ $server_rc == 0 ]] || log "shadowd (monitor $cfg) exited with status $server_rc"
       printf '%s\t%s\t-\tserver-exit=%s\t%s\n' "$r" "$cfg" "$server_rc" "$slog" >>"$manifest"
     done
@@ -300,14 +159,14 @@ if (( want_memory )); then
     >"$work/rand.fio.log" 2>&1 ||
     die "fio (random) failed: $(tail -n 3 "$work/rand.fio.log")"
   status "sequential+random" "$nseg"
-  stop_shadowd
+  stop_server
   [[ $server_rc == 0 ]] || log "shadowd (1 TiB) exited with status $server_rc"
   printf 'server-exit\t%s\t%s\n' "$server_rc" "$work/shadowd-1t.log" >>"$memfile"
 fi
 
 # --- report ------------------------------------------------------------------------
 echo
-"$py" - "$manifest" "$memfile" "$work/header.txt" "$out_json" "$stamp" "$rounds" "${jobs[*]}" <<'PY'
+bench_py "$manifest" "$memfile" "$work/header.txt" "$out_json" "$stamp" "$rounds" "${jobs[*]}" <<'PY'
 import json, os, statistics, sys
 manifest, memfile, header, out_json, stamp, rounds, jobs = sys.argv[1:8]
 jobs = jobs.split()
@@ -324,13 +183,9 @@ for line in open(manifest):
         continue
     run = {"round": int(r), "config": cfg, "job": job, "fio_rc": int(status)}
     try:
-        txt = open(path).read()
-        fj = json.loads(txt[txt.index("{"):])["jobs"][0]
-        io = fj["write" if "write" in job else "read"]
-        run.update(iops=io["iops"], lat_mean_us=io["lat_ns"]["mean"] / 1000,
-                   clat_p99_us=io["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000,
-                   total_ios=io["total_ios"], io_errors=fj.get("error", 0),
-                   cpu_usr=fj.get("usr_cpu"), cpu_sys=fj.get("sys_cpu"))
+        fj, figures = fio_figures(path, job, ("iops", "lat_mean_us", "clat_p99_us", "total_ios",
+                                              "io_errors", "cpu_usr", "cpu_sys"))
+        run.update(figures)
         if fj.get("error", 0):
             anomalies.append(f"round {r} monitor {cfg} {job}: fio error {fj['error']}")
     except Exception as e:  # noqa: BLE001
@@ -430,15 +285,7 @@ if memory:
     print("B/segment = resident / all segments (shadowctl's bytes_per_segment_resident).")
     print()
 
-if anomalies:
-    print("anomalies:")
-    for a in anomalies:
-        print("  " + a)
-else:
-    print("anomalies: none (no fio errors, shadowd exited cleanly and silently)")
-doc = {"timestamp": stamp, "header": open(header).read(), "overhead": summary, "runs": runs,
-       "memory": memory, "anomalies": anomalies}
-with open(out_json, "w") as f:
-    json.dump(doc, f, indent=1)
-print(f"\nraw results: {out_json}")
+finish(anomalies, "shadowd",
+       {"timestamp": stamp, "header": open(header).read(), "overhead": summary, "runs": runs,
+        "memory": memory, "anomalies": anomalies}, out_json)
 PY

@@ -26,90 +26,30 @@
 #   BENCH_OUT=FILE             JSON result file (default var/bench/nbd-peers-<ts>.json)
 #   BENCH_KEEP=1               keep the work directory (backing file, logs, fio JSON)
 set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-cd "$root"
-
-py=/usr/bin/python3
-[[ -x $py ]] || py=python3
-
-build_dir=${BUILD_DIR:-build}
-[[ $build_dir == /* ]] || build_dir=$root/$build_dir
-shadowd_bin=$build_dir/daemon/shadowd
-
-runtime=${BENCH_RUNTIME:-15}
-ramp=${BENCH_RAMP:-2}
-size=${BENCH_SIZE:-2G}
 prefill=${BENCH_PREFILL:-1}
 read -ra servers <<<"${BENCH_SERVERS:-shadowd qemu-nbd nbdkit}"
 read -ra jobs <<<"${BENCH_JOBS:-randread randwrite seqread seqwrite}"
-read -ra shadowd_extra <<<"${BENCH_SHADOWD_ARGS:-}"
 nbdkit_cache=${BENCH_NBDKIT_CACHE:-none}
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
 out_json=${BENCH_OUT:-$root/var/bench/nbd-peers-$stamp.json}
 
-log() { echo "bench: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
 # --- prerequisites --------------------------------------------------------
+check_words server BENCH_SERVERS "shadowd qemu-nbd nbdkit" "${servers[@]}"
 need=(fio nbdinfo)
 for s in "${servers[@]}"; do
-  case $s in
-    shadowd) ;;
-    qemu-nbd) need+=(qemu-nbd) ;;
-    nbdkit) need+=(nbdkit) ;;
-    *) die "unknown server '$s' in BENCH_SERVERS (shadowd qemu-nbd nbdkit)" ;;
-  esac
+  [[ $s == shadowd ]] || need+=("$s")
 done
-for j in "${jobs[@]}"; do
-  case $j in randread|randwrite|seqread|seqwrite) ;;
-    *) die "unknown job '$j' in BENCH_JOBS (randread randwrite seqread seqwrite)" ;;
-  esac
-done
-for c in "${need[@]}"; do
-  command -v "$c" >/dev/null || die "$c not found (scripts/deps.sh installs it)"
-done
-fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
+check_words job BENCH_JOBS "randread randwrite seqread seqwrite" "${jobs[@]}"
+need_tools "${need[@]}"
 
 if [[ " ${servers[*]} " == *" shadowd "* && ! -x $shadowd_bin ]]; then
-  log "$shadowd_bin missing: running scripts/build.sh"
-  scripts/build.sh
-  [[ -x $shadowd_bin ]] || die "build did not produce $shadowd_bin"
+  build_shadowd "$shadowd_bin"
 fi
 
 # --- work directory, backing file -----------------------------------------
-bench_parent=${BENCH_DIR:-$root/var}
-mkdir -p "$bench_parent" "$(dirname "$out_json")"
-work=$(mktemp -d "$bench_parent/nbd-peers.XXXXXX")
-work=$(cd "$work" && pwd)
-sockdir=$work
-if (( ${#sockdir} > 80 )); then  # sun_path holds 108 bytes
-  sockdir=$(mktemp -d "${TMPDIR:-/tmp}/nbd-peers.XXXXXX")
-fi
-
-server_pid=
-helper_pid=
-cleanup() {
-  local rc=$?
-  for p in $helper_pid $server_pid; do
-    if kill -0 "$p" 2>/dev/null; then
-      kill -TERM "$p" 2>/dev/null || true
-      for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$p" 2>/dev/null || true
-      wait "$p" 2>/dev/null || true
-    fi
-  done
-  if [[ ${BENCH_KEEP:-0} == 1 ]]; then
-    log "kept work directory $work"
-  else
-    rm -rf "$work"
-  fi
-  [[ $sockdir == "$work" ]] || rm -rf "$sockdir"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+bench_workdir nbd-peers "$(dirname "$out_json")"
 
 if [[ -n ${BENCH_FILE:-} ]]; then
   [[ ${BENCH_OVERWRITE_OK:-0} == 1 ]] ||
@@ -119,7 +59,7 @@ if [[ -n ${BENCH_FILE:-} ]]; then
 else
   file=$work/backing.img
   log "preallocating $size at $file"
-  fallocate -l "$size" "$file" 2>/dev/null || truncate -s "$size" "$file"
+  preallocate "$file" "$size"
 fi
 file_bytes=$("$py" -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_END))' "$file")
 (( file_bytes >= 64 * 1024 * 1024 )) || die "backing file too small ($file_bytes bytes)"
@@ -137,50 +77,11 @@ PY
 
 if [[ $prefill == 1 ]]; then
   log "prefilling $file_bytes bytes with random data"
-  prefill_cmd=(fio --name=prefill --filename="$file" --rw=write --bs=1M --iodepth=16
-    --ioengine=libaio --size="$file_bytes" --refill_buffers --end_fsync=1
-    --output=/dev/null)
-  "${prefill_cmd[@]}" --direct=1 >/dev/null 2>"$work/prefill.log" ||
-    "${prefill_cmd[@]}" --direct=0 >/dev/null 2>>"$work/prefill.log" ||
-    die "prefill failed: $(tail -n 5 "$work/prefill.log")"
+  prefill "$file" "$file_bytes"
 fi
 drop_file_cache
 
 # --- servers ----------------------------------------------------------------
-# Waits for READY=1 on a NOTIFY_SOCKET datagram socket (sd_notify protocol).
-# Exits 0 on READY=1, 2 if the watched PID (read from a file) dies, 3 on timeout.
-notify_helper=$work/notify-wait.py
-cat >"$notify_helper" <<'PY'
-import os, socket, sys, time
-path, pidfile, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-s.bind(path)
-open(path + ".bound", "w").close()
-s.settimeout(0.05)
-deadline = time.monotonic() + timeout
-def alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-while time.monotonic() < deadline:
-    try:
-        msg = s.recv(4096).decode(errors="replace")
-        if "READY=1" in msg.split("\n"):
-            sys.exit(0)
-        continue
-    except socket.timeout:
-        pass
-    try:
-        pid = int(open(pidfile).read())
-    except (OSError, ValueError):
-        continue
-    if not alive(pid):
-        sys.exit(2)
-sys.exit(3)
-PY
-
 server_cmd() {  # server socket -> prints nothing, sets cmd=()
   local s=$1 sock=$2
   case $s in
@@ -207,19 +108,8 @@ start_server() {
   server_cmd "$s" "$sock"
   rm -f "$sock"
   if [[ $s == shadowd ]]; then
-    local nsock=$sockdir/notify.sock
-    rm -f "$nsock" "$nsock.bound" "$work/shadowd.pid"
-    "$py" "$notify_helper" "$nsock" "$work/shadowd.pid" 30 &
-    helper_pid=$!
-    for _ in $(seq 100); do [[ -e $nsock.bound ]] && break; sleep 0.05; done
-    NOTIFY_SOCKET=$nsock "${cmd[@]}" >"$slog" 2>&1 &
-    server_pid=$!
-    echo "$server_pid" >"$work/shadowd.pid"
-    local hrc=0
-    wait "$helper_pid" || hrc=$?
-    helper_pid=
-    rm -f "$nsock" "$nsock.bound"
-    (( hrc == 0 )) || { log "shadowd did not report READY=1 (helper rc $hrc)"; return 1; }
+    start_notified 30 "$slog" "${cmd[@]}" ||
+      { log "shadowd did not report READY=1 (helper rc $notify_rc)"; return 1; }
   else
     "${cmd[@]}" >"$slog" 2>&1 &
     server_pid=$!
@@ -233,20 +123,6 @@ start_server() {
     (( ok )) || { log "$s did not become ready"; return 1; }
   fi
   nbdinfo --size "$uri" >/dev/null 2>&1 || { log "$s: nbdinfo failed"; return 1; }
-}
-
-stop_server() {  # stops $server_pid; sets server_rc (exit status, or "killed")
-  server_rc=0
-  kill -TERM "$server_pid" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$server_pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$server_pid" 2>/dev/null; then
-    kill -KILL "$server_pid" 2>/dev/null || true
-    wait "$server_pid" 2>/dev/null || true
-    server_rc=killed
-  else
-    wait "$server_pid" 2>/dev/null || server_rc=$?
-  fi
-  server_pid=
 }
 
 # CPU accounting around a job, to see who used the CPUs (this machine may be
@@ -267,33 +143,11 @@ cpu_snap() {
   echo "$wall $((u + n + sy + irq + sirq)) $srv $(sed -n 2p "$work/times.txt")" >>"$f"
 }
 
-job_args() {  # job -> sets jargs=()
-  case $1 in
-    randread)  jargs=(--rw=randread  --bs=4k --iodepth=32) ;;
-    randwrite) jargs=(--rw=randwrite --bs=4k --iodepth=32) ;;
-    seqread)   jargs=(--rw=read      --bs=1M --iodepth=8) ;;
-    seqwrite)  jargs=(--rw=write     --bs=1M --iodepth=8) ;;
-  esac
-}
-fio_common=(--ioengine=nbd --numjobs=1 --time_based "--runtime=${runtime}s"
-            "--ramp_time=${ramp}s" --output-format=json)
-
 # --- header -----------------------------------------------------------------
-q() {  # print a command line, single-quoting words that need it
-  local out='' a
-  for a in "$@"; do
-    if [[ $a =~ ^[A-Za-z0-9_./:=,+@%-]+$ ]]; then out+="${out:+ }$a"
-    else out+="${out:+ }'${a//\'/\'\\\'\'}'"; fi
-  done
-  echo "$out"
-}
 header=$work/header.txt
 {
   echo "nbd-peers benchmark  $stamp"
-  echo "host: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//'), kernel $(uname -r), load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
-  if awk -v n="$(nproc)" '{ exit !($1 > n / 2) }' /proc/loadavg; then
-    echo "WARNING: the machine is busy (load average above) - other work skews the figures"
-  fi
+  host_info 2
   echo "backing: $file ($file_bytes bytes$([[ $prefill == 1 ]] && echo ', prefilled with random data'); page cache dropped before each server)"
   echo "fio: $(fio --version)   runtime ${runtime}s + ramp ${ramp}s per job"
   echo "servers (SOCK = a Unix socket in the work directory):"
@@ -305,8 +159,8 @@ header=$work/header.txt
     echo "  (nbdkit uses cache=none: pages are evicted after use; qemu-nbd and shadowd use O_DIRECT)"
   echo "fio jobs (one connection each, run one after another):"
   for j in "${jobs[@]}"; do
-    job_args "$j"
-    printf '  %-9s %s\n' "$j" "$(q fio "--name=$j" "${fio_common[@]}" "${jargs[@]}" '--uri=nbd+unix:///?socket=SOCK' --output=FILE)"
+    fio_cmd "$j" 'nbd+unix:///?socket=SOCK'
+    printf '  %-9s %s\n' "$j" "$(q "${fcmd[@]}" --output=FILE)"
   done
 } >"$header"
 cat "$header"
@@ -328,7 +182,7 @@ for s in "${servers[@]}"; do
     continue
   fi
   for j in "${jobs[@]}"; do
-    job_args "$j"
+    fio_cmd "$j" "$uri"
     out=$work/$s-$j.json
     log "$s: $j (${runtime}s)"
     if ! kill -0 "$server_pid" 2>/dev/null; then
@@ -339,8 +193,7 @@ for s in "${servers[@]}"; do
     frc=0
     rm -f "$work/$s-$j.cpu"
     cpu_snap "$work/$s-$j.cpu"
-    fio "--name=$j" "${fio_common[@]}" "${jargs[@]}" "--uri=$uri" "--output=$out" \
-      >"$work/$s-$j.fio.log" 2>&1 || frc=$?
+    "${fcmd[@]}" "--output=$out" >"$work/$s-$j.fio.log" 2>&1 || frc=$?
     cpu_snap "$work/$s-$j.cpu"
     if (( frc != 0 )); then
       log "$s: fio $j exited $frc: $(tail -n 3 "$work/$s-$j.fio.log" | tr '\n' ' ')"
@@ -357,7 +210,7 @@ for s in "${servers[@]}"; do
 done
 
 # --- report -------------------------------------------------------------------
-"$py" - "$manifest" "$header" "$out_json" "$stamp" "${servers[*]}" "${jobs[*]}" <<'PY'
+bench_py "$manifest" "$header" "$out_json" "$stamp" "${servers[*]}" "${jobs[*]}" <<'PY'
 import json, os, sys
 manifest, header, out_json, stamp = sys.argv[1:5]
 servers, jobs = sys.argv[5].split(), sys.argv[6].split()
@@ -402,17 +255,9 @@ for line in open(manifest):
     r = {"status": status}
     if os.path.exists(path) and os.path.getsize(path):
         try:
-            txt = open(path).read()
-            d = json.loads(txt[txt.index("{"):])
-            fj = d["jobs"][0]
-            side = "write" if "write" in j else "read"
-            io = fj[side]
-            r.update(iops=io["iops"], bw_bytes=io["bw_bytes"],
-                     lat_mean_us=io["lat_ns"]["mean"] / 1000,
-                     clat_p99_us=io["clat_ns"].get("percentile", {}).get("99.000000", 0) / 1000,
-                     io_errors=fj.get("error", 0), total_ios=io["total_ios"],
-                     cpu_usr=fj.get("usr_cpu"), cpu_sys=fj.get("sys_cpu"),
-                     fio=fj)
+            fj, figures = fio_figures(path, j, ("iops", "bw_bytes", "lat_mean_us", "clat_p99_us",
+                                                "io_errors", "total_ios", "cpu_usr", "cpu_sys"))
+            r.update(figures, fio=fj)
             if fj.get("error", 0):
                 anomalies.append(f"{s} {j}: fio error {fj['error']}")
         except Exception as e:  # noqa
@@ -470,16 +315,8 @@ for j in jobs:
     cpu.append(row)
 print("\n".join(cpu))
 print()
-if anomalies:
-    print("anomalies:")
-    for a in anomalies:
-        print("  " + a)
-else:
-    print("anomalies: none (no fio errors, servers exited cleanly and silently)")
-doc = {"timestamp": stamp, "header": open(header).read(), "table": table,
-       "servers": servers, "jobs": jobs, "anomalies": anomalies,
-       "server_notes": notes, "results": results}
-with open(out_json, "w") as f:
-    json.dump(doc, f, indent=1)
-print(f"\nraw results: {out_json}")
+finish(anomalies, "servers",
+       {"timestamp": stamp, "header": open(header).read(), "table": table,
+        "servers": servers, "jobs": jobs, "anomalies": anomalies,
+        "server_notes": notes, "results": results}, out_json)
 PY
