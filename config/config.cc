@@ -105,6 +105,7 @@ const std::map<std::string, Setter>& setters() {
       {"max_payload_bytes", u32(&Config::max_payload_bytes)},
       {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection)},
       {"max_connections", u32(&Config::max_connections)},
+      {"busy_poll_us", u32(&Config::busy_poll_us)},
       {"monitor", boolean(&Config::monitor)},
       {"segment_size_bytes", u32(&Config::segment_size_bytes)},
       {"bucket_seconds", u32(&Config::bucket_seconds)},
@@ -139,6 +140,7 @@ Status Config::validate() const {
   if (max_inflight_per_connection < 1 || max_inflight_per_connection > 4096) {
     return Status::invalid("max_inflight_per_connection must be 1..4096");
   }
+  if (busy_poll_us > 1000) return Status::invalid("busy_poll_us must be 0..1000");
   if (max_connections < 1 || max_connections > 65536) {
     return Status::invalid("max_connections must be 1..65536");
   }

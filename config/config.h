@@ -27,6 +27,7 @@ struct Config {
   uint32_t max_payload_bytes = 32u << 20;
   uint32_t max_inflight_per_connection = 128;
   uint32_t max_connections = 256;
+  uint32_t busy_poll_us = 100;  // I/O threads spin this long before sleeping
 
   // Monitoring and priority (seed §1–§3).
   bool monitor = true;

@@ -5,8 +5,16 @@
 
 #include <cassert>
 #include <cstring>
+#include <ctime>
 
 namespace shadowd {
+namespace {
+uint64_t mono_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000 + uint64_t(ts.tv_nsec);
+}
+}  // namespace
 
 // Keeps one read armed on the eventfd so that post()/stop() wake the loop.
 class EventLoop::Wakeup final : public IoCompletion {
@@ -119,7 +127,15 @@ unsigned EventLoop::run_once(bool wait) {
     dispatch_deferred();
     wait = false;  // the callbacks may have queued work; do not block on it
   }
-  int rc = wait ? io_uring_submit_and_wait(&ring_, 1) : io_uring_submit(&ring_);
+  int rc = io_uring_submit(&ring_);
+  if (wait && io_uring_cq_ready(&ring_) == 0 && poll_ns_ > 0) {
+    // Busy-poll briefly before sleeping: in a VM a wake-up costs tens of
+    // microseconds, more than a completion usually takes to arrive under load.
+    const uint64_t until = mono_ns() + poll_ns_;
+    while (io_uring_cq_ready(&ring_) == 0 && mono_ns() < until) {
+    }
+  }
+  if (wait && io_uring_cq_ready(&ring_) == 0) rc = io_uring_submit_and_wait(&ring_, 1);
   if (rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN) {
     // The ring itself failed: nothing we can recover here.
     assert(false && "io_uring_submit failed");

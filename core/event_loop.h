@@ -55,6 +55,8 @@ class EventLoop {
   // Ask run() to return. Thread-safe.
   void stop();
   bool stopping() const { return stop_.load(std::memory_order_acquire); }
+  // Spin up to `ns` for completions before sleeping in the kernel (0: never).
+  void set_busy_poll_ns(uint64_t ns) { poll_ns_ = ns; }
 
   // Number of operations submitted to the ring whose completion has not
   // been dispatched yet (plus deferred ones), including the loop's own
@@ -75,6 +77,7 @@ class EventLoop {
   std::unique_ptr<Wakeup> wakeup_;
   std::atomic<bool> stop_{false};
   uint64_t in_flight_ = 0;
+  uint64_t poll_ns_ = 0;
 
   std::vector<std::pair<IoCompletion*, int>> deferred_;
   std::vector<std::pair<IoCompletion*, int>> deferred_run_;

@@ -106,6 +106,9 @@ void build_cli(CLI::App& app, Cli& cli) {
       "Requests one connection may have in flight (default 128)");
   opt(app, cli, "--max-connections", &Config::max_connections,
       "Open connections at most; more are closed at once (default 256)");
+  opt(app, cli, "--busy-poll-us", &Config::busy_poll_us,
+      "I/O threads spin up to this many microseconds for completions before sleeping "
+      "(0..1000, default 100; trades CPU for latency, like qemu's poll-max-ns)");
   opt(app, cli, "--segment-size", &Config::segment_size_bytes,
       "Segment size in bytes for access monitoring: a power of two, 65536..1048576 "
       "(default 262144)");
@@ -247,6 +250,7 @@ nbd::ServerOptions server_options(const Config& cfg) {
     so.tcp.push_back("127.0.0.1:10809");
   }
   so.io_threads = cfg.io_threads;
+  so.busy_poll_ns = uint64_t{cfg.busy_poll_us} * 1000;
   so.max_connections = cfg.max_connections;
   so.limits.max_payload_bytes = cfg.max_payload_bytes;
   so.limits.max_inflight = cfg.max_inflight_per_connection;

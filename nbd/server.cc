@@ -222,6 +222,7 @@ Status Server::start() {
     if (!loop) return loop.status();
     auto w = std::make_unique<Worker>();
     w->loop = std::move(*loop);
+    w->loop->set_busy_poll_ns(opts_.busy_poll_ns);
     w->stats = &stats_->shard(i);
     workers_.push_back(std::move(w));
   }

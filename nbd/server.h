@@ -22,6 +22,7 @@ struct ServerOptions {
   std::vector<std::string> tcp;         // "ADDR:PORT", "[v6]:PORT"
   std::vector<int> inherited_fds;       // already listening (LISTEN_FDS)
   unsigned io_threads = 2;
+  uint64_t busy_poll_ns = 0;  // workers spin this long for completions before sleeping
   uint32_t max_connections = 256;
   ConnectionLimits limits;
 };

@@ -79,6 +79,12 @@ if [[ $prefill == 1 ]]; then
   log "prefilling $file_bytes bytes with random data"
   prefill "$file" "$file_bytes"
 fi
+# One direct read of the whole file first, so that caches below the page
+# cache (a VM host's, a disk's) are in the same state for every server: the
+# first server measured would otherwise read cold where the others read warm.
+log "warming the device below the page cache (one O_DIRECT pass)"
+dd if="$file" of=/dev/null bs=4M iflag=direct status=none 2>/dev/null ||
+  dd if="$file" of=/dev/null bs=4M status=none
 drop_file_cache
 
 # --- servers ----------------------------------------------------------------
@@ -148,7 +154,7 @@ header=$work/header.txt
 {
   echo "nbd-peers benchmark  $stamp"
   host_info 2
-  echo "backing: $file ($file_bytes bytes$([[ $prefill == 1 ]] && echo ', prefilled with random data'); page cache dropped before each server)"
+  echo "backing: $file ($file_bytes bytes$([[ $prefill == 1 ]] && echo ', prefilled with random data'); one O_DIRECT warm-up pass; page cache dropped before each server)"
   echo "fio: $(fio --version)   runtime ${runtime}s + ramp ${ramp}s per job"
   echo "servers (SOCK = a Unix socket in the work directory):"
   for s in "${servers[@]}"; do
