@@ -50,6 +50,12 @@ Try, from another shell:
   nbd-client -unix '$sock' -N disk /dev/nbd0
   nbd-client -d /dev/nbd0
 
+  # the daemon's view (control socket /run/shadowd/disk.sock):
+  $build_dir/ctl/shadowctl status
+  $build_dir/ctl/shadowctl top -n 10 --by writes
+  $build_dir/ctl/shadowctl segment 0
+  $build_dir/ctl/shadowctl config set alpha=2
+  $build_dir/ctl/shadowctl history export --format csv
   $build_dir/ctl/shadowctl --help
 
 EOF
