@@ -8,6 +8,13 @@
 
 namespace shadowd {
 
+// Nanoseconds of CLOCK_MONOTONIC, for durations (latency, polling).
+inline uint64_t monotonic_ns() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return uint64_t(ts.tv_sec) * 1'000'000'000 + uint64_t(ts.tv_nsec);
+}
+
 class Clock {
  public:
   virtual ~Clock() = default;

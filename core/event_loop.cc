@@ -5,16 +5,10 @@
 
 #include <cassert>
 #include <cstring>
-#include <ctime>
+
+#include "core/clock.h"
 
 namespace shadowd {
-namespace {
-uint64_t mono_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return uint64_t(ts.tv_sec) * 1'000'000'000 + uint64_t(ts.tv_nsec);
-}
-}  // namespace
 
 // Keeps one read armed on the eventfd so that post()/stop() wake the loop.
 class EventLoop::Wakeup final : public IoCompletion {
@@ -131,8 +125,8 @@ unsigned EventLoop::run_once(bool wait) {
   if (wait && io_uring_cq_ready(&ring_) == 0 && poll_ns_ > 0) {
     // Busy-poll briefly before sleeping: in a VM a wake-up costs tens of
     // microseconds, more than a completion usually takes to arrive under load.
-    const uint64_t until = mono_ns() + poll_ns_;
-    while (io_uring_cq_ready(&ring_) == 0 && mono_ns() < until) {
+    const uint64_t until = monotonic_ns() + poll_ns_;
+    while (io_uring_cq_ready(&ring_) == 0 && monotonic_ns() < until) {
     }
   }
   if (wait && io_uring_cq_ready(&ring_) == 0) rc = io_uring_submit_and_wait(&ring_, 1);

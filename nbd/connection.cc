@@ -9,6 +9,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/clock.h"
+
 namespace shadowd::nbd {
 namespace {
 
@@ -18,12 +20,6 @@ constexpr size_t kBufAlign = 4096;
 constexpr size_t kKeepBufMax = 4u << 20;  // larger buffers are freed, not pooled
 constexpr size_t kMaxIov = 128;
 constexpr uint32_t kMaxExtents = 1024;  // per BLOCK_STATUS reply
-
-uint64_t mono_ns() {
-  timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return uint64_t(ts.tv_sec) * 1'000'000'000 + uint64_t(ts.tv_nsec);
-}
 
 StatOp stat_op(uint16_t type) {
   switch (type) {
@@ -315,7 +311,7 @@ Connection::Req* Connection::new_req(const Request& hdr, uint64_t buf_bytes) {
     r->conn = this;
   }
   r->hdr = hdr;
-  r->start_ns = mono_ns();
+  r->start_ns = monotonic_ns();
   r->chunk.clear();
   r->data = nullptr;
   r->data_len = 0;
@@ -377,7 +373,7 @@ void Connection::block_status(Req* r) {
   }
   if (extents.empty()) return reply(r, kEio, "block status failed");
   r->chunk = encode_block_status(r->hdr.cookie, kBaseAllocationId, extents);
-  stats_->add(kStatBlockStatus, 0, false, mono_ns() - r->start_ns);
+  stats_->add(kStatBlockStatus, 0, false, monotonic_ns() - r->start_ns);
   sendq_.push_back(r);
   kick_send();
 }
@@ -397,7 +393,7 @@ void Connection::reply(Req* r, uint32_t error, const std::string& msg) {
   const Request& h = r->hdr;
   const bool moves_data = h.type == kCmdRead || h.type == kCmdWrite;
   stats_->add(stat_op(h.type), error == 0 && moves_data ? h.length : 0, error != 0,
-              mono_ns() - r->start_ns);
+              monotonic_ns() - r->start_ns);
   if (error == 0 && h.type == kCmdRead) {
     r->data = r->buf;
     r->data_len = h.length;
