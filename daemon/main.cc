@@ -25,6 +25,7 @@
 #include <systemd/sd-daemon.h>
 
 #include "config/config.h"
+#include "ctl/format.h"
 #include "core/io_backend.h"
 #include "core/monitored_backend.h"
 #include "daemon/commands.h"
@@ -170,19 +171,6 @@ void report_ready(int ready_fd, char status) {
   ssize_t n = write(ready_fd, &status, 1);
   (void)n;
   close(ready_fd);
-}
-
-std::string human_size(uint64_t b) {
-  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
-  double v = static_cast<double>(b);
-  int u = 0;
-  while (v >= 1024 && u < 5) {
-    v /= 1024;
-    ++u;
-  }
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.1f %s", v, units[u]);
-  return buf;
 }
 
 // Rolls the monitor's buckets once a second and rescores after each roll.
@@ -346,11 +334,11 @@ int serve(DaemonContext& ctx, int ready_fd) {
 
   std::string where;
   for (const auto& e : server.endpoints()) where += (where.empty() ? "" : ", ") + e;
-  spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, human_size(info.size_bytes),
+  spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, ctl::format_bytes(info.size_bytes),
                cfg.read_only ? ", read-only" : "", info.direct_io ? "O_DIRECT" : "buffered", where);
   if (monitor) {
     spdlog::info("monitoring {} segments of {}", monitor->segment_count(),
-                 human_size(monitor->segment_bytes()));
+                 ctl::format_bytes(monitor->segment_bytes()));
   }
   spdlog::info("control socket {}{}", control_path,
                cfg.metrics_listen.empty() ? "" : "; metrics on http://" + cfg.metrics_listen + "/metrics");

@@ -115,7 +115,6 @@ class Connection {
   std::vector<uint8_t> raw_out_;  // handshake bytes (the handshake phase)
   std::vector<iovec> iov_;
   msghdr msg_{};
-  size_t send_skip_ = 0;  // bytes of sending_ already sent by an earlier short send
 };
 
 }  // namespace shadowd::nbd
