@@ -1,5 +1,6 @@
 #include "config/config.h"
 
+#include <cctype>
 #include <cmath>
 #include <fstream>
 #include <functional>
@@ -89,6 +90,48 @@ Setter str_list(std::vector<std::string> Config::*field) {
   };
 }
 
+// Seconds: an unsigned integer, or a string parse_duration() reads.
+Setter duration(uint64_t Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    if (v.is_number_unsigned()) {
+      c.*field = v.get<uint64_t>();
+      return Status::ok();
+    }
+    if (!v.is_string()) {
+      return Status::invalid(
+          "seconds or a duration such as \"90s\", \"15min\", \"2h\", \"7d\" expected");
+    }
+    Result<uint64_t> d = parse_duration(v.get<std::string>());
+    if (!d) return d.status();
+    c.*field = *d;
+    return Status::ok();
+  };
+}
+
+// The pool devices: one path, or an array of one or two. An empty array
+// (or null) is no pool, as `config get` shows it.
+Setter pool_list(std::vector<std::string> Config::*field) {
+  return [field](const json& v, Config& c) -> Status {
+    static const char* kExpected = "a path or an array of 1 or 2 paths expected";
+    std::vector<std::string> out;
+    if (v.is_string()) {
+      out.push_back(v.get<std::string>());
+    } else if (v.is_array() && v.size() <= 2) {
+      for (const auto& e : v) {
+        if (!e.is_string()) return Status::invalid(kExpected);
+        out.push_back(e.get<std::string>());
+      }
+    } else if (!v.is_null()) {
+      return Status::invalid(kExpected);
+    }
+    for (const std::string& p : out) {
+      if (p.empty()) return Status::invalid("an empty path");
+    }
+    c.*field = std::move(out);
+    return Status::ok();
+  };
+}
+
 const std::map<std::string, Setter>& setters() {
   static const std::map<std::string, Setter> m = {
       {"backing", str(&Config::backing)},
@@ -119,11 +162,63 @@ const std::map<std::string, Setter>& setters() {
       {"control", str(&Config::control)},
       {"control_group", str(&Config::control_group)},
       {"metrics_listen", str(&Config::metrics_listen)},
+      {"pool", pool_list(&Config::pool)},
+      {"init", boolean(&Config::init)},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes)},
+      {"retention_seconds", duration(&Config::retention_seconds)},
+      {"pool_max_bytes", u64(&Config::pool_max_bytes)},
+      {"max_versions_per_segment", u32(&Config::max_versions_per_segment)},
+      {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s)},
+      {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
   };
   return m;
 }
 
 }  // namespace
+
+Result<uint64_t> parse_duration(std::string_view text) {
+  auto bad = [&](const std::string& why) {
+    return Status::invalid("bad duration \"" + std::string(text) + "\": " + why +
+                           " (e.g. 90, 90s, 15min, 2h, 7d, 1w, 1d12h)");
+  };
+  if (text.empty()) return bad("empty");
+  static const struct {
+    std::string_view name;
+    uint64_t seconds;
+  } kUnits[] = {{"s", 1},    {"sec", 1},   {"m", 60},    {"min", 60},
+                {"h", 3600}, {"d", 86400}, {"w", 604800}};
+  uint64_t total = 0;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t digits = pos;
+    uint64_t n = 0;
+    while (digits < text.size() && text[digits] >= '0' && text[digits] <= '9') {
+      const uint64_t d = static_cast<uint64_t>(text[digits] - '0');
+      if (n > (UINT64_MAX - d) / 10) return bad("too large");
+      n = n * 10 + d;
+      ++digits;
+    }
+    if (digits == pos) return bad("a number expected at \"" + std::string(text.substr(pos)) + "\"");
+    size_t end = digits;
+    while (end < text.size() && std::isalpha(static_cast<unsigned char>(text[end]))) ++end;
+    const std::string_view unit = text.substr(digits, end - digits);
+    uint64_t scale = 0;
+    if (unit.empty()) {
+      // A bare number is seconds, but only on its own ("90", not "1h30").
+      if (pos != 0 || end != text.size()) return bad("a unit is missing");
+      scale = 1;
+    } else {
+      for (const auto& u : kUnits) {
+        if (unit == u.name) scale = u.seconds;
+      }
+      if (scale == 0) return bad("unknown unit \"" + std::string(unit) + "\"");
+    }
+    if (n > UINT64_MAX / scale || total > UINT64_MAX - n * scale) return bad("too large");
+    total += n * scale;
+    pos = end;
+  }
+  return total;
+}
 
 Status Config::validate() const {
   static const char* levels[] = {"trace", "debug", "info", "warn", "error", "critical", "off"};
@@ -168,6 +263,37 @@ Status Config::validate() const {
   }
   if (export_name.size() > 4096) return Status::invalid("export_name longer than 4096 bytes");
   if (description.size() > 4096) return Status::invalid("description longer than 4096 bytes");
+
+  if (pool.size() > 2) {
+    return Status::invalid("pool lists at most 2 devices (tier 0 fast, tier 1 slow), got " +
+                           std::to_string(pool.size()));
+  }
+  for (const std::string& p : pool) {
+    if (p.empty()) return Status::invalid("pool: a device path is empty");
+    if (p == backing) return Status::invalid("pool: " + p + " is the backing device itself");
+  }
+  if (pool.size() == 2 && pool[0] == pool[1]) {
+    return Status::invalid("pool: " + pool[0] + " is listed twice");
+  }
+  if (!pool.empty() && read_only) {
+    return Status::invalid(
+        "pool needs a writable export: a shadow pool journals writes, and read_only refuses them "
+        "(drop --read-only or --pool)");
+  }
+  if (zone_size_bytes < (4u << 20) || zone_size_bytes > (1u << 30) ||
+      (zone_size_bytes & (zone_size_bytes - 1)) != 0) {
+    return Status::invalid(
+        "zone_size_bytes must be a power of two, 4194304..1073741824 (4 MiB..1 GiB)");
+  }
+  if (retention_seconds < 1 || retention_seconds > 100ull * 366 * 86400) {
+    return Status::invalid("retention_seconds must be 1 s..100 years");
+  }
+  if (max_versions_per_segment < 2 || max_versions_per_segment > 64) {
+    return Status::invalid("max_versions_per_segment must be 2..64");
+  }
+  if (checkpoint_interval_s < 1 || checkpoint_interval_s > 86400) {
+    return Status::invalid("checkpoint_interval_s must be 1..86400");
+  }
   return Status::ok();
 }
 

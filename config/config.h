@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/status.h"
@@ -47,9 +48,26 @@ struct Config {
   std::string metrics_listen; // "127.0.0.1:9810"; empty = no metrics endpoint
   bool test_clock = false;    // a manual clock moved by `shadowctl debug advance`
 
+  // Shadow pool (the history: journal, versions; DESIGN.md §2, §4). Without
+  // a pool the daemon keeps no history. Only retention_seconds and
+  // shadow_budget_bytes_per_s change at run time; the rest apply at start.
+  std::vector<std::string> pool;          // "pool": 1..2 paths; [0] tier 0 (fast), [1] tier 1
+  bool init = false;                      // format blank pool devices at start
+  uint32_t zone_size_bytes = 16u << 20;   // when formatting: a power of two, 4 MiB – 1 GiB
+  uint64_t retention_seconds = 7 * 86400; // the key takes seconds or a duration ("7d")
+  uint64_t pool_max_bytes = 0;            // 0: the whole devices
+  uint32_t max_versions_per_segment = 8;  // 2..64
+  uint64_t shadow_budget_bytes_per_s = 64ull << 20;  // 0: no background shadowing
+  uint32_t checkpoint_interval_s = 60;    // 1..86400
+
   // Check ranges and enumerations; the message names the offending key.
   Status validate() const;
 };
+
+// A duration: a number of seconds ("90") or one or more number-unit pairs
+// ("90s", "15min", "2h", "7d", "1w", "1d12h"); units s|sec, m|min, h, d, w.
+// kInvalid with a message for anything else, or above 2^64-1 seconds.
+Result<uint64_t> parse_duration(std::string_view text);
 
 // Merge the JSON object in `text` into `cfg`. Unknown keys, wrong types and
 // out-of-range values are errors naming the key; `cfg` is unchanged on error.

@@ -1,5 +1,7 @@
 #include "core/monitor.h"
 
+#include <map>
+
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -387,6 +389,33 @@ Status Monitor::set_windows(std::vector<uint32_t> window_seconds) {
   cfg_.window_seconds = std::move(window_seconds);
   expire_windows(now_s());
   return Status::ok();
+}
+
+void Monitor::restore_history(const std::vector<HistoryRecord>& records) {
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t limit = buckets_.empty() ? open_bucket_s_ : buckets_.front().start_s;
+  std::map<int64_t, std::vector<HistoryRecord>> by_bucket;
+  for (const HistoryRecord& r : records) {
+    if (r.bucket_start_s < limit && r.segment < nsegments_) by_bucket[r.bucket_start_s].push_back(r);
+  }
+  if (by_bucket.empty()) return;
+  std::deque<Bucket> merged;
+  for (auto& [start, recs] : by_bucket) {
+    history_records_ += recs.size();
+    merged.push_back(Bucket{start, std::move(recs)});
+  }
+  for (Bucket& b : buckets_) merged.push_back(std::move(b));
+  buckets_.swap(merged);
+  buckets_dropped_ = 0;
+  for (Window& w : windows_) {
+    w.agg.clear();
+    w.first_bucket = 0;
+    for (const Bucket& b : buckets_) {
+      for (const HistoryRecord& r : b.records) w.agg[r.segment].add(r);
+    }
+  }
+  while (history_records_ > cfg_.history_max_records && buckets_.size() > 1) drop_oldest_bucket();
+  expire_windows(now_s());
 }
 
 void Monitor::set_history_sink(HistorySink* sink) {

@@ -148,6 +148,9 @@ class Monitor {
   };
   // Called for every record of every closed bucket, under the monitor lock.
   void set_history_sink(HistorySink* sink);
+  // Put back closed buckets read from the pool at start-up (records older
+  // than the oldest bucket held; newer ones are ignored). Windows are rebuilt.
+  void restore_history(const std::vector<HistoryRecord>& records);
 
  private:
   // 32 bytes per segment; counters of the open bucket plus last-access times.

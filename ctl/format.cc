@@ -86,6 +86,28 @@ std::string format_utc(int64_t t_s) {
   return buf;
 }
 
+std::string format_utc_ns(int64_t ns) {
+  constexpr int64_t kNs = 1'000'000'000;
+  int64_t s = ns / kNs;
+  int64_t frac = ns % kNs;
+  if (frac < 0) {
+    frac += kNs;
+    --s;
+  }
+  std::string out = format_utc(s);  // "...SSZ"
+  char ms[8];
+  std::snprintf(ms, sizeof ms, ".%03lld", static_cast<long long>(frac / 1'000'000));
+  out.insert(out.size() - 1, ms);
+  return out;
+}
+
+std::string format_percent(double percent) {
+  if (percent == 0) return "0 %";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f %%", percent);
+  return buf;
+}
+
 std::string format_rate(double per_second) {
   char buf[32];
   if (per_second == 0) return "0/s";

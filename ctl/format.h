@@ -24,6 +24,11 @@ std::string format_window(uint64_t seconds);
 std::string format_age(int64_t t_s, int64_t now_s);
 // A Unix time as ISO 8601 UTC: "2026-11-25T10:00:00Z".
 std::string format_utc(int64_t t_s);
+// Nanoseconds since the Unix epoch as ISO 8601 UTC with milliseconds
+// (truncated): "2026-11-25T10:00:00.250Z".
+std::string format_utc_ns(int64_t ns);
+// A percentage with one decimal: 7.25 -> "7.3 %", 0 -> "0 %".
+std::string format_percent(double percent);
 // A rate per second with enough digits to tell small rates apart.
 std::string format_rate(double per_second);
 // A double without noise: "1", "0.25", "1e-06".

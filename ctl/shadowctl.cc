@@ -5,6 +5,7 @@
 // units; --json prints the daemon's reply as one JSON object instead.
 #include <libnbd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <optional>
@@ -77,6 +78,41 @@ std::string windows_text(const json& list) {
   std::string s;
   for (const auto& w : list) s += (s.empty() ? "" : " ") + ctl::format_window(u64(w));
   return s;
+}
+
+// "3.20:1" for a ratio, "-" when there is none yet (null).
+std::string ratio_text(const json& j) {
+  if (!j.is_number()) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f:1", j.get<double>());
+  return buf;
+}
+
+// A count with thousands separators: 1234567 -> "1,234,567".
+std::string count(uint64_t n) {
+  std::string digits = std::to_string(n);
+  std::string out;
+  for (size_t i = 0; i < digits.size(); ++i) {
+    if (i > 0 && (digits.size() - i) % 3 == 0) out += ',';
+    out += digits[i];
+  }
+  return out;
+}
+
+constexpr int64_t kNsPerS = 1'000'000'000;
+
+// A time in ns as "ISO (3m ago)"; "never" for 0.
+std::string when_ns(const json& t, int64_t now_ns) {
+  const int64_t v = i64(t);
+  if (v == 0) return "never";
+  return ctl::format_utc_ns(v) + " (" + ctl::format_age(v / kNsPerS, now_ns / kNsPerS) + ")";
+}
+
+std::string degraded_text(const json& r) {
+  if (!r.value("degraded", false)) return "ok";
+  const std::string why = str(r["degraded_reason"]);
+  return "DEGRADED" + (why.empty() ? std::string() : ": " + why) +
+         " (writes go on to the primary; history restarts when the pool works again)";
 }
 
 // ------------------------------------------------------------------ info
@@ -167,6 +203,32 @@ void print_status(const json& r) {
                            ctl::format_window(u64(p["scoring_window_seconds"]))});
   } else {
     t.add({"monitor", "off"});
+  }
+  const json& sh = r.contains("shadow") ? r["shadow"] : json::object();
+  if (sh.value("enabled", false)) {
+    const int64_t now_ns = i64(r["now_s"]) * kNsPerS;
+    std::string pool;
+    for (const auto& p : sh["pool"]) pool += (pool.empty() ? "" : ", ") + str(p);
+    t.add({"pool", pool});
+    const uint64_t budget = u64(sh["budget_bytes_per_s"]);
+    t.add({"shadowing", (budget == 0 ? std::string("budget 0 (no background shadowing)")
+                                     : "budget " + ctl::format_bytes(budget) + "/s") +
+                            ", " + count(u64(sh["queue"])) + " segments queued, " +
+                            ctl::format_bytes(u64(sh["bytes_read"])) + " read, " +
+                            count(u64(sh["versions_made"])) + " versions made"});
+    t.add({"cow stalls",
+           count(u64(sh["cow_stalls"])) + " writes waited for a copy-on-first-write"});
+    const int64_t span = std::max<int64_t>(0, i64(sh["to_ns"]) - i64(sh["from_ns"])) / kNsPerS;
+    t.add({"window", ctl::format_utc_ns(i64(sh["from_ns"])) + " .. " +
+                         ctl::format_utc_ns(i64(sh["to_ns"])) + " (" + ctl::format_span(span) +
+                         "; retention " + ctl::format_window(u64(sh["retention_seconds"])) +
+                         (sh.value("retention_shrunk", false) ? ", cut short for space" : "") +
+                         ")"});
+    t.add({"pool state", degraded_text(sh)});
+    t.add({"checkpoint", "last " + when_ns(sh["last_checkpoint_ns"], now_ns) + ", " +
+                             count(u64(sh["checkpoints"])) + " since start"});
+  } else {
+    t.add({"pool", "none (no history; start shadowd with --pool)"});
   }
   std::printf("%s\n", t.render(/*header=*/false).c_str());
 
@@ -381,6 +443,230 @@ int cmd_history_export(const Globals& g, const std::string& format, const std::s
   return kExitOk;
 }
 
+// ------------------------------------------------------ history window
+
+std::string tier_table(const json& tiers) {
+  ctl::Table t({"TIER", "PATH", "ZONES", "FREE", "USED", "CAPACITY", "UTIL", "VERSIONS",
+                "VERSION BYTES"});
+  t.right({0, 2, 3, 4, 5, 6, 7, 8});
+  for (const json& x : tiers) {
+    t.add({std::to_string(u64(x["tier"])), str(x["path"]), count(u64(x["zones"])),
+           count(u64(x["zones_free"])), ctl::format_bytes(u64(x["bytes_used"])),
+           ctl::format_bytes(u64(x["capacity_bytes"])),
+           ctl::format_percent(num(x["utilisation_percent"])), count(u64(x["versions"])),
+           ctl::format_bytes(u64(x["version_bytes"]))});
+  }
+  return t.render();
+}
+
+int cmd_history(const Globals& g) {
+  auto r = call(g, "history");
+  if (!r) return kExitError;
+  if (g.json) return print_json(*r);
+  const json& h = *r;
+  const int64_t now_ns = i64(h["now_ns"]);
+  ctl::Table t({"", ""});
+  t.add({"restorable", ctl::format_utc_ns(i64(h["from_ns"])) + " .. " +
+                           ctl::format_utc_ns(i64(h["to_ns"])) + "  (" +
+                           ctl::format_span(i64(h["span_seconds"])) + ")"});
+  t.add({"", "from: " + str(h["from"]) + "  to: " + str(h["to"])});
+  t.add({"sequence", count(u64(h["first_seq"])) + " .. " + count(u64(h["last_seq"]))});
+  std::string retention = ctl::format_window(u64(h["retention_seconds"])) + " configured";
+  if (h.value("retention_shrunk", false)) {
+    retention += "; the window is cut short for pool space";
+  }
+  if (u64(h["retention_shrinks"]) > 0) {
+    retention += " (" + count(u64(h["retention_shrinks"])) + " shrinks since start)";
+  }
+  t.add({"retention", retention});
+  t.add({"journal", count(u64(h["journal_records"])) + " records, " +
+                        ctl::format_bytes(u64(h["journal_bytes"])) + " stored for " +
+                        ctl::format_bytes(u64(h["journal_raw_bytes"])) + " written"});
+  t.add({"versions", count(u64(h["versions"])) + " versions, " +
+                         ctl::format_bytes(u64(h["version_bytes"])) + " stored (" +
+                         ctl::format_bytes(u64(h["version_raw_bytes"])) + " of content), " +
+                         count(u64(h["segments_with_history"])) + " segments with history"});
+  t.add({"state", degraded_text(h)});
+  t.add({"pool since", when_ns(h["epoch_ns"], now_ns)});
+  std::printf("%s\n%s", t.render(/*header=*/false).c_str(), tier_table(h["tiers"]).c_str());
+  return kExitOk;
+}
+
+// ------------------------------------------------------------- versions
+
+// The "segment" argument of `versions`: "#ID" or a byte offset (any suffix
+// parse_size() reads, sent as a number).
+std::optional<json> versions_target(const std::string& target) {
+  if (!target.empty() && target[0] == '#') {
+    if (target.size() < 2 || target.find_first_not_of("0123456789", 1) != std::string::npos) {
+      return std::nullopt;
+    }
+    return json(target);
+  }
+  auto offset = ctl::parse_size(target);
+  if (!offset) return std::nullopt;
+  return json(*offset);
+}
+
+void print_segment_versions(const json& s) {
+  const uint64_t seg_bytes = u64(s["length"]);
+  ctl::Table head({"", ""});
+  head.add({"segment", "#" + std::to_string(u64(s["id"])) + " at offset " +
+                           ctl::format_offset(u64(s["offset"])) + " (" +
+                           std::to_string(u64(s["offset"])) + "), " +
+                           ctl::format_bytes(seg_bytes)});
+  if (u64(s["records"]) == 0) {
+    head.add({"records", "none in the window"});
+  } else {
+    head.add({"records", count(u64(s["records"])) + " in the window, seq " +
+                             count(u64(s["first_record_seq"])) + " .. " +
+                             count(u64(s["last_record_seq"])) + ", " +
+                             ctl::format_utc_ns(i64(s["first_record_ns"])) + " .. " +
+                             ctl::format_utc_ns(i64(s["last_record_ns"]))});
+  }
+  head.add({"versions", count(s["versions"].size())});
+  std::printf("%s", head.render(/*header=*/false).c_str());
+  if (s["versions"].empty()) {
+    std::printf("\nNo versions: the segment's content at any time in the window is its\n"
+                "current content plus its journal records (or it was never written).\n");
+    return;
+  }
+  ctl::Table t({"SEQ", "TIME", "TIER", "ZONE", "OFFSET", "STORED", "KIND", "BASE SEQ",
+                "CHECKSUM", "COW"});
+  t.right({0, 2, 3, 4, 5, 7});
+  for (const json& v : s["versions"]) {
+    const uint64_t depth = u64(v["depth"]);
+    t.add({count(u64(v["seq"])), ctl::format_utc_ns(i64(v["time_ns"])),
+           std::to_string(u64(v["tier"])), std::to_string(u64(v["zone"])),
+           std::to_string(u64(v["offset"])), ctl::format_bytes(u64(v["stored_bytes"])),
+           depth == 0 ? std::string("full") : "delta " + std::to_string(depth),
+           depth == 0 ? std::string("-") : count(u64(v["base_seq"])), str(v["checksum"]),
+           v.value("cow", false) ? "cow" : ""});
+  }
+  std::printf("\n%s", t.render().c_str());
+}
+
+int cmd_versions(const Globals& g, const std::string& target, uint64_t limit) {
+  if (!target.empty()) {
+    auto seg = versions_target(target);
+    if (!seg) return usage("versions: '" + target + "' is neither an OFFSET (e.g. 3M) nor #ID");
+    auto r = call(g, "versions", {{"segment", *seg}});
+    if (!r) return kExitError;
+    if (g.json) return print_json(*r);
+    print_segment_versions((*r)["segment"]);
+    return kExitOk;
+  }
+  // The list, fetched page by page up to `limit` segments (0: all).
+  constexpr uint64_t kPage = 1000;
+  json all = json::array();
+  json last;
+  json args = json::object();
+  for (;;) {
+    const uint64_t want = limit == 0 ? kPage : std::min<uint64_t>(kPage, limit - all.size());
+    args["limit"] = want;
+    auto r = call(g, "versions", args);
+    if (!r) return kExitError;
+    for (auto& x : (*r)["segments"]) all.push_back(std::move(x));
+    last = std::move(*r);
+    if (!last.value("more", false) || (limit != 0 && all.size() >= limit)) break;
+    args = {{"first", last["next"]["first"]}};
+  }
+  const bool more = last.value("more", false);
+  if (g.json) {
+    last["segments"] = std::move(all);
+    last.erase("first");
+    return print_json(last);
+  }
+  if (all.empty()) {
+    std::printf("No segment has history yet.\n");
+    return kExitOk;
+  }
+  ctl::Table t({"SEGMENT", "OFFSET", "VERSIONS", "STORED", "OLDEST VERSION", "NEWEST VERSION",
+                "RECORDS", "LAST WRITE"});
+  t.right({0, 1, 2, 3, 6});
+  auto at = [](const json& ns) {
+    return i64(ns) == 0 ? std::string("-") : ctl::format_utc_ns(i64(ns));
+  };
+  for (const json& x : all) {
+    t.add({"#" + std::to_string(u64(x["id"])), ctl::format_offset(u64(x["offset"])),
+           std::to_string(u64(x["versions"])), ctl::format_bytes(u64(x["version_bytes"])),
+           at(x["oldest_version_ns"]), at(x["newest_version_ns"]), count(u64(x["records"])),
+           at(x["last_record_ns"])});
+  }
+  std::printf("%s", t.render().c_str());
+  std::printf("%s segments shown of %s with history%s\n", count(all.size()).c_str(),
+              count(u64(last["segments_with_history"])).c_str(),
+              more ? " (--limit 0 lists all)" : "");
+  return kExitOk;
+}
+
+// ----------------------------------------------------------------- pool
+
+int cmd_pool(const Globals& g, bool zones) {
+  json args = json::object();
+  if (zones) args["zones"] = true;
+  auto r = call(g, "pool", args);
+  if (!r) return kExitError;
+  if (g.json) return print_json(*r);
+  const json& p = *r;
+  const int64_t now_ns = i64(p["now_ns"]);
+  ctl::Table tiers({"TIER", "PATH", "ZONES", "FREE", "JOURNAL", "VERSIONS", "CHECKPOINT",
+                    "HISTORY", "ZONE SIZE", "USED", "CAPACITY", "UTIL"});
+  tiers.right({0, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11});
+  for (const json& x : p["tiers"]) {
+    const json& k = x["zones_by_kind"];
+    tiers.add({std::to_string(u64(x["tier"])), str(x["path"]), count(u64(x["zones"])),
+               count(u64(k["free"])), count(u64(k["journal"])), count(u64(k["versions"])),
+               count(u64(k["checkpoint"])), count(u64(k["history"])),
+               ctl::format_bytes(u64(x["zone_bytes"])), ctl::format_bytes(u64(x["bytes_used"])),
+               ctl::format_bytes(u64(x["capacity_bytes"])),
+               ctl::format_percent(num(x["utilisation_percent"]))});
+  }
+  std::printf("%s\n", tiers.render().c_str());
+  ctl::Table t({"", ""});
+  t.add({"used", ctl::format_bytes(u64(p["bytes_used"])) + " of " +
+                     ctl::format_bytes(u64(p["capacity_bytes"])) + " (" +
+                     ctl::format_percent(num(p["utilisation_percent"])) + ")"});
+  t.add({"compression", "versions " + ratio_text(p["version_compression"]) + " (" +
+                            ctl::format_bytes(u64(p["version_raw_bytes"])) + " in " +
+                            ctl::format_bytes(u64(p["version_bytes"])) + "), journal " +
+                            ratio_text(p["journal_compression"]) + " (" +
+                            ctl::format_bytes(u64(p["journal_raw_bytes"])) + " in " +
+                            ctl::format_bytes(u64(p["journal_bytes"])) + ")"});
+  std::string amp = "-";
+  if (p["pool_bytes_per_client_byte"].is_number()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f", num(p["pool_bytes_per_client_byte"]));
+    amp = buf;
+  }
+  t.add({"pool writes", amp + " pool bytes per client byte written (" +
+                            ctl::format_bytes(u64(p["pool_bytes_written"])) + " for " +
+                            ctl::format_bytes(u64(p["client_bytes_written"])) + " since start, " +
+                            count(u64(p["group_commits"])) + " group commits)"});
+  t.add({"reclaim", count(u64(p["zones_reclaimed"])) + " zones reclaimed, " +
+                        count(u64(p["records_pruned"])) + " records pruned, " +
+                        count(u64(p["versions_folded"])) + " versions folded, " +
+                        count(u64(p["versions_dropped"])) + " dropped, " +
+                        count(u64(p["retention_shrinks"])) + " retention shrinks"});
+  t.add({"checkpoints", count(u64(p["checkpoints"])) + " since start, last " +
+                            when_ns(p["last_checkpoint_ns"], now_ns)});
+  t.add({"errors", count(u64(p["pool_errors"])) + " pool, " +
+                       count(u64(p["primary_write_errors"])) + " primary write"});
+  t.add({"state", degraded_text(p)});
+  std::printf("%s", t.render(/*header=*/false).c_str());
+  if (p.contains("zones")) {
+    ctl::Table z({"TIER", "ZONE", "KIND", "GEN", "USED", "LIVE", "OPEN"});
+    z.right({0, 1, 3, 4, 5});
+    for (const json& x : p["zones"]) {
+      z.add({std::to_string(u64(x["tier"])), std::to_string(u64(x["index"])), str(x["kind"]),
+             std::to_string(u64(x["gen"])), ctl::format_bytes(u64(x["used_bytes"])),
+             count(u64(x["live_entries"])), x.value("open", false) ? "open" : ""});
+    }
+    std::printf("\n%s", z.render().c_str());
+  }
+  return kExitOk;
+}
+
 // ----------------------------------------------------------------- debug
 
 int cmd_debug_advance(const Globals& g, const std::string& seconds) {
@@ -419,6 +705,9 @@ struct Cli {
   std::string segment_target;
   std::string config_key, config_assignment;
   std::string history_format = "csv", history_out;
+  std::string versions_segment;
+  uint64_t versions_limit = 50;
+  bool pool_zones = false;
   std::string advance_seconds;
 };
 
@@ -445,7 +734,10 @@ void add_status_top_segment(CLI::App& app, Cli& c) {
       "Shows the export (name, size, read-only), the backing file, the NBD endpoints,\n"
       "segment size and count, open and total client connections, uptime, the access\n"
       "monitor's memory (resident bytes per segment) and history, the windows and\n"
-      "priority parameters, and per operation the requests, bytes and errors since start.\n\n"
+      "priority parameters, and per operation the requests, bytes and errors since start.\n"
+      "With a shadow pool (--pool) also: the pool devices, background shadowing (budget,\n"
+      "queue, bytes read, versions made), copy-on-first-write stalls, the restorable\n"
+      "window, whether history is degraded, and the last checkpoint.\n\n"
       "Example:\n"
       "  shadowctl status\n"
       "  shadowctl --json status | jq .ops.read.requests");
@@ -503,8 +795,20 @@ void add_config_history_debug(CLI::App& app, Cli& c) {
       "  shadowctl config set windows_seconds=1h,1d,1w");
   set->add_option("KEY=VALUE", c.config_assignment, "The key and its new value")->required();
 
-  CLI::App* history = app.add_subcommand("history", "Export the per-segment access history");
-  history->require_subcommand(1);
+  CLI::App* history = app.add_subcommand(
+      "history", "Show the restorable window of the shadow pool (or: history export)");
+  history->require_subcommand(0, 1);
+  history->footer(
+      "Without a further word: the window that can be restored (oldest and newest time,\n"
+      "first and last journal sequence number), the configured retention and whether the\n"
+      "pool had to cut it short for space, the journal (records, stored and written bytes),\n"
+      "the versions, the segments with history, pool use per tier, and whether history is\n"
+      "degraded (pool full or failing: writes go on, history restarts later). Needs a\n"
+      "daemon started with --pool.\n\n"
+      "`history export` writes the per-segment access history instead (see its --help).\n\n"
+      "Examples:\n"
+      "  shadowctl history\n"
+      "  shadowctl --json history | jq .from");
   CLI::App* exp = history->add_subcommand("export", "Write the access history as CSV or JSON");
   exp->footer(
       "One row per time bucket, segment and operation with a nonzero count:\n"
@@ -518,6 +822,40 @@ void add_config_history_debug(CLI::App& app, Cli& c) {
   exp->add_option("--format", c.history_format, "csv (default) or json")
       ->check(CLI::IsMember({"csv", "json"}));
   exp->add_option("-o,--output", c.history_out, "Write to FILE instead of stdout");
+
+  CLI::App* versions = app.add_subcommand(
+      "versions", "List the shadow versions of a segment, or the segments with history");
+  versions->footer(
+      "With --segment: that segment's shadow versions, oldest first (journal sequence\n"
+      "number and time, tier, zone and offset in the zone, stored bytes, full image or\n"
+      "delta with its depth and base, content checksum, and \"cow\" for a version captured\n"
+      "on the write path by copy-on-first-write), and its journal records in the window.\n"
+      "OFFSET is a byte offset anywhere inside the segment (K, M, G, T suffixes: 4096,\n"
+      "3M, 1.5G); #ID is a segment number.\n\n"
+      "Without --segment: the segments that have history, in order, with their version\n"
+      "and record counts (the first --limit of them).\n\n"
+      "Examples:\n"
+      "  shadowctl versions\n"
+      "  shadowctl versions --segment 3M\n"
+      "  shadowctl versions --segment '#12' --json");
+  versions->add_option("--segment", c.versions_segment, "OFFSET (bytes; K/M/G suffixes) or #ID")
+      ->type_name("OFFSET|#ID");
+  versions->add_option("--limit", c.versions_limit,
+                       "How many segments to list without --segment (default 50, 0 = all)")
+      ->type_name("N");
+
+  CLI::App* pool = app.add_subcommand("pool", "Show the shadow pool's zones, use and compression");
+  pool->footer(
+      "Per tier: zones in total, free and by kind (journal, versions, checkpoint, access\n"
+      "history), zone size, bytes used, capacity and utilisation. Then the compression\n"
+      "of versions and journal (content bytes : stored bytes), pool bytes written per\n"
+      "client byte written, reclaim activity (zones reclaimed, records pruned, versions\n"
+      "folded or dropped, retention shrinks), checkpoints, errors and the degraded state.\n"
+      "--zones adds one line per zone (kind, generation, bytes used, live entries).\n\n"
+      "Examples:\n"
+      "  shadowctl pool\n"
+      "  shadowctl pool --zones");
+  pool->add_flag("--zones", c.pool_zones, "List every zone");
 
   CLI::App* debug = app.add_subcommand("debug", "Testing aids");
   debug->group("");  // not listed in --help
@@ -544,7 +882,14 @@ int dispatch(CLI::App& app, Cli& c) {
     if (config->got_subcommand("get")) return cmd_config_get(g, c.config_key);
     return cmd_config_set(g, c.config_assignment);
   }
-  if (app.got_subcommand("history")) return cmd_history_export(g, c.history_format, c.history_out);
+  if (CLI::App* history = app.get_subcommand("history"); history->parsed()) {
+    if (history->got_subcommand("export")) {
+      return cmd_history_export(g, c.history_format, c.history_out);
+    }
+    return cmd_history(g);
+  }
+  if (app.got_subcommand("versions")) return cmd_versions(g, c.versions_segment, c.versions_limit);
+  if (app.got_subcommand("pool")) return cmd_pool(g, c.pool_zones);
   if (app.got_subcommand("debug")) return cmd_debug_advance(g, c.advance_seconds);
   return kExitUsage;
 }

@@ -1,7 +1,10 @@
 #include "daemon/commands.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <exception>
 #include <initializer_list>
@@ -24,15 +27,34 @@ constexpr uint64_t kTopMax = 10000;
 constexpr uint64_t kHistoryPageMax = 50000;  // history records per reply
 constexpr uint64_t kAdvanceMaxSeconds = 10ull * 366 * 86400;
 
-// The tunables config.set may change while the daemon runs.
-constexpr const char* kRuntimeKeys[] = {
-    "baseline", "alpha", "beta", "gamma", "scoring_window_seconds", "windows_seconds"};
+constexpr uint64_t kVersionsPageMax = 10000;  // segments per `versions` reply
+constexpr uint64_t kVersionsPageDefault = 1000;
+constexpr int64_t kNsPerS = 1'000'000'000;
 
-bool is_runtime_key(std::string_view key) {
-  for (const char* k : kRuntimeKeys) {
+// The tunables config.set may change while the daemon runs: the monitor's,
+// and with a shadow pool, the pool's.
+constexpr const char* kMonitorRuntimeKeys[] = {
+    "baseline", "alpha", "beta", "gamma", "scoring_window_seconds", "windows_seconds"};
+constexpr const char* kPoolRuntimeKeys[] = {"retention_seconds", "shadow_budget_bytes_per_s"};
+
+bool is_pool_runtime_key(std::string_view key) {
+  for (const char* k : kPoolRuntimeKeys) {
     if (key == k) return true;
   }
   return false;
+}
+
+bool is_monitor_runtime_key(std::string_view key) {
+  for (const char* k : kMonitorRuntimeKeys) {
+    if (key == k) return true;
+  }
+  return false;
+}
+
+// Whether `key` may change at run time in this daemon (the pool's tunables
+// only when there is a pool).
+bool is_runtime_key(const DaemonContext& ctx, std::string_view key) {
+  return is_monitor_runtime_key(key) || (ctx.store != nullptr && is_pool_runtime_key(key));
 }
 
 // Reads a request's arguments. The first problem is kept (later reads then
@@ -103,6 +125,17 @@ class Args {
     return def;
   }
 
+  // true or false; `def` when absent.
+  bool flag(const char* key, bool def) {
+    const json* v = find(key);
+    if (v == nullptr) return def;
+    if (!v->is_boolean()) {
+      fail(errc::kInvalidArgument, std::string("'") + key + "' must be true or false");
+      return def;
+    }
+    return v->get<bool>();
+  }
+
   // Seconds, as an integer or a string such as "1h"; nullopt when absent.
   std::optional<uint32_t> duration(const char* key) {
     const json* v = find(key);
@@ -161,6 +194,14 @@ json config_json(const Config& c) {
       {"control", c.control},
       {"control_group", c.control_group},
       {"metrics_listen", c.metrics_listen},
+      {"pool", c.pool},
+      {"init", c.init},
+      {"zone_size_bytes", c.zone_size_bytes},
+      {"retention_seconds", c.retention_seconds},
+      {"pool_max_bytes", c.pool_max_bytes},
+      {"max_versions_per_segment", c.max_versions_per_segment},
+      {"shadow_budget_bytes_per_s", c.shadow_budget_bytes_per_s},
+      {"checkpoint_interval_s", c.checkpoint_interval_s},
   };
 }
 
@@ -197,6 +238,224 @@ json priority_json(const PriorityParams& p) {
 json unavailable_monitor() {
   return ctl::error_reply(errc::kUnavailable,
                           "access monitoring is off (shadowd runs with --no-monitor)");
+}
+
+json unavailable_pool() {
+  return ctl::error_reply(errc::kUnavailable,
+                          "no shadow pool configured (start shadowd with --pool)");
+}
+
+// ------------------------------------------------------------ shadow pool
+
+// Nanoseconds since the Unix epoch as ISO 8601 UTC, exact: the fraction of
+// a second has as many digits as it needs ("2026-11-25T10:00:00.25Z").
+std::string iso_utc_ns(int64_t ns) {
+  int64_t s = ns / kNsPerS;
+  int64_t frac = ns % kNsPerS;
+  if (frac < 0) {
+    frac += kNsPerS;
+    --s;
+  }
+  const time_t t = static_cast<time_t>(s);
+  tm utc;
+  gmtime_r(&t, &utc);
+  char buf[64];
+  size_t n = std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%S", &utc);
+  std::string out(buf, n);
+  if (frac != 0) {
+    std::snprintf(buf, sizeof buf, ".%09lld", static_cast<long long>(frac));
+    std::string f = buf;
+    while (f.back() == '0') f.pop_back();
+    out += f;
+  }
+  return out + "Z";
+}
+
+// A time for a reply: ISO string, or null for "never" (0).
+json iso_or_null(int64_t ns) { return ns == 0 ? json(nullptr) : json(iso_utc_ns(ns)); }
+
+std::string hex64(uint64_t v) {
+  char buf[20];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+
+// a / b, or null when b is 0 (no data yet).
+json ratio(uint64_t a, uint64_t b) {
+  return b == 0 ? json(nullptr) : json(static_cast<double>(a) / static_cast<double>(b));
+}
+
+const char* zone_kind_name(pool::ZoneKind k) {
+  switch (k) {
+    case pool::ZoneKind::kFree: return "free";
+    case pool::ZoneKind::kJournal: return "journal";
+    case pool::ZoneKind::kVersions: return "versions";
+    case pool::ZoneKind::kCheckpoint: return "checkpoint";
+    case pool::ZoneKind::kHistory: return "history";
+  }
+  return "unknown";
+}
+
+json tier_json(const TierUse& t) {
+  const uint64_t capacity = t.zones * t.zone_bytes;
+  const double util =
+      capacity == 0 ? 0.0
+                    : 100.0 * static_cast<double>(t.bytes_used) / static_cast<double>(capacity);
+  return json{{"tier", t.tier},
+              {"path", t.path},
+              {"zones", t.zones},
+              {"zones_free", t.zones_free},
+              {"zones_used", t.zones - std::min(t.zones, t.zones_free)},
+              {"zone_bytes", t.zone_bytes},
+              {"capacity_bytes", capacity},
+              {"bytes_used", t.bytes_used},
+              {"utilisation_percent", util},
+              {"versions", t.versions},
+              {"version_bytes", t.version_bytes}};
+}
+
+// The restorable window and what holds it (`history`).
+json history_json(const StoreStats& st, const Config& cfg, int64_t now_ns) {
+  json tiers = json::array();
+  for (const TierUse& t : st.tiers) tiers.push_back(tier_json(t));
+  const int64_t span_ns = std::max<int64_t>(0, st.newest_ns - st.retention_start_ns);
+  return json{{"from_ns", st.retention_start_ns},
+              {"to_ns", st.newest_ns},
+              {"from", iso_utc_ns(st.retention_start_ns)},
+              {"to", iso_utc_ns(st.newest_ns)},
+              {"span_seconds", span_ns / kNsPerS},
+              {"first_seq", st.first_seq},
+              {"last_seq", st.last_seq},
+              {"epoch_ns", st.epoch_ns},
+              {"epoch", iso_utc_ns(st.epoch_ns)},
+              {"now_ns", now_ns},
+              {"retention_seconds", cfg.retention_seconds},
+              {"retention_shrunk", st.retention_shrunk},
+              {"retention_shrinks", st.retention_shrinks},
+              {"journal_records", st.journal_records},
+              {"journal_bytes", st.journal_bytes},
+              {"journal_raw_bytes", st.journal_raw_bytes},
+              {"versions", st.versions},
+              {"version_bytes", st.version_bytes},
+              {"version_raw_bytes", st.version_raw_bytes},
+              {"segments_with_history", st.segments_with_history},
+              {"segment_bytes", st.segment_bytes},
+              {"tiers", std::move(tiers)},
+              {"degraded", st.degraded},
+              {"degraded_reason", st.degraded_reason}};
+}
+
+// The "shadow" object of `status`.
+json shadow_status(const DaemonContext& ctx, const Config& cfg) {
+  if (ctx.store == nullptr) return json{{"enabled", false}};
+  const StoreStats st = ctx.store->stats();
+  json pool = json::array();
+  for (const TierUse& t : st.tiers) pool.push_back(t.path);
+  return json{{"enabled", true},
+              {"pool", std::move(pool)},
+              {"budget_bytes_per_s", st.shadow_budget_bytes_per_s},
+              {"queue", st.shadow_queue},
+              {"bytes_read", st.shadow_bytes_read},
+              {"versions_made", st.versions_made},
+              {"cow_stalls", st.cow_stalls},
+              {"degraded", st.degraded},
+              {"degraded_reason", st.degraded_reason},
+              {"from_ns", st.retention_start_ns},
+              {"to_ns", st.newest_ns},
+              {"from", iso_utc_ns(st.retention_start_ns)},
+              {"to", iso_utc_ns(st.newest_ns)},
+              {"retention_seconds", cfg.retention_seconds},
+              {"retention_shrunk", st.retention_shrunk},
+              {"checkpoints", st.checkpoints},
+              {"last_checkpoint_ns", st.last_checkpoint_ns},
+              {"last_checkpoint", iso_or_null(st.last_checkpoint_ns)}};
+}
+
+json version_json(const VersionInfo& v) {
+  return json{{"seq", v.seq},
+              {"time_ns", v.time_ns},
+              {"time", iso_utc_ns(v.time_ns)},
+              {"tier", v.tier},
+              {"zone", v.zone},
+              {"offset", v.offset},
+              {"stored_bytes", v.stored_bytes},
+              {"depth", v.depth},
+              {"kind", v.depth == 0 ? "full" : "delta"},
+              {"base_seq", v.base_seq},
+              {"checksum", hex64(v.content_xxh)},
+              {"cow", v.cow}};
+}
+
+// One segment's history in full (`versions segment=...`).
+json segment_history_json(const SegmentHistory& h, uint32_t segment_bytes) {
+  json versions = json::array();
+  for (const VersionInfo& v : h.versions) versions.push_back(version_json(v));
+  return json{{"id", h.segment},
+              {"offset", h.segment * segment_bytes},
+              {"length", segment_bytes},
+              {"records", h.records},
+              {"first_record_seq", h.first_record_seq},
+              {"last_record_seq", h.last_record_seq},
+              {"first_record_ns", h.first_record_ns},
+              {"last_record_ns", h.last_record_ns},
+              {"first_record", iso_or_null(h.first_record_ns)},
+              {"last_record", iso_or_null(h.last_record_ns)},
+              {"versions", std::move(versions)}};
+}
+
+// One row of the segment list (`versions` without a segment).
+json segment_summary_json(const SegmentHistory& h, uint32_t segment_bytes) {
+  uint64_t stored = 0;
+  for (const VersionInfo& v : h.versions) stored += v.stored_bytes;
+  const int64_t oldest = h.versions.empty() ? 0 : h.versions.front().time_ns;
+  const int64_t newest = h.versions.empty() ? 0 : h.versions.back().time_ns;
+  return json{{"id", h.segment},
+              {"offset", h.segment * segment_bytes},
+              {"versions", h.versions.size()},
+              {"version_bytes", stored},
+              {"oldest_version_ns", oldest},
+              {"newest_version_ns", newest},
+              {"oldest_version", iso_or_null(oldest)},
+              {"newest_version", iso_or_null(newest)},
+              {"records", h.records},
+              {"last_record_ns", h.last_record_ns},
+              {"last_record", iso_or_null(h.last_record_ns)}};
+}
+
+// "#ID", or an offset with an optional binary suffix ("3M", "4KiB"; whole
+// numbers only). Sets exactly one of id/offset; false if malformed.
+bool parse_segment_target(const std::string& s, std::optional<uint64_t>& id,
+                          std::optional<uint64_t>& offset) {
+  const bool is_id = !s.empty() && s[0] == '#';
+  size_t pos = is_id ? 1 : 0;
+  const size_t digits_start = pos;
+  uint64_t n = 0;
+  while (pos < s.size() && s[pos] >= '0' && s[pos] <= '9') {
+    const uint64_t d = static_cast<uint64_t>(s[pos] - '0');
+    if (n > (UINT64_MAX - d) / 10) return false;
+    n = n * 10 + d;
+    ++pos;
+  }
+  if (pos == digits_start) return false;
+  if (is_id) {
+    if (pos != s.size()) return false;
+    id = n;
+    return true;
+  }
+  std::string_view suffix(s.data() + pos, s.size() - pos);
+  int shift = 0;
+  if (!suffix.empty()) {
+    static const char kUnits[] = "KMGTPE";
+    const char c = static_cast<char>(std::toupper(static_cast<unsigned char>(suffix[0])));
+    const char* u = c == '\0' ? nullptr : std::strchr(kUnits, c);
+    if (u == nullptr) return false;
+    shift = 10 * static_cast<int>(u - kUnits + 1);
+    suffix.remove_prefix(1);
+    if (!suffix.empty() && suffix != "iB" && suffix != "B") return false;
+  }
+  if (shift > 0 && n > (UINT64_MAX >> shift)) return false;
+  offset = n << shift;
+  return true;
 }
 
 // ---------------------------------------------------------------- commands
@@ -272,6 +531,7 @@ json cmd_status(DaemonContext& ctx, const json& req) {
   r["now_s"] = now;
   r["uptime_seconds"] = std::max<int64_t>(0, now - ctx.started_s);
   r["monitor"] = monitor_status(ctx, cfg);
+  r["shadow"] = shadow_status(ctx, cfg);
   return ctl::ok_reply(std::move(r));
 }
 
@@ -353,13 +613,159 @@ json cmd_config_get(DaemonContext& ctx, const json& req) {
   if (a.failed()) return a.error();
   const json all = config_json(config_snapshot(ctx));
   json runtime = json::array();
-  for (const char* k : kRuntimeKeys) runtime.push_back(k);
+  for (const char* k : kMonitorRuntimeKeys) runtime.push_back(k);
+  if (ctx.store != nullptr) {
+    for (const char* k : kPoolRuntimeKeys) runtime.push_back(k);
+  }
   if (key == nullptr) return ctl::ok_reply({{"config", all}, {"runtime_keys", runtime}});
   const std::string k = key->get<std::string>();
   auto it = all.find(k);
   if (it == all.end())
     return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
-  return ctl::ok_reply({{"key", k}, {"value", *it}, {"runtime", is_runtime_key(k)}});
+  return ctl::ok_reply({{"key", k}, {"value", *it}, {"runtime", is_runtime_key(ctx, k)}});
+}
+
+// ------------------------------------------------------------ shadow pool
+
+json cmd_history(DaemonContext& ctx, const json& req) {
+  if (ctx.store == nullptr) return unavailable_pool();
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  const Config cfg = config_snapshot(ctx);
+  const int64_t now = ctx.clock != nullptr ? ctx.clock->now_ns() : 0;
+  return ctl::ok_reply(history_json(ctx.store->stats(), cfg, now));
+}
+
+json cmd_versions(DaemonContext& ctx, const json& req) {
+  if (ctx.store == nullptr) return unavailable_pool();
+  Args a(req, {"segment", "first", "limit"});
+  const uint32_t seg_bytes = ctx.store->segment_bytes();
+  if (seg_bytes == 0) return ctl::error_reply(errc::kInternal, "the pool reports no segment size");
+  const uint64_t size = ctx.export_ ? ctx.export_->size_bytes() : 0;
+  const uint64_t count = seg_bytes == 0 ? 0 : (size + seg_bytes - 1) / seg_bytes;
+  const json* target = a.find("segment");
+  if (target != nullptr) {
+    if (a.has("first") || a.has("limit")) {
+      a.fail(errc::kInvalidArgument,
+             "'first' and 'limit' page the list of segments: not with 'segment'");
+    }
+    std::optional<uint64_t> id, offset;
+    if (target->is_number_unsigned()) {
+      offset = target->get<uint64_t>();
+    } else if (target->is_number_integer()) {
+      a.fail(errc::kOutOfRange, "'segment' must not be negative (got " + target->dump() + ")");
+    } else if (!target->is_string() ||
+               !parse_segment_target(target->get<std::string>(), id, offset)) {
+      a.fail(errc::kInvalidArgument,
+             "'segment' must be \"#ID\" or an offset in bytes (e.g. 3145728, \"3M\"), got " +
+                 target->dump());
+    }
+    if (!a.failed() && offset && *offset >= size) {
+      a.fail(errc::kOutOfRange, "offset " + std::to_string(*offset) +
+                                    " is past the end of the export (" + std::to_string(size) +
+                                    " bytes)");
+    }
+    if (!a.failed() && id && *id >= count) {
+      a.fail(errc::kOutOfRange, "segment #" + std::to_string(*id) +
+                                    " does not exist (the export has " + std::to_string(count) +
+                                    " segments, #0..#" +
+                                    std::to_string(count == 0 ? 0 : count - 1) + ")");
+    }
+    if (a.failed()) return a.error();
+    const uint64_t sid = id ? *id : *offset / seg_bytes;
+    std::optional<SegmentHistory> h = ctx.store->segment(sid);
+    SegmentHistory empty;
+    empty.segment = sid;
+    return ctl::ok_reply({{"segment_bytes", seg_bytes},
+                          {"segment", segment_history_json(h ? *h : empty, seg_bytes)}});
+  }
+  const uint64_t first = a.uint("first", 0, UINT64_MAX, 0);
+  const uint64_t limit = a.uint("limit", 1, kVersionsPageMax, kVersionsPageDefault);
+  if (a.failed()) return a.error();
+  std::vector<SegmentHistory> page = ctx.store->segments(first, static_cast<size_t>(limit) + 1);
+  const bool more = page.size() > limit;
+  if (more) page.resize(limit);
+  json segments = json::array();
+  for (const SegmentHistory& h : page) segments.push_back(segment_summary_json(h, seg_bytes));
+  json r = {{"segment_bytes", seg_bytes},
+            {"segments_with_history", ctx.store->stats().segments_with_history},
+            {"first", first},
+            {"segments", std::move(segments)},
+            {"more", more}};
+  if (more) r["next"] = {{"first", page.back().segment + 1}};
+  return ctl::ok_reply(std::move(r));
+}
+
+json cmd_pool(DaemonContext& ctx, const json& req) {
+  if (ctx.store == nullptr) return unavailable_pool();
+  Args a(req, {"zones"});
+  const bool list_zones = a.flag("zones", false);
+  if (a.failed()) return a.error();
+  const StoreStats st = ctx.store->stats();
+  const std::vector<ZoneInfo> zones = ctx.store->zones();
+
+  json tiers = json::array();
+  uint64_t capacity = 0, used = 0;
+  for (const TierUse& t : st.tiers) {
+    json tj = tier_json(t);
+    json by_kind = json::object();
+    for (const char* k : {"free", "journal", "versions", "checkpoint", "history"}) by_kind[k] = 0;
+    uint64_t open = 0;
+    for (const ZoneInfo& z : zones) {
+      if (z.tier != t.tier) continue;
+      by_kind[zone_kind_name(z.kind)] = by_kind[zone_kind_name(z.kind)].get<uint64_t>() + 1;
+      open += z.open ? 1 : 0;
+    }
+    tj["zones_by_kind"] = std::move(by_kind);
+    tj["zones_open"] = open;
+    capacity += t.zones * t.zone_bytes;
+    used += t.bytes_used;
+    tiers.push_back(std::move(tj));
+  }
+  json r = {
+      {"tiers", std::move(tiers)},
+      {"capacity_bytes", capacity},
+      {"bytes_used", used},
+      {"utilisation_percent",
+       capacity == 0 ? 0.0 : 100.0 * static_cast<double>(used) / static_cast<double>(capacity)},
+      {"version_bytes", st.version_bytes},
+      {"version_raw_bytes", st.version_raw_bytes},
+      {"version_compression", ratio(st.version_raw_bytes, st.version_bytes)},
+      {"journal_bytes", st.journal_bytes},
+      {"journal_raw_bytes", st.journal_raw_bytes},
+      {"journal_compression", ratio(st.journal_raw_bytes, st.journal_bytes)},
+      {"pool_bytes_written", st.pool_bytes_written},
+      {"client_bytes_written", st.client_bytes_written},
+      {"pool_bytes_per_client_byte", ratio(st.pool_bytes_written, st.client_bytes_written)},
+      {"group_commits", st.group_commits},
+      {"zones_reclaimed", st.zones_reclaimed},
+      {"records_pruned", st.records_pruned},
+      {"versions_dropped", st.versions_dropped},
+      {"versions_folded", st.versions_folded},
+      {"retention_shrinks", st.retention_shrinks},
+      {"checkpoints", st.checkpoints},
+      {"last_checkpoint_ns", st.last_checkpoint_ns},
+      {"last_checkpoint", iso_or_null(st.last_checkpoint_ns)},
+      {"pool_errors", st.pool_errors},
+      {"primary_write_errors", st.primary_write_errors},
+      {"degraded", st.degraded},
+      {"degraded_reason", st.degraded_reason},
+      {"now_ns", ctx.clock != nullptr ? ctx.clock->now_ns() : 0},
+  };
+  if (list_zones) {
+    json list = json::array();
+    for (const ZoneInfo& z : zones) {
+      list.push_back({{"tier", z.tier},
+                      {"index", z.index},
+                      {"kind", zone_kind_name(z.kind)},
+                      {"gen", z.gen},
+                      {"used_bytes", z.used_bytes},
+                      {"live_entries", z.live_entries},
+                      {"open", z.open}});
+    }
+    r["zones"] = std::move(list);
+  }
+  return ctl::ok_reply(std::move(r));
 }
 
 }  // namespace
@@ -373,13 +779,37 @@ Status apply_runtime_config(DaemonContext& ctx, const Config& next) {
     if (st) st = ctx.monitor->set_priority(priority_params(next));
     if (!st) return st;
   }
+  // The pool's setters cannot fail: applied last, so an error above leaves
+  // them untouched.
+  if (ctx.store != nullptr) {
+    if (next.shadow_budget_bytes_per_s != ctx.config.shadow_budget_bytes_per_s) {
+      ctx.store->set_budget(next.shadow_budget_bytes_per_s);
+    }
+    if (next.retention_seconds != ctx.config.retention_seconds) {
+      ctx.store->set_retention(next.retention_seconds);
+    }
+  }
   ctx.config.baseline = next.baseline;
   ctx.config.alpha = next.alpha;
   ctx.config.beta = next.beta;
   ctx.config.gamma = next.gamma;
   ctx.config.scoring_window_seconds = next.scoring_window_seconds;
   ctx.config.windows_seconds = next.windows_seconds;
+  ctx.config.shadow_budget_bytes_per_s = next.shadow_budget_bytes_per_s;
+  ctx.config.retention_seconds = next.retention_seconds;
   return Status::ok();
+}
+
+std::vector<std::string> start_time_changes(const Config& running, const Config& next) {
+  const json a = config_json(running);
+  const json b = config_json(next);
+  std::vector<std::string> keys;
+  for (auto it = a.begin(); it != a.end(); ++it) {
+    if (is_monitor_runtime_key(it.key()) || is_pool_runtime_key(it.key())) continue;
+    auto other = b.find(it.key());
+    if (other == b.end() || *other != it.value()) keys.push_back(it.key());
+  }
+  return keys;
 }
 
 namespace {
@@ -395,7 +825,8 @@ json cmd_config_set(DaemonContext& ctx, const json& req) {
   }
   if (a.failed()) return a.error();
   const std::string k = key->get<std::string>();
-  if (!is_runtime_key(k)) {
+  if (is_pool_runtime_key(k) && ctx.store == nullptr) return unavailable_pool();
+  if (!is_runtime_key(ctx, k)) {
     const json all = config_json(config_snapshot(ctx));
     if (all.contains(k)) {
       return ctl::error_reply(errc::kInvalidArgument,
@@ -405,7 +836,7 @@ json cmd_config_set(DaemonContext& ctx, const json& req) {
     }
     return ctl::error_reply(errc::kInvalidArgument, "unknown config key '" + k + "'");
   }
-  if (ctx.monitor == nullptr) return unavailable_monitor();
+  if (is_monitor_runtime_key(k) && ctx.monitor == nullptr) return unavailable_monitor();
   std::lock_guard<std::mutex> lock(ctx.config_mu);
   Config next = ctx.config;
   Status st = merge_config_json(json{{k, *value}}.dump(), next);
@@ -414,7 +845,8 @@ json cmd_config_set(DaemonContext& ctx, const json& req) {
   const json previous = config_json(ctx.config)[k];
   if (st) st = apply_runtime_config(ctx, next);
   if (!st) return ctl::error_reply(errc::kOutOfRange, st.message());
-  ctx.monitor->rescore();  // the ranking the shadowing thread reads follows at once
+  // The ranking the shadowing thread reads follows at once.
+  if (ctx.monitor != nullptr && is_monitor_runtime_key(k)) ctx.monitor->rescore();
   return ctl::ok_reply({{"key", k}, {"value", config_json(ctx.config)[k]}, {"previous", previous}});
 }
 
@@ -506,6 +938,9 @@ constexpr Command kCommands[] = {
     {"config.get", false, cmd_config_get},
     {"config.set", true, cmd_config_set},
     {"history.export", false, cmd_history_export},
+    {"history", false, cmd_history},
+    {"versions", false, cmd_versions},
+    {"pool", false, cmd_pool},
     {"debug.advance", true, cmd_debug_advance},
 };
 

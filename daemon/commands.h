@@ -13,13 +13,27 @@
 //   config.get [key]             the configuration (or one key)
 //   config.set key value         a run-time tunable (mutating)
 //   history.export [format]      access history, "json" or "csv"
+//   history                      the restorable window of the shadow pool:
+//                                from/to, seqs, retention, journal, versions,
+//                                pool use per tier, degraded state
+//   versions [segment] [first] [limit]
+//                                with segment ("#ID", an offset, "3M"): that
+//                                segment's versions and journal records;
+//                                without: a page of the segments with history
+//                                (first = segment id to start at; limit 1..10000,
+//                                default 1000; "next" gives the following page)
+//   pool [zones]                 zones per tier and kind, use, compression,
+//                                pool bytes per client byte, reclaim,
+//                                checkpoints; zones=true lists every zone
 //   debug.advance seconds        move the --test-clock (mutating; only with
 //                                a test clock, else an unknown command)
-// A request that fails changes nothing.
+// history, versions and pool need a shadow pool (--pool); without one they
+// fail with "unavailable". A request that fails changes nothing.
 #pragma once
 
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -42,9 +56,15 @@ bool is_mutating_command(std::string_view cmd);
 PriorityParams priority_params(const Config& cfg);
 
 // Apply the run-time tunables of a validated configuration (windows and
-// priority) to the monitor, then record them in ctx.config. Used by
-// `config.set` and by SIGHUP. On error nothing in ctx.config changes.
+// priority to the monitor; shadow_budget_bytes_per_s and retention_seconds
+// to the shadow pool), then record them in ctx.config. Used by `config.set`
+// and by SIGHUP. On error nothing in ctx.config changes.
 // REQUIRES: ctx.config_mu held.
 Status apply_runtime_config(DaemonContext& ctx, const Config& next);
+
+// The keys (config-file names) whose values differ between `running` and
+// `next` but apply only at start (everything that is not a run-time
+// tunable). SIGHUP warns about them.
+std::vector<std::string> start_time_changes(const Config& running, const Config& next);
 
 }  // namespace shadowd

@@ -10,6 +10,7 @@
 #include "config/config.h"
 #include "core/clock.h"
 #include "core/monitor.h"
+#include "core/shadow_store.h"
 #include "nbd/export.h"
 #include "nbd/server.h"
 
@@ -25,6 +26,7 @@ struct DaemonContext {
   std::shared_ptr<nbd::Export> export_;
   nbd::Server* server = nullptr;
   Monitor* monitor = nullptr;    // null when the monitor is disabled
+  ShadowStore* store = nullptr;  // the shadow pool; null without --pool
 };
 
 }  // namespace shadowd

@@ -5,17 +5,25 @@
 // the protocol in nbd/.
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <climits>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
-#include <mutex>
-#include <thread>
 #include <functional>
+#include <limits>
+#include <list>
+#include <mutex>
+#include <optional>
 #include <string>
+#include <thread>
+#include <variant>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -28,6 +36,7 @@
 #include "ctl/format.h"
 #include "core/io_backend.h"
 #include "core/monitored_backend.h"
+#include "core/shadow_store.h"
 #include "daemon/commands.h"
 #include "daemon/context.h"
 #include "daemon/control.h"
@@ -45,25 +54,63 @@ struct Cli {
   Config values;  // options as given on the command line
   std::string config_path;
   bool no_monitor = false;
+  bool force = false;  // --force: with --init, reformat a device holding another pool
+  // The text of options parsed after CLI11 (sizes, durations); a list so
+  // that the options' pointers into it stay valid.
+  std::list<std::string> texts;
   // Apply the options the user actually gave, over the config file.
   std::vector<std::function<void(Config&)>> overrides;
 };
 
 template <typename T>
-void opt(CLI::App& app, Cli& cli, const std::string& name, T Config::*field,
-         const std::string& help) {
+CLI::Option* opt(CLI::App& app, Cli& cli, const std::string& name, T Config::*field,
+                 const std::string& help) {
   CLI::Option* o = app.add_option(name, cli.values.*field, help);
   cli.overrides.push_back([o, field, &cli](Config& c) {
     if (o->count() > 0) c.*field = cli.values.*field;
   });
+  return o;
 }
 
-void flag(CLI::App& app, Cli& cli, const std::string& name, bool Config::*field,
-          const std::string& help) {
+// Bytes with an optional binary suffix: 4096, 64K, 16M, 1.5G.
+std::optional<uint64_t> parse_bytes(const std::string& text) { return ctl::parse_size(text); }
+
+// Seconds or a duration: 90, 90s, 15min, 2h, 7d.
+std::optional<uint64_t> parse_seconds(const std::string& text) {
+  Result<uint64_t> r = parse_duration(text);
+  if (!r) return std::nullopt;
+  return *r;
+}
+
+// An option taken as text and converted by `parse` (which the option's
+// validator has already run, so a value that reaches the override parses).
+template <typename T>
+CLI::Option* parsed_opt(CLI::App& app, Cli& cli, const std::string& name, T Config::*field,
+                        std::optional<uint64_t> (*parse)(const std::string&),
+                        const std::string& type_name, const std::string& help) {
+  std::string& text = cli.texts.emplace_back();
+  CLI::Option* o = app.add_option(name, text, help)->type_name(type_name);
+  o->check(CLI::Validator(
+      [parse, type_name](std::string& s) -> std::string {
+        const std::optional<uint64_t> v = parse(s);
+        if (!v) return "'" + s + "' is not a valid " + type_name;
+        if (*v > std::numeric_limits<T>::max()) return "'" + s + "' is too large";
+        return std::string();
+      },
+      "", type_name));
+  cli.overrides.push_back([o, field, parse, &text](Config& c) {
+    if (o->count() > 0) c.*field = static_cast<T>(parse(text).value_or(0));
+  });
+  return o;
+}
+
+CLI::Option* flag(CLI::App& app, Cli& cli, const std::string& name, bool Config::*field,
+                  const std::string& help) {
   CLI::Option* o = app.add_flag(name, cli.values.*field, help);
   cli.overrides.push_back([o, field, &cli](Config& c) {
     if (o->count() > 0) c.*field = cli.values.*field;
   });
+  return o;
 }
 
 void build_cli(CLI::App& app, Cli& cli) {
@@ -77,7 +124,13 @@ void build_cli(CLI::App& app, Cli& cli) {
       "Examples:\n"
       "  shadowd --backing disk.img --unix /run/shadowd/disk.sock --foreground\n"
       "  nbdinfo 'nbd+unix:///disk?socket=/run/shadowd/disk.sock'\n"
-      "  nbd-client -unix /run/shadowd/disk.sock -N disk /dev/nbd0");
+      "  nbd-client -unix /run/shadowd/disk.sock -N disk /dev/nbd0\n\n"
+      "History: with --pool, every write is journaled into a shadow pool (a separate block\n"
+      "device or preallocated file) and segments are shadowed into compressed versions in\n"
+      "the background, so that the device can be restored to any moment of the retention\n"
+      "window. Format the pool once with --init:\n"
+      "  fallocate -l 20G /var/lib/shadowd/pool.img\n"
+      "  shadowd --backing disk.img --pool /var/lib/shadowd/pool.img --init --retention 7d");
   app.footer("Exit status: 0 on clean shutdown, 1 on a runtime failure, 2 on bad usage.");
   app.set_version_flag("--version", std::string("shadowd ") + SHADOWD_VERSION);
   opt(app, cli, "--backing", &Config::backing,
@@ -126,6 +179,55 @@ void build_cli(CLI::App& app, Cli& cli) {
   });
   flag(app, cli, "--test-clock", &Config::test_clock,
        "For tests: the monitor's clock stands still until `shadowctl debug advance`");
+
+  // The shadow pool.
+  const std::string pool_group = "Shadow pool (history)";
+  opt(app, cli, "--pool", &Config::pool,
+      "Shadow pool devices that keep the restorable history: block devices or preallocated "
+      "files, one or two, comma-separated or repeated. The first is the fast tier 0 (journal "
+      "and hot versions), the second, if any, the slow tier 1 (cold versions). Without --pool "
+      "no history is kept. Needs a writable export")
+      ->type_name("PATH[,PATH]")
+      ->delimiter(',')
+      ->group(pool_group);
+  flag(app, cli, "--init", &Config::init,
+       "Format blank pool devices before serving. Devices that already hold this backing's "
+       "pool (same canonical path, size and segment size) are used as they are, so --init "
+       "is safe to leave on (config: init=true); a device holding another pool is refused")
+      ->group(pool_group);
+  app.add_flag("--force", cli.force,
+               "With --init: reformat pool devices that hold another backing's pool or another "
+               "segment size, discarding that history. Command line only")
+      ->group(pool_group);
+  parsed_opt(app, cli, "--zone-size", &Config::zone_size_bytes, parse_bytes, "BYTES",
+             "Pool zone size, used only when --init formats: a power of two, 4M..1G "
+             "(default 16M). An existing pool keeps its own")
+      ->group(pool_group);
+  parsed_opt(app, cli, "--retention", &Config::retention_seconds, parse_seconds, "DURATION",
+             "How far back the history reaches: seconds or 90s, 15min, 2h, 7d, 1w (default "
+             "7d). Older history is folded away; when the pool runs full the window is cut "
+             "shorter, logged and reported. Changeable at run time")
+      ->group(pool_group);
+  parsed_opt(app, cli, "--pool-max-bytes", &Config::pool_max_bytes, parse_bytes, "BYTES",
+             "Use at most this much of the pool devices (K/M/G/T suffixes; default 0 = all "
+             "of them)")
+      ->group(pool_group);
+  opt(app, cli, "--max-versions-per-segment", &Config::max_versions_per_segment,
+      "Shadow versions kept per segment, 2..64 (default 8); beyond that older versions are "
+      "folded or dropped")
+      ->type_name("N")
+      ->group(pool_group);
+  parsed_opt(app, cli, "--shadow-budget", &Config::shadow_budget_bytes_per_s, parse_bytes,
+             "BYTES_PER_S",
+             "I/O budget of background shadowing in bytes per second (K/M/G suffixes; default "
+             "64M). 0 shadows nothing in the background: every first write to a segment then "
+             "copies it on the write path. Changeable at run time")
+      ->group(pool_group);
+  opt(app, cli, "--checkpoint-interval", &Config::checkpoint_interval_s,
+      "Seconds between checkpoints of the pool's index, 1..86400 (default 60): shorter "
+      "means less journal to scan after a crash, more pool writes")
+      ->type_name("SECONDS")
+      ->group(pool_group);
 }
 
 void setup_logging(const std::string& level) {
@@ -245,6 +347,291 @@ nbd::ServerOptions server_options(const Config& cfg) {
   return so;
 }
 
+// ------------------------------------------------------------ shadow pool
+
+std::string join(const std::vector<std::string>& parts, const char* sep = ", ") {
+  std::string out;
+  for (const std::string& p : parts) out += (out.empty() ? "" : sep) + p;
+  return out;
+}
+
+std::optional<std::string> canonical_path(const std::string& path) {
+  char* real = ::realpath(path.c_str(), nullptr);
+  if (real == nullptr) return std::nullopt;
+  std::string out(real);
+  std::free(real);
+  return out;
+}
+
+// Exclusive advisory locks (flock) on the pool devices, held while the
+// daemon runs: a second shadowd on the same pool would corrupt it.
+class PoolLocks {
+ public:
+  PoolLocks() = default;
+  PoolLocks(const PoolLocks&) = delete;
+  PoolLocks& operator=(const PoolLocks&) = delete;
+  ~PoolLocks() {
+    for (int fd : fds_) ::close(fd);  // releases the lock
+  }
+  Status lock(const std::string& path) {
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return Status::from_errno(errno, "pool device " + path);
+    if (::flock(fd, LOCK_EX | LOCK_NB) < 0) {
+      const int err = errno;
+      ::close(fd);
+      if (err == EWOULDBLOCK) {
+        return Status::error(Status::Code::kBusy,
+                             "pool device " + path +
+                                 " is in use by another process (is another shadowd running "
+                                 "on this pool?)",
+                             err);
+      }
+      return Status::from_errno(err, "cannot lock pool device " + path);
+    }
+    fds_.push_back(fd);
+    return Status::ok();
+  }
+
+ private:
+  std::vector<int> fds_;
+};
+
+// What a pool device holds, as far as --init is concerned.
+struct DeviceState {
+  enum class Kind { kBlank, kOurs, kForeign, kUnreadable } kind = Kind::kBlank;
+  pool::Superblock sb;  // kOurs, kForeign
+  Status error;         // kUnreadable
+};
+
+std::string describe_pool(const pool::Superblock& sb) {
+  return "the shadow pool of " + sb.primary_id + " (" + std::to_string(sb.primary_bytes) +
+         " bytes, segments of " + ctl::format_bytes(sb.segment_bytes) + ", tier " +
+         std::to_string(sb.tier) + " of " + std::to_string(sb.tier_count) + ", formatted " +
+         ctl::format_utc(sb.epoch_ns / 1'000'000'000) + ")";
+}
+
+// Why the pool could not be opened, and the exit status that goes with it.
+struct PoolError {
+  int rc = kExitFailure;
+  std::string message;
+};
+
+// Open the pool devices, format them as --init/--force say, and open the
+// store over `primary`. The store is not started.
+std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
+    const Config& cfg, bool force, const std::shared_ptr<IoBackend>& primary, const Clock& clock,
+    Monitor* monitor, PoolLocks& locks) {
+  auto fail = [](int rc, std::string message) { return PoolError{rc, std::move(message)}; };
+  const std::optional<std::string> primary_id = canonical_path(cfg.backing);
+  if (!primary_id) {
+    return fail(kExitFailure, "cannot resolve " + cfg.backing + ": " + std::strerror(errno));
+  }
+  const uint64_t primary_bytes = primary->info().size_bytes;
+
+  std::vector<PoolDevice> devices;
+  std::vector<std::string> canonical;
+  for (const std::string& path : cfg.pool) {
+    FileBackendOptions fo;
+    fo.read_only = false;
+    fo.direct = FileBackendOptions::Direct::kAuto;
+    auto dev = open_uring_backend(path, fo);
+    if (!dev) return fail(kExitFailure, "pool device " + path + ": " + dev.status().message());
+    const std::string real = canonical_path(path).value_or(path);
+    if (real == *primary_id) {
+      return fail(kExitUsage, "pool device " + path + " is the backing " + cfg.backing +
+                                  " itself: the pool must be a separate device or file");
+    }
+    for (size_t i = 0; i < canonical.size(); ++i) {
+      if (canonical[i] == real) {
+        return fail(kExitUsage, "pool devices " + cfg.pool[i] + " and " + path +
+                                    " are the same file (" + real + ")");
+      }
+    }
+    canonical.push_back(real);
+    Status locked = locks.lock(path);
+    if (!locked) return fail(kExitFailure, locked.message());
+    devices.push_back(PoolDevice{path, std::shared_ptr<IoBackend>(std::move(*dev))});
+  }
+
+  // What each device holds.
+  std::vector<DeviceState> states;
+  for (const PoolDevice& d : devices) {
+    DeviceState st;
+    Result<pool::Superblock> sb = ShadowStore::read_superblock(*d.backend);
+    if (sb) {
+      st.sb = *sb;
+      const bool ours = sb->primary_id == *primary_id && sb->primary_bytes == primary_bytes &&
+                        sb->segment_bytes == cfg.segment_size_bytes;
+      st.kind = ours ? DeviceState::Kind::kOurs : DeviceState::Kind::kForeign;
+    } else if (sb.status().code() == Status::Code::kCorruption) {
+      st.kind = DeviceState::Kind::kBlank;  // no valid superblock: not a pool
+    } else {
+      st.kind = DeviceState::Kind::kUnreadable;
+      st.error = sb.status();
+    }
+    states.push_back(std::move(st));
+  }
+  const std::string this_primary = "this shadowd serves " + *primary_id + " (" +
+                                   std::to_string(primary_bytes) + " bytes, segments of " +
+                                   ctl::format_bytes(cfg.segment_size_bytes) + ")";
+
+  bool reformat = false;  // format over what the devices hold
+  bool format = false;
+  if (!cfg.init) {
+    for (size_t i = 0; i < devices.size(); ++i) {
+      const DeviceState& st = states[i];
+      const std::string& path = devices[i].path;
+      if (st.kind == DeviceState::Kind::kBlank) {
+        return fail(kExitUsage,
+                    path + " is not a shadow pool; start once with --init to format it");
+      }
+      if (st.kind == DeviceState::Kind::kUnreadable) {
+        return fail(kExitFailure, "cannot read the pool superblock of " + path + ": " +
+                                      st.error.message());
+      }
+      // open() refuses this too; say here which option to change.
+      if (st.kind == DeviceState::Kind::kForeign && st.sb.primary_id == *primary_id &&
+          st.sb.primary_bytes == primary_bytes) {
+        return fail(kExitUsage,
+                    path + " holds a pool with segments of " +
+                        ctl::format_bytes(st.sb.segment_bytes) + " (" +
+                        std::to_string(st.sb.segment_bytes) + ") but shadowd runs with " +
+                        "--segment-size " + std::to_string(cfg.segment_size_bytes) +
+                        "; a pool's segment size is fixed when it is formatted: start with "
+                        "--segment-size " + std::to_string(st.sb.segment_bytes));
+      }
+    }
+    // A pool of another primary is refused by open() below.
+  } else {
+    size_t blank = 0, ours = 0;
+    std::vector<std::string> problems;
+    for (size_t i = 0; i < devices.size(); ++i) {
+      const DeviceState& st = states[i];
+      const std::string& path = devices[i].path;
+      switch (st.kind) {
+        case DeviceState::Kind::kBlank: ++blank; break;
+        case DeviceState::Kind::kOurs: ++ours; break;
+        case DeviceState::Kind::kForeign:
+          problems.push_back(path + " holds " + describe_pool(st.sb) + ", but " + this_primary);
+          break;
+        case DeviceState::Kind::kUnreadable:
+          problems.push_back("cannot read the pool superblock of " + path + ": " +
+                             st.error.message());
+          break;
+      }
+    }
+    if (problems.empty() && ours == devices.size()) {
+      // Already this primary's pool: the devices must form it as given.
+      const pool::Superblock& first = states[0].sb;
+      bool one_pool = true;
+      for (size_t i = 0; i < devices.size(); ++i) {
+        const pool::Superblock& sb = states[i].sb;
+        one_pool &= sb.pool_uuid == first.pool_uuid && sb.tier_count == devices.size();
+        if (sb.pool_uuid != first.pool_uuid || sb.tier != i || sb.tier_count != devices.size()) {
+          problems.push_back(
+              devices[i].path + " holds " + describe_pool(sb) + ", but --pool gives it as tier " +
+              std::to_string(i) + " of " + std::to_string(devices.size()) +
+              (sb.pool_uuid != first.pool_uuid ? " of a pool with another UUID" : ""));
+        }
+      }
+      if (!problems.empty() && one_pool && devices.size() == 2 && states[0].sb.tier == 1 &&
+          states[1].sb.tier == 0) {
+        problems = {"the pool's devices are given in the wrong order: tier 0 is " +
+                    devices[1].path + ", tier 1 is " + devices[0].path + " (use --pool " +
+                    devices[1].path + "," + devices[0].path + ")"};
+      }
+    } else if (problems.empty() && ours > 0) {
+      for (size_t i = 0; i < devices.size(); ++i) {
+        if (states[i].kind != DeviceState::Kind::kBlank) continue;
+        problems.push_back(devices[i].path + " is blank but the other pool device holds " +
+                           describe_pool(states[1 - i].sb) +
+                           "; the devices of one pool are formatted together");
+      }
+    }
+    if (!problems.empty()) {
+      if (!force) {
+        return fail(kExitUsage, join(problems, "; ") +
+                                    ". Refusing to format over it: choose other devices, or "
+                                    "add --force to discard that history and reformat");
+      }
+      spdlog::warn("--init --force: reformatting the pool, discarding what it held: {}",
+                   join(problems, "; "));
+      format = reformat = true;
+    } else if (blank == devices.size()) {
+      format = true;
+    } else {
+      for (size_t i = 0; i < devices.size(); ++i) {
+        const pool::Superblock& sb = states[i].sb;
+        spdlog::info("--init: {} already holds {} with zones of {}: using it as it is",
+                     devices[i].path, describe_pool(sb), ctl::format_bytes(sb.zone_bytes));
+      }
+    }
+  }
+
+  if (format) {
+    FormatOptions fo;
+    fo.primary_id = *primary_id;
+    fo.primary_bytes = primary_bytes;
+    fo.segment_bytes = cfg.segment_size_bytes;
+    fo.zone_bytes = cfg.zone_size_bytes;
+    fo.force = reformat;
+    Status st = ShadowStore::format(devices, fo, clock);
+    if (!st) return fail(kExitFailure, "cannot format the shadow pool: " + st.message());
+    std::vector<std::string> what;
+    for (size_t i = 0; i < devices.size(); ++i) {
+      what.push_back(devices[i].path + " (tier " + std::to_string(i) + ")");
+    }
+    spdlog::info("formatted the shadow pool {} for {}: segments of {}, zones of {}",
+                 join(what), *primary_id, ctl::format_bytes(fo.segment_bytes),
+                 ctl::format_bytes(fo.zone_bytes));
+  }
+
+  StoreOptions so;
+  so.primary_id = *primary_id;
+  so.segment_bytes = cfg.segment_size_bytes;  // the monitor's: the pool's must match
+  so.retention_seconds = cfg.retention_seconds;
+  so.pool_max_bytes = cfg.pool_max_bytes;
+  so.max_versions_per_segment = cfg.max_versions_per_segment;
+  so.shadow_budget_bytes_per_s = cfg.shadow_budget_bytes_per_s;
+  so.checkpoint_interval_s = cfg.checkpoint_interval_s;
+  auto store = ShadowStore::open(std::move(devices), primary, so, clock, monitor);
+  if (!store) {
+    const Status::Code code = store.status().code();
+    // A pool that does not belong here is the operator's to fix (exit 2);
+    // an I/O failure is a runtime failure (exit 1).
+    const bool usage = code == Status::Code::kInvalid || code == Status::Code::kCorruption ||
+                       code == Status::Code::kNotFound;
+    return fail(usage ? kExitUsage : kExitFailure,
+                "cannot open the shadow pool: " + store.status().message());
+  }
+  if ((*store)->segment_bytes() != cfg.segment_size_bytes) {
+    return fail(kExitUsage, "the shadow pool has segments of " +
+                                std::to_string((*store)->segment_bytes()) +
+                                " bytes but shadowd runs with --segment-size " +
+                                std::to_string(cfg.segment_size_bytes));
+  }
+  return std::move(*store);
+}
+
+// One line about the opened pool.
+void log_pool(const ShadowStore& store) {
+  const StoreStats st = store.stats();
+  std::vector<std::string> tiers;
+  for (const TierUse& t : st.tiers) {
+    tiers.push_back(t.path + " (tier " + std::to_string(t.tier) + ", " + std::to_string(t.zones) +
+                    " zones of " + ctl::format_bytes(t.zone_bytes) + ", " +
+                    std::to_string(t.zones_free) + " free)");
+  }
+  constexpr int64_t kNs = 1'000'000'000;
+  spdlog::info(
+      "shadow pool {}: window {} .. {} (seq {}..{}), {} versions, {} journal records; "
+      "recovered {} records past the checkpoint, {} re-applied to the primary{}",
+      join(tiers), ctl::format_utc(st.retention_start_ns / kNs),
+      ctl::format_utc(st.newest_ns / kNs), st.first_seq, st.last_seq, st.versions,
+      st.journal_records, st.recovered_records, st.redo_records,
+      st.degraded ? "; DEGRADED: " + st.degraded_reason : std::string());
+}
+
 // SIGHUP: re-read the config file and apply what may change at run time.
 void reload(DaemonContext& ctx) {
   if (ctx.config_path.empty()) {
@@ -256,15 +643,22 @@ void reload(DaemonContext& ctx) {
   Config next = ctx.config;
   Status st = load_config_file(ctx.config_path, next);
   if (st) st = next.validate();
+  std::vector<std::string> start_time;
+  if (st) start_time = start_time_changes(ctx.config, next);
   if (st) st = apply_runtime_config(ctx, next);
   if (!st) {
     spdlog::error("SIGHUP: config not reloaded: {}", st.message());
     return;
   }
   spdlog::info("SIGHUP: reloaded tunables from {}", ctx.config_path);
+  if (!start_time.empty()) {
+    spdlog::warn("SIGHUP: start-time settings in {} differ from the running daemon's and "
+                 "apply only when shadowd restarts: {}",
+                 ctx.config_path, join(start_time));
+  }
 }
 
-int serve(DaemonContext& ctx, int ready_fd) {
+int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   const Config& cfg = ctx.config;
   auto primary = open_primary(cfg);
   if (!primary) return kExitFailure;
@@ -288,9 +682,44 @@ int serve(DaemonContext& ctx, int ready_fd) {
       spdlog::error("{}", st.message());
       return kExitFailure;
     }
-    served = std::make_shared<MonitoredBackend>(primary, *monitor);
     ctx.monitor = monitor.get();
   }
+
+  // The shadow pool journals every write before the primary sees it; the
+  // monitor stays outermost so that it counts what clients asked for.
+  PoolLocks pool_locks;  // released after the store is gone
+  std::unique_ptr<ShadowStore> store;
+  // Leaving serve(), the context lets go of what ends here: the export's
+  // backend may refer to the store and the monitor. (Declared after them,
+  // so it runs before they are destroyed.)
+  struct Release {
+    DaemonContext& ctx;
+    ~Release() {
+      ctx.export_.reset();
+      ctx.store = nullptr;
+      ctx.monitor = nullptr;
+    }
+  } release{ctx};
+  if (!cfg.pool.empty()) {
+    auto opened = open_pool(cfg, force_format, primary, *ctx.clock, monitor.get(), pool_locks);
+    if (auto* e = std::get_if<PoolError>(&opened)) {
+      spdlog::error("{}", e->message);
+      return e->rc;
+    }
+    store = std::move(std::get<std::unique_ptr<ShadowStore>>(opened));
+    store->start();
+    ctx.store = store.get();
+    served = store->backend();
+    log_pool(*store);
+  }
+  // Stop the pool's threads (final checkpoint) once nothing can reach it.
+  auto stop_store = [&] {
+    if (!store) return;
+    ctx.store = nullptr;
+    Status ss = store->stop();
+    if (!ss) spdlog::error("shadow pool: stop: {}", ss.message());
+  };
+  if (monitor) served = std::make_shared<MonitoredBackend>(served, *monitor);
 
   auto exp = std::make_shared<nbd::Export>();
   exp->name = cfg.export_name;
@@ -306,6 +735,7 @@ int serve(DaemonContext& ctx, int ready_fd) {
   Status st = server.start();
   if (!st) {
     spdlog::error("cannot start: {}", st.message());
+    stop_store();
     return kExitFailure;
   }
   ctx.server = &server;
@@ -319,6 +749,7 @@ int serve(DaemonContext& ctx, int ready_fd) {
   if (!st) {
     spdlog::error("control socket: {}", st.message());
     server.stop();
+    stop_store();
     return kExitFailure;
   }
   MetricsEndpoint metrics(ctx);
@@ -328,6 +759,7 @@ int serve(DaemonContext& ctx, int ready_fd) {
       spdlog::error("metrics endpoint: {}", st.message());
       control.stop();
       server.stop();
+      stop_store();
       return kExitFailure;
     }
   }
@@ -367,6 +799,7 @@ int serve(DaemonContext& ctx, int ready_fd) {
   server.stop();
   roller.reset();
   ctx.server = nullptr;
+  stop_store();  // after the server: no request is in flight any more
   if (!cfg.read_only) {
     Status fs = run_sync(*primary, BlockOpKind::kFlush, 0, 0);
     if (!fs) spdlog::error("final flush: {}", fs.message());
@@ -402,6 +835,13 @@ int main(int argc, char** argv) {
   for (auto& apply : cli.overrides) apply(cfg);
   Status st = cfg.validate();
   if (st && cfg.backing.empty()) st = Status::invalid("--backing (or config key 'backing') is required");
+  if (st && cfg.init && cfg.pool.empty()) {
+    st = Status::invalid("--init (config key 'init') formats the shadow pool: it needs --pool");
+  }
+  if (st && cli.force && !cfg.init) {
+    st = Status::invalid("--force only applies together with --init (it lets --init reformat a "
+                         "device that holds another pool)");
+  }
   if (!st) {
     std::fprintf(stderr, "shadowd: %s\nRun with --help for more information.\n",
                  st.message().c_str());
@@ -426,7 +866,7 @@ int main(int argc, char** argv) {
       return kExitFailure;
     }
   }
-  int rc = serve(ctx, ready_fd);
+  int rc = serve(ctx, cli.force, ready_fd);
   report_ready(ready_fd, static_cast<char>(rc));
   return rc;
 }

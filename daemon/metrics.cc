@@ -146,6 +146,53 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          "Access history records dropped by the memory bound", C,
                          static_cast<double>(t.history_dropped_records)));
   }
+
+  if (ctx.store != nullptr) {
+    const StoreStats st = ctx.store->stats();
+    auto d = [](uint64_t v) { return static_cast<double>(v); };
+    out.push_back(scalar("shadowd_cow_stalls_total",
+                         "Writes that waited for a copy-on-first-write of their segment", C,
+                         d(st.cow_stalls)));
+    out.push_back(scalar("shadowd_history_degraded",
+                         "1 while history is degraded (pool full or failing), else 0", G,
+                         st.degraded ? 1 : 0));
+    out.push_back(scalar("shadowd_retention_start_seconds",
+                         "Oldest restorable time (Unix seconds)", G,
+                         static_cast<double>(st.retention_start_ns) * 1e-9));
+    out.push_back(scalar("shadowd_retention_shrinks_total",
+                         "Times the restorable window was cut short for pool space", C,
+                         d(st.retention_shrinks)));
+    out.push_back(scalar("shadowd_journal_records", "Journal records in the restorable window",
+                         G, d(st.journal_records)));
+    out.push_back(scalar("shadowd_journal_bytes", "Stored (compressed) bytes of those records", G,
+                         d(st.journal_bytes)));
+    out.push_back(scalar("shadowd_versions", "Shadow versions kept", G, d(st.versions)));
+    out.push_back(scalar("shadowd_version_bytes", "Stored (compressed) bytes of the versions", G,
+                         d(st.version_bytes)));
+    out.push_back(scalar("shadowd_pool_bytes_written_total",
+                         "Bytes appended to the shadow pool since start", C,
+                         d(st.pool_bytes_written)));
+    out.push_back(scalar("shadowd_client_bytes_journaled_total",
+                         "Client WRITE payload bytes journaled since start", C,
+                         d(st.client_bytes_written)));
+    MetricFamily zones = family("shadowd_pool_zones", "Pool zones by tier and state", G);
+    for (const TierUse& t : st.tiers) {
+      const std::string tier = std::to_string(t.tier);
+      zones.metric.push_back(sample(G, d(t.zones_free), {{"tier", tier}, {"state", "free"}}));
+      zones.metric.push_back(sample(G, d(t.zones - std::min(t.zones, t.zones_free)),
+                                    {{"tier", tier}, {"state", "used"}}));
+    }
+    out.push_back(std::move(zones));
+    out.push_back(scalar("shadowd_shadow_queue", "Segments waiting for a shadow version", G,
+                         d(st.shadow_queue)));
+    out.push_back(scalar("shadowd_shadow_budget_bytes_per_second",
+                         "I/O budget of background shadowing (0: none)", G,
+                         d(st.shadow_budget_bytes_per_s)));
+    out.push_back(scalar("shadowd_checkpoints_total", "Index checkpoints written since start", C,
+                         d(st.checkpoints)));
+    out.push_back(scalar("shadowd_pool_errors_total", "Shadow pool I/O errors since start", C,
+                         d(st.pool_errors)));
+  }
   return out;
 }
 

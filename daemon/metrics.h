@@ -23,6 +23,22 @@
 //   shadowd_monitor_memory_bytes          gauge    resident dense state + access history
 //   shadowd_history_records               gauge    access history records kept
 //   shadowd_history_dropped_records_total counter  dropped by the history bound
+// and, when a shadow pool is configured (--pool):
+//   shadowd_cow_stalls_total              counter  writes that waited for a copy-on-first-write
+//   shadowd_history_degraded              gauge    1 while history is degraded, else 0
+//   shadowd_retention_start_seconds       gauge    oldest restorable time, Unix seconds
+//   shadowd_retention_shrinks_total       counter  window cut short for pool space
+//   shadowd_journal_records               gauge    journal records in the window
+//   shadowd_journal_bytes                 gauge    their stored (compressed) bytes
+//   shadowd_versions                      gauge    shadow versions kept
+//   shadowd_version_bytes                 gauge    their stored (compressed) bytes
+//   shadowd_pool_bytes_written_total      counter  bytes appended to the pool
+//   shadowd_client_bytes_journaled_total  counter  client WRITE payload bytes journaled
+//   shadowd_pool_zones{tier,state}        gauge    zones, state "free" or "used"
+//   shadowd_shadow_queue                  gauge    segments waiting for a version
+//   shadowd_shadow_budget_bytes_per_second gauge   background shadowing budget (0: none)
+//   shadowd_checkpoints_total             counter  index checkpoints written
+//   shadowd_pool_errors_total             counter  pool I/O errors
 //
 // op is one of read, write, flush, trim, write_zeroes, cache, block_status,
 // other. prometheus-cpp adds its own exposer_* families (scrape count, bytes
@@ -45,7 +61,8 @@ class Exposer;
 namespace shadowd {
 
 // The metric families for the daemon's current state. Reads ctx.server
-// (skipped if null), ctx.export_, ctx.monitor (skipped if null), ctx.clock.
+// (skipped if null), ctx.export_, ctx.monitor and ctx.store (each skipped
+// if null), ctx.clock.
 // Thread-safe as long as those pointers do not change meanwhile.
 std::vector<prometheus::MetricFamily> collect_metrics(const DaemonContext& ctx);
 

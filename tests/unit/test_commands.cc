@@ -423,6 +423,408 @@ TEST_CASE("commands: debug.advance moves the test clock and rolls the windows", 
   CHECK(real.fails({{"cmd", "debug.advance"}, {"seconds", 1}}) == "unknown_command");
 }
 
+// ------------------------------------------------------------- shadow pool
+
+TEST_CASE("commands: without a shadow pool, history, versions and pool are unavailable",
+          "[commands]") {
+  Fixture f;
+  for (const char* cmd : {"history", "versions", "pool"}) {
+    CAPTURE(cmd);
+    json r = f.run({{"cmd", cmd}}, /*may_write=*/false);
+    CHECK(r["ok"] == false);
+    CHECK(r["code"] == "unavailable");
+    CHECK(r["message"] == "no shadow pool configured (start shadowd with --pool)");
+  }
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", "#1"}}) == "unavailable");
+  CHECK(f.fails({{"cmd", "pool"}, {"zones", true}}) == "unavailable");
+  // `history export` (the access history) does not need a pool.
+  CHECK(f.ok({{"cmd", "history.export"}})["more"] == false);
+  CHECK(f.ok({{"cmd", "status"}})["shadow"] == json{{"enabled", false}});
+  // The pool's run-time keys need a pool; config.get still shows them.
+  CHECK(f.fails({{"cmd", "config.set"}, {"key", "retention_seconds"}, {"value", 60}}) ==
+        "unavailable");
+  CHECK(f.fails({{"cmd", "config.set"}, {"key", "shadow_budget_bytes_per_s"}, {"value", 0}}) ==
+        "unavailable");
+  CHECK(f.ok({{"cmd", "config.get"}, {"key", "retention_seconds"}})["runtime"] == false);
+  CHECK(f.ok({{"cmd", "config.get"}, {"key", "pool"}})["value"] == json::array());
+  CHECK(f.ctx.config.retention_seconds == 7 * 86400);
+}
+
+// A ShadowStore with canned figures; records the run-time setters.
+class FakeStore final : public ShadowStore {
+ public:
+  StoreStats st;
+  std::vector<ZoneInfo> zone_list;
+  std::vector<SegmentHistory> history;  // ascending by segment
+  std::vector<uint64_t> budgets, retentions;
+
+  std::shared_ptr<IoBackend> backend() override { return nullptr; }
+  void start() override {}
+  Status stop() override { return Status::ok(); }
+  void abandon() override {}
+  uint32_t segment_bytes() const override { return kSeg; }
+  StoreStats stats() const override { return st; }
+  std::vector<ZoneInfo> zones() const override { return zone_list; }
+  std::vector<SegmentHistory> segments(uint64_t first, size_t limit) const override {
+    std::vector<SegmentHistory> out;
+    for (const SegmentHistory& h : history) {
+      if (h.segment < first) continue;
+      if (limit != 0 && out.size() == limit) break;
+      out.push_back(h);
+    }
+    return out;
+  }
+  std::optional<SegmentHistory> segment(uint64_t id) const override {
+    for (const SegmentHistory& h : history) {
+      if (h.segment == id) return h;
+    }
+    return std::nullopt;
+  }
+  void set_budget(uint64_t b) override { budgets.push_back(b); }
+  void set_retention(uint64_t s) override { retentions.push_back(s); }
+  Status shadow_segment(uint64_t) override { return Status::ok(); }
+  Status prune(int64_t) override { return Status::ok(); }
+  Status checkpoint() override { return Status::ok(); }
+  void shadow_round() override {}
+  Status check_index() const override { return Status::ok(); }
+  Result<std::vector<uint8_t>> reconstruct_seq(uint64_t, uint64_t) override {
+    return Status::not_supported("fake");
+  }
+  Result<std::vector<uint8_t>> reconstruct_time(uint64_t, int64_t) override {
+    return Status::not_supported("fake");
+  }
+  uint64_t seq_at(int64_t) const override { return 0; }
+};
+
+constexpr int64_t kT0 = kStart * kNsPerS;
+
+FakeStore fake_store() {
+  FakeStore s;
+  s.st.epoch_ns = kT0 - 3600 * kNsPerS;
+  s.st.retention_start_ns = kT0 - 1800 * kNsPerS;
+  s.st.newest_ns = kT0 + 250'000'000;  // .25 s
+  s.st.first_seq = 10;
+  s.st.last_seq = 99;
+  s.st.journal_records = 90;
+  s.st.journal_bytes = 100000;
+  s.st.journal_raw_bytes = 400000;
+  s.st.versions = 3;
+  s.st.version_bytes = 50000;
+  s.st.version_raw_bytes = 3 * kSeg;
+  s.st.segments_with_history = 2;
+  s.st.client_bytes_written = 400000;
+  s.st.pool_bytes_written = 600000;
+  s.st.cow_stalls = 4;
+  s.st.versions_made = 2;
+  s.st.zones_reclaimed = 1;
+  s.st.checkpoints = 5;
+  s.st.shadow_budget_bytes_per_s = 64ull << 20;
+  s.st.shadow_queue = 7;
+  s.st.shadow_bytes_read = 3 * kSeg;
+  s.st.last_checkpoint_ns = kT0 - 30 * kNsPerS;
+  s.st.segment_bytes = kSeg;
+  TierUse t0;
+  t0.tier = 0;
+  t0.path = "/dev/fast";
+  t0.zones = 8;
+  t0.zones_free = 5;
+  t0.zone_bytes = 4u << 20;
+  t0.bytes_used = 8u << 20;
+  t0.versions = 3;
+  t0.version_bytes = 50000;
+  TierUse t1 = t0;
+  t1.tier = 1;
+  t1.path = "/dev/slow";
+  t1.zones_free = 8;
+  t1.bytes_used = 0;
+  t1.versions = 0;
+  t1.version_bytes = 0;
+  s.st.tiers = {t0, t1};
+  for (uint32_t i = 0; i < 8; ++i) {
+    ZoneInfo z;
+    z.tier = 0;
+    z.index = i;
+    z.kind = i == 0   ? pool::ZoneKind::kJournal
+             : i == 1 ? pool::ZoneKind::kVersions
+             : i == 2 ? pool::ZoneKind::kCheckpoint
+                      : pool::ZoneKind::kFree;
+    z.open = i < 2;
+    s.zone_list.push_back(z);
+    z.tier = 1;
+    z.kind = pool::ZoneKind::kFree;
+    z.open = false;
+    s.zone_list.push_back(z);
+  }
+  SegmentHistory h3;
+  h3.segment = 3;
+  h3.records = 5;
+  h3.first_record_seq = 12;
+  h3.last_record_seq = 40;
+  h3.first_record_ns = kT0 - 100 * kNsPerS;
+  h3.last_record_ns = kT0;
+  VersionInfo v;
+  v.segment = 3;
+  v.seq = 11;
+  v.time_ns = kT0 - 200 * kNsPerS;
+  v.zone = 1;
+  v.offset = 4096;
+  v.stored_bytes = 30000;
+  v.content_xxh = 0xabcdef;
+  v.cow = true;
+  h3.versions.push_back(v);
+  v.seq = 30;
+  v.time_ns = kT0 - 50 * kNsPerS;
+  v.offset = 40960;
+  v.stored_bytes = 2000;
+  v.depth = 1;
+  v.base_seq = 11;
+  v.cow = false;
+  h3.versions.push_back(v);
+  SegmentHistory h9;
+  h9.segment = 9;
+  h9.records = 2;
+  v.segment = 9;
+  v.seq = 50;
+  v.depth = 0;
+  v.base_seq = 0;
+  h9.versions.push_back(v);
+  SegmentHistory h200;
+  h200.segment = 200;
+  h200.records = 1;
+  s.history = {h3, h9, h200};
+  return s;
+}
+
+TEST_CASE("commands: history reports the restorable window", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  json h = f.ok({{"cmd", "history"}}, /*may_write=*/false);
+  CHECK(h["from_ns"] == kT0 - 1800 * kNsPerS);
+  CHECK(h["to_ns"] == kT0 + 250'000'000);
+  CHECK(h["from"] == "2023-11-14T21:30:00Z");
+  CHECK(h["to"] == "2023-11-14T22:00:00.25Z");
+  CHECK(h["epoch"] == "2023-11-14T21:00:00Z");
+  CHECK(h["span_seconds"] == 1800);
+  CHECK(h["first_seq"] == 10);
+  CHECK(h["last_seq"] == 99);
+  CHECK(h["retention_seconds"] == 7 * 86400);
+  CHECK(h["retention_shrunk"] == false);
+  CHECK(h["journal_records"] == 90);
+  CHECK(h["journal_raw_bytes"] == 400000);
+  CHECK(h["versions"] == 3);
+  CHECK(h["segments_with_history"] == 2);
+  CHECK(h["degraded"] == false);
+  REQUIRE(h["tiers"].size() == 2);
+  CHECK(h["tiers"][0]["path"] == "/dev/fast");
+  CHECK(h["tiers"][0]["zones_used"] == 3);
+  CHECK(h["tiers"][0]["capacity_bytes"] == 32u << 20);
+  CHECK(h["tiers"][0]["utilisation_percent"].get<double>() == Approx(25.0));
+  CHECK(h["tiers"][1]["zones_free"] == 8);
+  CHECK(f.fails({{"cmd", "history"}, {"export", true}}) == "invalid_argument");
+
+  store.st.degraded = true;
+  store.st.degraded_reason = "pool device /dev/fast: I/O error";
+  json d = f.ok({{"cmd", "history"}});
+  CHECK(d["degraded"] == true);
+  CHECK(d["degraded_reason"] == "pool device /dev/fast: I/O error");
+}
+
+TEST_CASE("commands: versions of one segment, by id or offset", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  for (json target : {json("#3"), json(3 * kSeg), json(3 * kSeg + 5), json("192K"),
+                      json("192KiB"), json(std::to_string(4 * kSeg - 1))}) {
+    CAPTURE(target);
+    json r = f.ok({{"cmd", "versions"}, {"segment", target}}, false);
+    const json& s = r["segment"];
+    CHECK(s["id"] == 3);
+    CHECK(s["offset"] == 3 * kSeg);
+    CHECK(s["records"] == 5);
+    CHECK(s["first_record_seq"] == 12);
+    CHECK(s["last_record"] == "2023-11-14T22:00:00Z");
+    REQUIRE(s["versions"].size() == 2);
+    const json& v0 = s["versions"][0];
+    CHECK(v0["seq"] == 11);
+    CHECK(v0["kind"] == "full");
+    CHECK(v0["checksum"] == "0000000000abcdef");
+    CHECK(v0["cow"] == true);
+    CHECK(v0["zone"] == 1);
+    CHECK(v0["offset"] == 4096);
+    CHECK(v0["time"] == "2023-11-14T21:56:40Z");
+    const json& v1 = s["versions"][1];
+    CHECK(v1["kind"] == "delta");
+    CHECK(v1["depth"] == 1);
+    CHECK(v1["base_seq"] == 11);
+    CHECK(v1["stored_bytes"] == 2000);
+  }
+  // A segment without history: no versions, no records.
+  json quiet = f.ok({{"cmd", "versions"}, {"segment", "#4"}});
+  CHECK(quiet["segment"]["versions"] == json::array());
+  CHECK(quiet["segment"]["records"] == 0);
+  CHECK(quiet["segment"]["last_record"] == nullptr);
+
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", "#256"}}) == "out_of_range");
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", kDevice}}) == "out_of_range");
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", "16M"}}) == "out_of_range");
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", -1}}) == "out_of_range");
+  for (json bad : {json("#"), json("#x"), json("3Q"), json("1.5M"), json(""), json(true),
+                   json(2.5), json::array({1})}) {
+    CAPTURE(bad);
+    CHECK(f.fails({{"cmd", "versions"}, {"segment", bad}}) == "invalid_argument");
+  }
+  CHECK(f.fails({{"cmd", "versions"}, {"segment", "#3"}, {"limit", 5}}) == "invalid_argument");
+}
+
+TEST_CASE("commands: versions lists the segments with history, in pages", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  json all = f.ok({{"cmd", "versions"}}, false);
+  CHECK(all["more"] == false);
+  CHECK(!all.contains("next"));
+  REQUIRE(all["segments"].size() == 3);
+  CHECK(all["segments"][0]["id"] == 3);
+  CHECK(all["segments"][0]["versions"] == 2);
+  CHECK(all["segments"][0]["version_bytes"] == 32000);
+  CHECK(all["segments"][0]["records"] == 5);
+  CHECK(all["segments"][0]["oldest_version"] == "2023-11-14T21:56:40Z");
+  CHECK(all["segments"][1]["offset"] == 9 * kSeg);
+  CHECK(all["segments"][2]["versions"] == 0);
+  CHECK(all["segments"][2]["oldest_version"] == nullptr);
+
+  std::vector<uint64_t> seen;
+  json req = {{"cmd", "versions"}, {"limit", 1}};
+  for (int page = 0; page < 10; ++page) {
+    json r = f.ok(req);
+    for (const auto& x : r["segments"]) seen.push_back(x["id"].get<uint64_t>());
+    if (r["more"] == false) break;
+    req = {{"cmd", "versions"}, {"limit", 1}, {"first", r["next"]["first"]}};
+  }
+  CHECK(seen == std::vector<uint64_t>{3, 9, 200});
+  CHECK(f.ok({{"cmd", "versions"}, {"first", 10}})["segments"].size() == 1);
+  CHECK(f.fails({{"cmd", "versions"}, {"limit", 0}}) == "out_of_range");
+  CHECK(f.fails({{"cmd", "versions"}, {"limit", 10001}}) == "out_of_range");
+  CHECK(f.fails({{"cmd", "versions"}, {"first", "3"}}) == "invalid_argument");
+}
+
+TEST_CASE("commands: pool reports zones, use, compression and reclaim", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  json p = f.ok({{"cmd", "pool"}}, false);
+  REQUIRE(p["tiers"].size() == 2);
+  const json& t0 = p["tiers"][0];
+  CHECK(t0["zones_by_kind"] ==
+        json{{"free", 5}, {"journal", 1}, {"versions", 1}, {"checkpoint", 1}, {"history", 0}});
+  CHECK(t0["zones_open"] == 2);
+  CHECK(p["tiers"][1]["zones_by_kind"]["free"] == 8);
+  CHECK(p["capacity_bytes"] == 64u << 20);
+  CHECK(p["bytes_used"] == 8u << 20);
+  CHECK(p["utilisation_percent"].get<double>() == Approx(12.5));
+  CHECK(p["version_compression"].get<double>() == Approx(3.0 * kSeg / 50000));
+  CHECK(p["journal_compression"].get<double>() == Approx(4.0));
+  CHECK(p["pool_bytes_per_client_byte"].get<double>() == Approx(1.5));
+  CHECK(p["zones_reclaimed"] == 1);
+  CHECK(p["checkpoints"] == 5);
+  CHECK(p["last_checkpoint"] == "2023-11-14T21:59:30Z");
+  CHECK(!p.contains("zones"));
+
+  json z = f.ok({{"cmd", "pool"}, {"zones", true}});
+  REQUIRE(z["zones"].size() == 16);
+  CHECK(z["zones"][0] == json{{"tier", 0}, {"index", 0}, {"kind", "journal"}, {"gen", 0},
+                              {"used_bytes", 0}, {"live_entries", 0}, {"open", true}});
+  CHECK(f.fails({{"cmd", "pool"}, {"zones", 1}}) == "invalid_argument");
+
+  // Nothing written yet: ratios are null, not a division by zero.
+  store.st = StoreStats{};
+  json empty = f.ok({{"cmd", "pool"}});
+  CHECK(empty["version_compression"] == nullptr);
+  CHECK(empty["pool_bytes_per_client_byte"] == nullptr);
+  CHECK(empty["last_checkpoint"] == nullptr);
+}
+
+TEST_CASE("commands: status shows the shadow pool", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  const json sh = f.ok({{"cmd", "status"}})["shadow"];
+  CHECK(sh["enabled"] == true);
+  CHECK(sh["pool"] == json::array({"/dev/fast", "/dev/slow"}));
+  CHECK(sh["budget_bytes_per_s"] == 64ull << 20);
+  CHECK(sh["queue"] == 7);
+  CHECK(sh["bytes_read"] == 3 * kSeg);
+  CHECK(sh["versions_made"] == 2);
+  CHECK(sh["cow_stalls"] == 4);
+  CHECK(sh["degraded"] == false);
+  CHECK(sh["last_checkpoint_ns"] == kT0 - 30 * kNsPerS);
+}
+
+TEST_CASE("commands: config.set changes the pool's run-time tunables", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  json all = f.ok({{"cmd", "config.get"}});
+  CHECK(all["runtime_keys"].size() == 8);
+  CHECK(f.ok({{"cmd", "config.get"}, {"key", "retention_seconds"}})["runtime"] == true);
+
+  json r = f.ok({{"cmd", "config.set"}, {"key", "retention_seconds"}, {"value", "2h"}});
+  CHECK(r["previous"] == 7 * 86400);
+  CHECK(r["value"] == 7200);
+  CHECK(store.retentions == std::vector<uint64_t>{7200});
+  CHECK(f.ctx.config.retention_seconds == 7200);
+  f.ok({{"cmd", "config.set"}, {"key", "shadow_budget_bytes_per_s"}, {"value", 0}});
+  CHECK(store.budgets == std::vector<uint64_t>{0});
+  CHECK(f.ctx.config.shadow_budget_bytes_per_s == 0);
+
+  CHECK(f.fails({{"cmd", "config.set"}, {"key", "retention_seconds"}, {"value", 0}}) ==
+        "out_of_range");
+  CHECK(f.fails({{"cmd", "config.set"}, {"key", "retention_seconds"}, {"value", "soon"}}) ==
+        "invalid_argument");
+  CHECK(f.fails({{"cmd", "config.set"}, {"key", "retention_seconds"}, {"value", 60}}, false) ==
+        "permission_denied");
+  CHECK(store.retentions.size() == 1);
+  for (const char* key : {"pool", "init", "zone_size_bytes", "pool_max_bytes",
+                          "max_versions_per_segment", "checkpoint_interval_s"}) {
+    CAPTURE(key);
+    json bad = f.run({{"cmd", "config.set"}, {"key", key}, {"value", 4}});
+    CHECK(bad["code"] == "invalid_argument");
+    CHECK(bad["message"].get<std::string>().find("cannot be changed at run time") !=
+          std::string::npos);
+  }
+  // The pool's tunables do not need the monitor.
+  Fixture bare(/*with_monitor=*/false);
+  bare.ctx.store = &store;
+  bare.ok({{"cmd", "config.set"}, {"key", "shadow_budget_bytes_per_s"}, {"value", 1048576}});
+  CHECK(store.budgets.back() == 1048576);
+  CHECK(bare.fails({{"cmd", "config.set"}, {"key", "alpha"}, {"value", 2}}) == "unavailable");
+}
+
+TEST_CASE("commands: SIGHUP's apply_runtime_config and start-time keys", "[commands]") {
+  Fixture f;
+  FakeStore store = fake_store();
+  f.ctx.store = &store;
+  Config next = f.ctx.config;
+  next.retention_seconds = 3600;
+  next.alpha = 3;
+  next.pool_max_bytes = 1ull << 30;  // start-time only
+  next.pool = {"/dev/other"};
+  {
+    std::lock_guard<std::mutex> lock(f.ctx.config_mu);
+    CHECK(start_time_changes(f.ctx.config, next) ==
+          std::vector<std::string>{"pool", "pool_max_bytes"});
+    REQUIRE(apply_runtime_config(f.ctx, next).is_ok());
+  }
+  CHECK(store.retentions == std::vector<uint64_t>{3600});
+  CHECK(store.budgets.empty());  // unchanged: not set again
+  CHECK(f.ctx.config.retention_seconds == 3600);
+  CHECK(f.ctx.config.alpha == 3);
+  CHECK(f.ctx.config.pool_max_bytes == 0);
+  CHECK(f.ctx.config.pool.empty());
+  CHECK(start_time_changes(f.ctx.config, f.ctx.config).empty());
+}
+
 // ------------------------------------------------------------ control socket
 
 // A private directory, removed with its contents.

@@ -353,6 +353,198 @@ TEST_CASE("config: validate() checks ranges, naming the key", "[config]") {
   }
 }
 
+// ---- the shadow pool keys ----
+
+TEST_CASE("config: parse_duration reads seconds and durations", "[config]") {
+  const std::vector<std::pair<const char*, uint64_t>> good = {
+      {"0", 0},          {"90", 90},         {"90s", 90},           {"1sec", 1},
+      {"15min", 900},    {"15m", 900},       {"2h", 7200},          {"7d", 604800},
+      {"1w", 604800},    {"1d12h", 129600},  {"1h30m15s", 5415},    {"0h", 0},
+      {"18446744073709551615", UINT64_MAX},  {"3650d", 3650ull * 86400},
+  };
+  for (const auto& [text, want] : good) {
+    CAPTURE(text);
+    Result<uint64_t> r = parse_duration(text);
+    REQUIRE(r.is_ok());
+    CHECK(*r == want);
+  }
+  for (const char* text : {"", "h", "s90", "1x", "1.5h", "-1", "+5", "1h30", " 1h", "1h ",
+                           "2H", "1 h", "1hh", "1mins", "18446744073709551616",
+                           "30500000000000000w", "1h-1m", "0x10", "1e3"}) {
+    CAPTURE(text);
+    Result<uint64_t> r = parse_duration(text);
+    CHECK_FALSE(r.is_ok());
+    CHECK(r.status().code() == Status::Code::kInvalid);
+    CHECK(mentions(r.status(), "duration"));
+  }
+}
+
+TEST_CASE("config: pool keys and their defaults", "[config]") {
+  Config c;
+  CHECK(c.pool.empty());
+  CHECK_FALSE(c.init);
+  CHECK(c.zone_size_bytes == 16u << 20);
+  CHECK(c.retention_seconds == 7 * 86400);
+  CHECK(c.pool_max_bytes == 0);
+  CHECK(c.max_versions_per_segment == 8);
+  CHECK(c.shadow_budget_bytes_per_s == 64ull << 20);
+  CHECK(c.checkpoint_interval_s == 60);
+
+  REQUIRE(merge_config_json(R"({
+    "pool": ["/dev/fast", "/dev/slow"], "init": true, "zone_size_bytes": 4194304,
+    "retention_seconds": "2h", "pool_max_bytes": 10737418240, "max_versions_per_segment": 64,
+    "shadow_budget_bytes_per_s": 0, "checkpoint_interval_s": 5
+  })", c).is_ok());
+  CHECK(c.pool == Strings{"/dev/fast", "/dev/slow"});
+  CHECK(c.init);
+  CHECK(c.zone_size_bytes == 4u << 20);
+  CHECK(c.retention_seconds == 7200);
+  CHECK(c.pool_max_bytes == 10ull << 30);
+  CHECK(c.max_versions_per_segment == 64);
+  CHECK(c.shadow_budget_bytes_per_s == 0);
+  CHECK(c.checkpoint_interval_s == 5);
+  CHECK(c.validate().is_ok());
+}
+
+TEST_CASE("config: pool takes a path or an array of one or two", "[config]") {
+  Config c;
+  REQUIRE(merge_config_json(R"({"pool": "/dev/vdc"})", c).is_ok());
+  CHECK(c.pool == Strings{"/dev/vdc"});
+  REQUIRE(merge_config_json(R"({"pool": ["/a"]})", c).is_ok());
+  CHECK(c.pool == Strings{"/a"});
+  REQUIRE(merge_config_json(R"({"pool": ["/a", "/b"]})", c).is_ok());
+  CHECK(c.pool == Strings{"/a", "/b"});
+  // What `config get` shows without a pool reads back as no pool.
+  REQUIRE(merge_config_json(R"({"pool": []})", c).is_ok());
+  CHECK(c.pool.empty());
+  c.pool = {"/a"};
+  REQUIRE(merge_config_json(R"({"pool": null})", c).is_ok());
+  CHECK(c.pool.empty());
+
+  for (const char* v : {"1", "true", "{}", "[1]", "[\"/a\", 2]", "[\"/a\", \"/b\", \"/c\"]",
+                        "\"\"", "[\"\"]", "[\"/a\", \"\"]", "[[\"/a\"]]"}) {
+    const std::string text = std::string("{\"pool\": ") + v + "}";
+    CAPTURE(text);
+    Config d = nondefault();
+    d.pool = {"/keep"};
+    Status st = merge_config_json(text, d);
+    CHECK_FALSE(st.is_ok());
+    CHECK(st.code() == Status::Code::kInvalid);
+    CHECK(mentions(st, "'pool'"));
+    CHECK(d.pool == Strings{"/keep"});
+  }
+}
+
+TEST_CASE("config: retention_seconds takes seconds or a duration", "[config]") {
+  const std::vector<std::pair<const char*, uint64_t>> good = {
+      {"3600", 3600}, {"\"90s\"", 90}, {"\"15min\"", 900}, {"\"2h\"", 7200},
+      {"\"7d\"", 604800}, {"\"86400\"", 86400}, {"\"1w2d\"", 777600}};
+  for (const auto& [value, want] : good) {
+    const std::string text = std::string("{\"retention_seconds\": ") + value + "}";
+    CAPTURE(text);
+    Config c;
+    REQUIRE(merge_config_json(text, c).is_ok());
+    CHECK(c.retention_seconds == want);
+  }
+  for (const char* value : {"-1", "1.5", "true", "null", "[3600]", "{}", "\"soon\"", "\"1h30\"",
+                            "\"\"", "\"2 h\"", "\"-5m\""}) {
+    const std::string text = std::string("{\"retention_seconds\": ") + value + "}";
+    CAPTURE(text);
+    Config c;
+    Status st = merge_config_json(text, c);
+    CHECK_FALSE(st.is_ok());
+    CHECK(mentions(st, "'retention_seconds'"));
+    CHECK(c.retention_seconds == 7 * 86400);
+  }
+}
+
+TEST_CASE("config: pool numeric keys refuse wrong types, naming the key", "[config]") {
+  const char* u32_keys[] = {"zone_size_bytes", "max_versions_per_segment", "checkpoint_interval_s"};
+  const char* u64_keys[] = {"pool_max_bytes", "shadow_budget_bytes_per_s"};
+  std::vector<std::pair<std::string, std::string>> bad;
+  for (const char* k : u32_keys) {
+    for (const char* v : {"-1", "1.5", "\"16M\"", "true", "null", "[1]", "4294967296"}) {
+      bad.emplace_back(k, v);
+    }
+  }
+  for (const char* k : u64_keys) {
+    for (const char* v : {"-1", "1.5", "\"64M\"", "false", "null", "{}"}) bad.emplace_back(k, v);
+  }
+  for (const char* v : {"1", "\"true\"", "null", "[]"}) bad.emplace_back("init", v);
+  for (const auto& [key, value] : bad) {
+    const std::string text = "{\"" + key + "\": " + value + "}";
+    CAPTURE(text);
+    Config c = nondefault();
+    Status st = merge_config_json(text, c);
+    CHECK_FALSE(st.is_ok());
+    CHECK(mentions(st, "'" + key + "'"));
+    CHECK(same(c, nondefault()));
+  }
+}
+
+TEST_CASE("config: validate() checks the pool keys, naming them", "[config]") {
+  auto u32 = [](uint32_t Config::*f, uint32_t v) {
+    return [f, v](Config& c) { c.*f = v; };
+  };
+  auto u64 = [](uint64_t Config::*f, uint64_t v) {
+    return [f, v](Config& c) { c.*f = v; };
+  };
+  auto pool = [](Strings p) {
+    return [p](Config& c) {
+      c.backing = "/img";
+      c.pool = p;
+    };
+  };
+  const std::vector<RangeCase> cases = {
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 4u << 20), true},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 1u << 30), true},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 64u << 20), true},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 2u << 20), false},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, (4u << 20) - 1), false},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 24u << 20), false},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 2u << 30), false},
+      {"zone_size_bytes", u32(&Config::zone_size_bytes, 0), false},
+      {"retention_seconds", u64(&Config::retention_seconds, 0), false},
+      {"retention_seconds", u64(&Config::retention_seconds, 1), true},
+      {"retention_seconds", u64(&Config::retention_seconds, 365ull * 86400), true},
+      {"retention_seconds", u64(&Config::retention_seconds, UINT64_MAX), false},
+      {"max_versions_per_segment", u32(&Config::max_versions_per_segment, 1), false},
+      {"max_versions_per_segment", u32(&Config::max_versions_per_segment, 2), true},
+      {"max_versions_per_segment", u32(&Config::max_versions_per_segment, 64), true},
+      {"max_versions_per_segment", u32(&Config::max_versions_per_segment, 65), false},
+      {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 0), false},
+      {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 1), true},
+      {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 86400), true},
+      {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 86401), false},
+      {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s, 0), true},
+      {"pool_max_bytes", u64(&Config::pool_max_bytes, 0), true},
+      {"pool", pool({"/p0"}), true},
+      {"pool", pool({"/p0", "/p1"}), true},
+      {"pool", pool({"/p0", "/p1", "/p2"}), false},
+      {"pool", pool({"/p0", "/p0"}), false},
+      {"pool", pool({"/img"}), false},
+      {"pool", pool({""}), false},
+  };
+  for (const RangeCase& k : cases) {
+    Config c;
+    k.set(c);
+    Status st = c.validate();
+    CAPTURE(k.key, k.ok, st.message());
+    CHECK(st.is_ok() == k.ok);
+    if (!k.ok) CHECK(mentions(st, k.key));
+  }
+  // The pool journals writes: it needs a writable export.
+  Config ro;
+  ro.pool = {"/p0"};
+  ro.read_only = true;
+  Status st = ro.validate();
+  CHECK_FALSE(st.is_ok());
+  CHECK(mentions(st, "pool"));
+  CHECK(mentions(st, "read"));
+  ro.pool.clear();
+  CHECK(ro.validate().is_ok());
+}
+
 // ---- files ----
 
 const std::string kExample = std::string(SHADOWD_SOURCE_DIR) + "/config/shadowd.example.json";
@@ -375,6 +567,14 @@ TEST_CASE("config: the example file parses and validates", "[config]") {
   CHECK(c.max_payload_bytes == 33554432);
   CHECK(c.max_inflight_per_connection == 128);
   CHECK(c.max_connections == 256);
+  // The pool's tunables are spelled out; the pool itself is commented out.
+  CHECK(c.pool.empty());
+  CHECK_FALSE(c.init);
+  CHECK(c.zone_size_bytes == 16u << 20);
+  CHECK(c.retention_seconds == 7 * 86400);
+  CHECK(c.shadow_budget_bytes_per_s == 64ull << 20);
+  CHECK(c.max_versions_per_segment == 8);
+  CHECK(c.checkpoint_interval_s == 60);
 }
 
 TEST_CASE("config: a missing file is an error naming it", "[config]") {

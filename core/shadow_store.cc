@@ -1,0 +1,2626 @@
+#include "core/shadow_store.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <unordered_map>
+
+#include "core/zstd_codec.h"
+
+#include <zstd.h>
+
+namespace shadowd {
+namespace {
+
+using pool::Codec;
+using pool::JournalOp;
+using pool::RecordType;
+using pool::ZoneKind;
+
+constexpr uint64_t kB = pool::kBlockBytes;
+constexpr uint64_t kNs = 1'000'000'000;
+
+uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+bool is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+
+struct FreeDeleter {
+  void operator()(uint8_t* p) const { std::free(p); }
+};
+using ABuf = std::unique_ptr<uint8_t[], FreeDeleter>;
+ABuf aligned_buf(size_t n) {
+  return ABuf(static_cast<uint8_t*>(std::aligned_alloc(kB, round_up(std::max<size_t>(n, 1), kB))));
+}
+
+class SyncOp final : public BlockOp {
+ public:
+  void on_done(Status st) override {
+    status = std::move(st);
+    done = true;
+  }
+  Status status;
+  bool done = false;
+};
+
+// Every thread that touches a pool device or the primary synchronously has
+// its own small loop.
+EventLoop& thread_loop() {
+  thread_local std::unique_ptr<EventLoop> loop;
+  if (!loop) {
+    auto l = EventLoop::create(64);
+    if (!l) {
+      spdlog::critical("cannot create an io_uring for the pool: {}", l.status().message());
+      std::abort();
+    }
+    loop = std::move(*l);
+  }
+  return *loop;
+}
+
+Status sync_io(IoBackend& b, BlockOpKind kind, uint64_t off, uint64_t len, uint8_t* buf,
+               uint32_t flags = 0) {
+  EventLoop& loop = thread_loop();
+  SyncOp op;
+  op.kind = kind;
+  op.offset = off;
+  op.length = len;
+  op.buf = buf;
+  op.flags = flags;
+  b.submit(loop, &op);
+  while (!op.done) loop.run_once(true);
+  return op.status;
+}
+
+// Where a record lives.
+struct Loc {
+  uint8_t tier = 0;
+  uint32_t zone = 0;
+  uint32_t offset = 0;
+  uint32_t bytes = 0;
+  uint64_t gen = 0;
+};
+
+struct VEntry {
+  uint64_t seq = 0;
+  int64_t ts = 0;
+  Loc loc;
+  uint16_t depth = 0;
+  uint64_t base_seq = 0;
+  uint64_t xxh = 0;
+  uint32_t raw = 0;  // content bytes
+  bool cow = false;
+};
+
+struct REntry {
+  uint64_t seq = 0;
+  int64_t ts = 0;
+  Loc loc;
+  JournalOp op = JournalOp::kWrite;
+  uint32_t off = 0;  // within the segment
+  uint32_t len = 0;
+};
+
+struct Seg {
+  std::vector<VEntry> versions;  // ascending seq
+  std::deque<REntry> records;    // ascending seq
+  uint32_t inflight = 0;         // writes sequenced but not yet applied to the primary
+  uint64_t gen = 0;              // writes applied
+  bool cow_pending = false;
+  bool empty() const { return versions.empty() && records.empty(); }
+};
+
+struct Zone {
+  ZoneKind kind = ZoneKind::kFree;
+  uint64_t gen = 0;
+  uint64_t used = 0;  // committed bytes (everything before is in the index)
+  uint64_t live = 0;  // index entries in the zone
+  uint64_t live_bytes = 0;
+  int64_t max_ts = 0;
+  bool open = false;
+};
+
+struct Tier {
+  PoolDevice dev;
+  pool::Superblock sb;
+  std::vector<Zone> zones;  // usable zones only
+};
+
+// ---- a small binary writer/reader for the checkpoint ----
+class Writer {
+ public:
+  template <typename T>
+  void put(T v) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    out.insert(out.end(), p, p + sizeof(T));
+  }
+  std::vector<uint8_t> out;
+};
+class Reader {
+ public:
+  explicit Reader(std::span<const uint8_t> in) : in_(in) {}
+  template <typename T>
+  bool get(T& v) {
+    if (pos_ + sizeof(T) > in_.size()) return false;
+    std::memcpy(&v, in_.data() + pos_, sizeof(T));
+    pos_ += sizeof(T);
+    return true;
+  }
+  bool done() const { return pos_ == in_.size(); }
+
+ private:
+  std::span<const uint8_t> in_;
+  size_t pos_ = 0;
+};
+constexpr uint64_t kCheckpointMagic = 0x54504b4357444853ull;  // "SHDWCKPT"
+constexpr uint32_t kCheckpointVersion = 1;
+
+void put_loc(Writer& w, const Loc& l) {
+  w.put(l.tier);
+  w.put(l.zone);
+  w.put(l.offset);
+  w.put(l.bytes);
+  w.put(l.gen);
+}
+bool get_loc(Reader& r, Loc& l) {
+  return r.get(l.tier) && r.get(l.zone) && r.get(l.offset) && r.get(l.bytes) && r.get(l.gen);
+}
+
+class StoreImpl;
+
+// One journaled request on its way: queued to the pool thread, then applied
+// to the primary (this object is the primary op), then acknowledged.
+class Item final : public BlockOp {
+ public:
+  enum class Type : uint8_t { kWrite, kFlush };
+  struct Piece {
+    uint64_t segment;
+    pool::JournalRecord rec;
+    Codec codec;
+    std::vector<uint8_t> payload;
+  };
+  Item(StoreImpl* s, EventLoop* l, BlockOp* c, Type t) : store(s), loop(l), client(c), type(t) {}
+  void proceed();
+  void on_done(Status st) override;
+
+  StoreImpl* store;
+  EventLoop* loop;
+  BlockOp* client;
+  Type type;
+  bool bypass = false;  // history degraded: not journaled
+  uint64_t seq = 0;
+  int64_t ts = 0;
+  uint64_t first_seg = 0, last_seg = 0;
+  std::vector<uint64_t> cow_segs;
+  std::vector<Piece> pieces;
+};
+
+// Appends records to one stream of zones (one kind on one tier). Owned by
+// one thread; zone bookkeeping goes through the store's lock.
+class Appender {
+ public:
+  Appender(StoreImpl& s, uint8_t tier, ZoneKind kind) : s_(s), tier_(tier), kind_(kind) {}
+  // Reserve room for a record of `bytes` and encode it with fn(out, gen).
+  template <typename Fn>
+  Result<Loc> add(size_t bytes, Fn fn);
+  // Write what was added (padded to 4 KiB). Bookkeeping is committed by
+  // commit() under the store lock, together with the index entries.
+  Status write_out();
+  // REQUIRES: store lock held.
+  void commit_locked();
+  // Forget the open zone (after an error): the next add opens a new one.
+  void reset_locked();
+  uint64_t pending_bytes() const { return buf_.size(); }
+  // After recovery: go on appending to `zone` at `pos` (a batch boundary).
+  void resume(uint32_t zone, uint64_t gen, uint64_t pos) {
+    zone_ = zone;
+    gen_ = gen;
+    pos_ = pos;
+  }
+  ZoneKind kind() const { return kind_; }
+  uint8_t tier() const { return tier_; }
+
+ private:
+  Status open_zone();
+  StoreImpl& s_;
+  uint8_t tier_;
+  ZoneKind kind_;
+  int64_t zone_ = -1;
+  uint64_t gen_ = 0;
+  uint64_t pos_ = 0;  // zone offset where buf_ starts (written before it)
+  std::vector<uint8_t> buf_;
+  std::vector<std::pair<uint32_t, uint64_t>> used_;  // (zone, used) not yet committed
+  std::vector<uint32_t> closed_;                     // zones filled, not yet committed
+};
+
+class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
+ public:
+  StoreImpl(std::vector<Tier> tiers, std::shared_ptr<IoBackend> primary, const StoreOptions& o,
+            const Clock& clock, Monitor* monitor)
+      : tiers_(std::move(tiers)), primary_(std::move(primary)), opts_(o), clock_(clock),
+        monitor_(monitor), journal_(*this, 0, ZoneKind::kJournal),
+        history_(*this, 0, ZoneKind::kHistory) {
+    seg_bytes_ = tiers_[0].sb.segment_bytes;
+    shift_ = static_cast<uint32_t>(__builtin_ctz(seg_bytes_));
+    zone_bytes_ = tiers_[0].sb.zone_bytes;
+    epoch_ns_ = tiers_[0].sb.epoch_ns;
+    retention_start_ = epoch_ns_;
+    last_ts_ = epoch_ns_;
+    budget_ = o.shadow_budget_bytes_per_s;
+    for (size_t t = 0; t < tiers_.size(); ++t) {
+      versions_.push_back(std::make_unique<Appender>(*this, static_cast<uint8_t>(t), ZoneKind::kVersions));
+    }
+    backend_ = std::make_shared<JournalBackend>(*this);
+  }
+  ~StoreImpl() override {
+    if (pool_thread_.joinable() || shadow_thread_.joinable()) abandon();
+    if (monitor_) monitor_->set_history_sink(nullptr);
+  }
+
+  Status recover();
+
+  // ---- ShadowStore ----
+  std::shared_ptr<IoBackend> backend() override { return backend_; }
+  void start() override;
+  Status stop() override;
+  void abandon() override;
+  uint32_t segment_bytes() const override { return seg_bytes_; }
+  StoreStats stats() const override;
+  std::vector<ZoneInfo> zones() const override;
+  std::vector<SegmentHistory> segments(uint64_t first, size_t limit) const override;
+  std::optional<SegmentHistory> segment(uint64_t id) const override;
+  void set_budget(uint64_t bps) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    budget_ = bps;
+  }
+  void set_retention(uint64_t seconds) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    opts_.retention_seconds = seconds;
+    wake_shadow();
+  }
+  Status shadow_segment(uint64_t segment) override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    return make_version(segment, true);
+  }
+  Status prune(int64_t start_ns) override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    return prune_locked(start_ns);
+  }
+  Status checkpoint() override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    return checkpoint_locked();
+  }
+  void shadow_round() override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    tick();
+  }
+  Result<std::vector<uint8_t>> reconstruct_seq(uint64_t segment, uint64_t seq) override {
+    return reconstruct(segment, true, static_cast<int64_t>(seq));
+  }
+  Result<std::vector<uint8_t>> reconstruct_time(uint64_t segment, int64_t t) override {
+    return reconstruct(segment, false, t);
+  }
+  uint64_t seq_at(int64_t time_ns) const override;
+  Status check_index() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, s] : segs_) {
+      auto bad = [&](const std::string& what) {
+        return Status::error(Status::Code::kCorruption, "segment " + std::to_string(id) + ": " + what, EIO);
+      };
+      for (size_t i = 0; i < s.versions.size(); ++i) {
+        const VEntry& v = s.versions[i];
+        if (i > 0 && s.versions[i - 1].seq >= v.seq) return bad("versions out of order");
+        if (i > 0 && s.versions[i - 1].ts > v.ts) return bad("version times out of order");
+        if (v.depth > 0) {
+          auto f = std::find_if(s.versions.begin(), s.versions.begin() + i,
+                                [&](const VEntry& b) { return b.seq == v.base_seq; });
+          if (f == s.versions.begin() + i) {
+            return bad("version " + std::to_string(v.seq) + " lost its base " + std::to_string(v.base_seq));
+          }
+        }
+      }
+      for (size_t i = 1; i < s.records.size(); ++i) {
+        if (s.records[i - 1].seq > s.records[i].seq) return bad("records out of order");
+      }
+      if (!s.records.empty() && (s.versions.empty() || s.versions.front().seq >= s.records.front().seq)) {
+        return bad("records without a base version");
+      }
+    }
+    return Status::ok();
+  }
+
+  // ---- HistorySink (called under the monitor's lock) ----
+  void append(const HistoryRecord& r) override {
+    std::lock_guard<std::mutex> lock(hist_mu_);
+    if (hist_.size() < (1u << 22)) hist_.push_back(r);
+  }
+
+  // ---- the data path ----
+  void submit(EventLoop& loop, BlockOp* op);
+  void item_done(Item& it, const Status& st);
+  IoBackend& primary() { return *primary_; }
+
+  // ---- for Appender ----
+  Result<std::pair<uint32_t, uint64_t>> alloc_zone(uint8_t tier, ZoneKind kind);
+  uint64_t zone_offset(uint32_t zone) const { return pool::kZonesStart + uint64_t{zone} * zone_bytes_; }
+  uint32_t zone_bytes() const { return zone_bytes_; }
+  IoBackend& device(uint8_t tier) { return *tiers_[tier].dev.backend; }
+  const pool::Uuid& uuid() const { return tiers_[0].sb.pool_uuid; }
+  mutable std::mutex mu_;  // the index, zones, sequence, state
+  std::vector<Tier> tiers_;
+  uint64_t pool_bytes_written_ = 0;  // guarded by mu_
+
+ private:
+  class JournalBackend final : public IoBackend {
+   public:
+    explicit JournalBackend(StoreImpl& s) : s_(s), info_(s.primary_->info()) {
+      info_.can_trim = true;
+      info_.can_zero = true;
+    }
+    const BackendInfo& info() const override { return info_; }
+    void submit(EventLoop& loop, BlockOp* op) override { s_.submit(loop, op); }
+    Result<Extent> extent_at(uint64_t offset, uint64_t max_len) override {
+      return s_.primary_->extent_at(offset, max_len);
+    }
+
+   protected:
+    void on_cqe(BlockOp&, int) override {}
+
+   private:
+    StoreImpl& s_;
+    BackendInfo info_;
+  };
+
+  uint32_t seg_len(uint64_t seg) const {
+    const uint64_t start = seg << shift_;
+    return static_cast<uint32_t>(std::min<uint64_t>(seg_bytes_, primary_->size_bytes() - start));
+  }
+  int64_t next_ts_locked() {
+    int64_t t = clock_.now_ns();
+    if (t <= last_ts_) t = last_ts_ + 1;
+    last_ts_ = t;
+    return t;
+  }
+  void enter_degraded(const std::string& why);
+  void wake_shadow() {
+    {
+      std::lock_guard<std::mutex> l(shadow_cv_mu_);
+      shadow_wake_ = true;
+    }
+    shadow_cv_.notify_one();
+  }
+
+  // pool thread
+  void pool_main();
+  void process(std::vector<Item*>& items);
+  // shadow thread and engine operations (op_mu_ held)
+  void shadow_main();
+  void tick();
+  void round_locked();
+  Status make_version(uint64_t seg, bool force);
+  Status prune_locked(int64_t w);
+  Status checkpoint_locked();
+  Status shrink_locked();
+  Status compact_locked();
+  Status try_restart_locked();
+  Status enforce_max_versions(uint64_t seg);
+  void flush_history();
+  Status flush_all_pool();
+  Status write_version(uint8_t tier, uint64_t seg, const VEntry& proto, std::span<const uint8_t> content,
+                       const std::vector<uint8_t>* base, VEntry& out);
+  bool is_hot(uint64_t seg) const;
+  uint32_t free_zones_locked(uint8_t tier) const;
+  uint32_t low_water_locked(uint8_t tier) const;
+
+  // reading
+  Result<std::vector<uint8_t>> read_record(const Loc& loc, pool::Record& rec);
+  Result<std::vector<uint8_t>> version_content(const std::vector<VEntry>& versions, size_t idx);
+  Status apply_record(const REntry& r, std::vector<uint8_t>& content);
+  Result<std::vector<uint8_t>> reconstruct(uint64_t seg, bool by_seq, int64_t bound);
+  Result<std::vector<uint8_t>> read_primary(uint64_t seg);
+
+  // index bookkeeping (mu_ held)
+  void add_version_locked(uint64_t seg, const VEntry& v);
+  void add_record_locked(uint64_t seg, const REntry& r);
+  void unref_locked(const Loc& l);
+  void ref_locked(const Loc& l, int64_t ts);
+
+  // recovery
+  void repair_versions_locked(Seg& s);
+  Status load_checkpoint(std::vector<std::vector<Zone>>& ckpt_zones, uint64_t& applied_through,
+                         uint64_t& ckpt_next_gen);
+  std::vector<uint8_t> serialize_locked(uint64_t applied_through,
+                                        const std::set<std::pair<uint8_t, uint32_t>>& freeing);
+
+  std::shared_ptr<IoBackend> primary_;
+  StoreOptions opts_;
+  const Clock& clock_;
+  Monitor* monitor_;
+  std::shared_ptr<JournalBackend> backend_;
+  uint32_t seg_bytes_ = 0, shift_ = 0, zone_bytes_ = 0;
+  int64_t epoch_ns_ = 0;
+
+  // guarded by mu_
+  std::unordered_map<uint64_t, Seg> segs_;
+  uint64_t last_seq_ = 0;
+  int64_t last_ts_ = 0;
+  int64_t retention_start_ = 0;
+  uint64_t window_seq_ = 0;  // the last seq with time <= retention_start_
+  std::map<uint64_t, int64_t> inflight_seqs_;  // seq -> time of writes not yet applied
+  uint64_t next_gen_ = 1;
+  bool degraded_ = false;
+  std::string degraded_reason_;
+  uint64_t bypass_inflight_ = 0;
+  bool retention_shrunk_ = false;
+  uint64_t budget_ = 0;
+  std::set<uint64_t> urgent_;
+  uint64_t checkpoint_id_ = 0;
+  uint64_t sb_generation_ = 0;
+  std::vector<uint32_t> ckpt_zones_;
+  int64_t last_checkpoint_ns_ = 0;
+  uint64_t shadow_queue_ = 0;
+  // counters
+  uint64_t client_bytes_ = 0, cow_stalls_ = 0, versions_made_ = 0, versions_folded_ = 0,
+           versions_dropped_ = 0, records_pruned_ = 0, zones_reclaimed_ = 0, retention_shrinks_ = 0,
+           checkpoints_ = 0, group_commits_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
+           shadow_bytes_read_ = 0, recovered_records_ = 0, redo_records_ = 0;
+  bool checkpoint_due_ = false;
+
+  std::mutex op_mu_;  // serialises engine operations (shadow thread, tests)
+  Appender journal_;  // pool thread
+  Appender history_;  // op_mu_
+  std::vector<std::unique_ptr<Appender>> versions_;  // op_mu_, one per tier
+
+  // pool thread queue
+  std::mutex qmu_;
+  std::condition_variable qcv_;
+  std::vector<Item*> queue_;
+  bool pool_stop_ = false;
+  bool pool_abandon_ = false;
+  std::thread pool_thread_;
+
+  // shadow thread
+  std::mutex shadow_cv_mu_;
+  std::condition_variable shadow_cv_;
+  bool shadow_wake_ = false;
+  bool shadow_stop_ = false;
+  std::thread shadow_thread_;
+  double tokens_ = 0;
+  uint64_t last_refill_ns_ = 0;
+  int64_t last_restart_try_ns_ = 0;
+
+  std::mutex hist_mu_;
+  std::vector<HistoryRecord> hist_;
+};
+
+// ---------------------------------------------------------------------------
+// Appender
+
+template <typename Fn>
+Result<Loc> Appender::add(size_t bytes, Fn fn) {
+  if (zone_ < 0 || pos_ + buf_.size() + bytes + 2 * kB > s_.zone_bytes()) {
+    if (zone_ >= 0) {
+      if (!buf_.empty()) {
+        Status st = write_out();
+        if (!st) return st;
+      }
+      // A stream is a log across zones: nothing may reach the next zone
+      // before the last one is durable, or a crash could keep a later batch
+      // and lose an earlier one, and recovery would find a hole.
+      Status st = sync_io(s_.device(tier_), BlockOpKind::kFlush, 0, 0, nullptr);
+      if (!st) return st;
+      closed_.push_back(static_cast<uint32_t>(zone_));
+      zone_ = -1;
+    }
+    Status st = open_zone();
+    if (!st) return st;
+  }
+  Loc loc;
+  loc.tier = tier_;
+  loc.zone = static_cast<uint32_t>(zone_);
+  loc.offset = static_cast<uint32_t>(pos_ + buf_.size());
+  loc.gen = gen_;
+  const size_t before = buf_.size();
+  fn(buf_, gen_);
+  loc.bytes = static_cast<uint32_t>(buf_.size() - before);
+  return loc;
+}
+
+Status Appender::open_zone() {
+  auto z = s_.alloc_zone(tier_, kind_);
+  if (!z) return z.status();
+  zone_ = z->first;
+  gen_ = z->second;
+  pos_ = 0;
+  buf_.clear();
+  pool::ZoneHeader h;
+  h.kind = kind_;
+  h.tier = tier_;
+  h.zone_index = static_cast<uint32_t>(zone_);
+  h.pool_uuid = s_.uuid();
+  h.opened_ns = 0;
+  pool::encode_zone_header(buf_, gen_, h);
+  return Status::ok();
+}
+
+Status Appender::write_out() {
+  if (buf_.empty() || zone_ < 0) return Status::ok();
+  pool::pad_to_block(buf_, gen_);
+  ABuf a = aligned_buf(buf_.size());
+  std::memcpy(a.get(), buf_.data(), buf_.size());
+  Status st = sync_io(s_.device(tier_), BlockOpKind::kWrite, s_.zone_offset(static_cast<uint32_t>(zone_)) + pos_,
+                      buf_.size(), a.get());
+  if (!st) return st;
+  pos_ += buf_.size();
+  {
+    std::lock_guard<std::mutex> lock(s_.mu_);  // the byte counter only
+    s_.pool_bytes_written_ += buf_.size();
+  }
+  buf_.clear();
+  used_.emplace_back(static_cast<uint32_t>(zone_), pos_);
+  return Status::ok();
+}
+
+void Appender::commit_locked() {
+  for (auto [z, used] : used_) {
+    Zone& zone = s_.tiers_[tier_].zones[z];
+    zone.used = std::max(zone.used, used);
+  }
+  used_.clear();
+  for (uint32_t z : closed_) s_.tiers_[tier_].zones[z].open = false;
+  closed_.clear();
+}
+
+void Appender::reset_locked() {
+  commit_locked();
+  if (zone_ >= 0) s_.tiers_[tier_].zones[zone_].open = false;
+  zone_ = -1;
+  buf_.clear();
+}
+
+// ---------------------------------------------------------------------------
+// zones and index bookkeeping
+
+Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_zone(uint8_t tier, ZoneKind kind) {
+  std::lock_guard<std::mutex> lock(mu_);
+  Tier& t = tiers_[tier];
+  // Keep two zones of tier 0 for checkpoints, which free the others.
+  const uint32_t reserve = (tier == 0 && kind != ZoneKind::kCheckpoint) ? 2 : 0;
+  if (free_zones_locked(tier) <= reserve) {
+    wake_shadow();
+    return Status::error(Status::Code::kNoSpace,
+                         "pool tier " + std::to_string(tier) + " (" + t.dev.path + ") has no free zone",
+                         ENOSPC);
+  }
+  for (uint32_t i = 0; i < t.zones.size(); ++i) {
+    Zone& z = t.zones[i];
+    if (z.kind != ZoneKind::kFree) continue;
+    z = Zone{};
+    z.kind = kind;
+    z.gen = next_gen_++;
+    z.open = true;
+    if (free_zones_locked(tier) < low_water_locked(tier)) wake_shadow();
+    return std::make_pair(i, z.gen);
+  }
+  return Status::error(Status::Code::kNoSpace, "no free zone", ENOSPC);
+}
+
+uint32_t StoreImpl::free_zones_locked(uint8_t tier) const {
+  uint32_t n = 0;
+  for (const Zone& z : tiers_[tier].zones) n += z.kind == ZoneKind::kFree;
+  return n;
+}
+
+void StoreImpl::ref_locked(const Loc& l, int64_t ts) {
+  Zone& z = tiers_[l.tier].zones[l.zone];
+  ++z.live;
+  z.live_bytes += l.bytes;
+  z.max_ts = std::max(z.max_ts, ts);
+}
+
+void StoreImpl::unref_locked(const Loc& l) {
+  Zone& z = tiers_[l.tier].zones[l.zone];
+  if (z.gen != l.gen) return;
+  if (z.live > 0) --z.live;
+  z.live_bytes -= std::min<uint64_t>(z.live_bytes, l.bytes);
+  if (z.live == 0 && !z.open) checkpoint_due_ = true;
+}
+
+void StoreImpl::add_version_locked(uint64_t seg, const VEntry& v) {
+  Seg& s = segs_[seg];
+  auto it = std::lower_bound(s.versions.begin(), s.versions.end(), v.seq,
+                             [](const VEntry& e, uint64_t q) { return e.seq < q; });
+  if (it != s.versions.end() && it->seq == v.seq) {
+    unref_locked(it->loc);
+    *it = v;
+  } else {
+    s.versions.insert(it, v);
+  }
+  ref_locked(v.loc, v.ts);
+}
+
+void StoreImpl::add_record_locked(uint64_t seg, const REntry& r) {
+  Seg& s = segs_[seg];
+  if (s.records.empty() || s.records.back().seq < r.seq ||
+      (s.records.back().seq == r.seq && s.records.back().off < r.off)) {
+    s.records.push_back(r);
+  } else {
+    auto it = std::lower_bound(s.records.begin(), s.records.end(), r.seq,
+                               [](const REntry& e, uint64_t q) { return e.seq < q; });
+    s.records.insert(it, r);
+  }
+  ref_locked(r.loc, r.ts);
+  if (r.seq > last_seq_) last_seq_ = r.seq;
+  if (r.ts > last_ts_) last_ts_ = r.ts;
+}
+
+void StoreImpl::enter_degraded(const std::string& why) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++pool_errors_;
+  if (degraded_) return;
+  degraded_ = true;
+  degraded_reason_ = why;
+  spdlog::error("history degraded: {} (the export keeps serving; history restarts when the pool works)",
+                why);
+  wake_shadow();
+}
+
+// ---------------------------------------------------------------------------
+// data path
+
+void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
+  if (op->kind == BlockOpKind::kRead || op->kind == BlockOpKind::kCache ||
+      (op->length == 0 && op->kind != BlockOpKind::kFlush)) {
+    primary_->submit(loop, op);
+    return;
+  }
+  if (op->kind == BlockOpKind::kFlush) {
+    auto* it = new Item(this, &loop, op, Item::Type::kFlush);
+    std::lock_guard<std::mutex> q(qmu_);
+    queue_.push_back(it);
+    qcv_.notify_one();
+    return;
+  }
+  auto* it = new Item(this, &loop, op, Item::Type::kWrite);
+  it->first_seg = op->offset >> shift_;
+  it->last_seg = (op->offset + op->length - 1) >> shift_;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (degraded_) {
+      it->bypass = true;
+      ++bypass_inflight_;
+    } else {
+      it->seq = ++last_seq_;
+      it->ts = next_ts_locked();
+      inflight_seqs_[it->seq] = it->ts;
+      for (uint64_t s = it->first_seg; s <= it->last_seg; ++s) {
+        Seg& st = segs_[s];
+        ++st.inflight;
+        if (st.versions.empty() && !st.cow_pending) {
+          st.cow_pending = true;
+          it->cow_segs.push_back(s);
+        }
+        if (st.records.size() >= opts_.max_records_per_segment) urgent_.insert(s);
+      }
+      if (op->kind == BlockOpKind::kWrite) client_bytes_ += op->length;
+    }
+  }
+  if (it->bypass) {
+    it->proceed();
+    return;
+  }
+  // Cut into per-segment records, compressing writes here on the I/O thread.
+  const JournalOp jop = op->kind == BlockOpKind::kWrite       ? JournalOp::kWrite
+                        : op->kind == BlockOpKind::kTrim      ? JournalOp::kTrim
+                                                              : JournalOp::kWriteZeroes;
+  uint64_t pos = op->offset;
+  const uint64_t end = op->offset + op->length;
+  while (pos < end) {
+    const uint64_t seg = pos >> shift_;
+    const uint64_t piece_end = std::min(end, (seg + 1) << shift_);
+    Item::Piece p;
+    p.segment = seg;
+    p.rec.seq = it->seq;
+    p.rec.time_ns = it->ts;
+    p.rec.op = jop;
+    p.rec.offset = pos;
+    p.rec.length = static_cast<uint32_t>(piece_end - pos);
+    p.codec = Codec::kNone;
+    if (jop == JournalOp::kWrite) {
+      std::span<const uint8_t> data(op->buf + (pos - op->offset), p.rec.length);
+      p.payload = zstd_compress(data, opts_.journal_zstd_level);
+      if (p.payload.size() >= data.size()) {
+        p.payload.assign(data.begin(), data.end());
+      } else {
+        p.codec = Codec::kZstd;
+      }
+    }
+    it->pieces.push_back(std::move(p));
+    pos = piece_end;
+  }
+  std::lock_guard<std::mutex> q(qmu_);
+  queue_.push_back(it);
+  qcv_.notify_one();
+}
+
+void Item::proceed() {
+  if (type == Type::kFlush) {
+    kind = BlockOpKind::kFlush;
+    offset = 0;
+    length = 0;
+    flags = 0;
+  } else {
+    offset = client->offset;
+    length = client->length;
+    buf = client->buf;
+    if (client->kind == BlockOpKind::kWrite) {
+      kind = BlockOpKind::kWrite;
+      flags = client->flags & kFua;
+    } else if (client->kind == BlockOpKind::kTrim) {
+      // A TRIM leaves zeroes, so that the journal knows what it left.
+      kind = BlockOpKind::kWriteZeroes;
+      flags = client->flags & kFua;
+    } else {
+      kind = BlockOpKind::kWriteZeroes;
+      flags = client->flags & (kFua | kNoHole);
+    }
+  }
+  store->primary().submit(*loop, this);
+}
+
+void Item::on_done(Status st) { store->item_done(*this, st); }
+
+void StoreImpl::item_done(Item& it, const Status& st) {
+  if (it.type == Item::Type::kWrite) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (it.bypass) {
+      --bypass_inflight_;
+    } else {
+      for (uint64_t s = it.first_seg; s <= it.last_seg; ++s) {
+        Seg& sg = segs_[s];
+        --sg.inflight;
+        ++sg.gen;
+      }
+      inflight_seqs_.erase(it.seq);
+    }
+    if (!st) {
+      ++primary_write_errors_;
+      spdlog::warn("primary {} at {} (+{}) failed: {}; the journal holds the request, the primary may not",
+                   op_name(it.client->kind), it.client->offset, it.client->length, st.message());
+    }
+  }
+  BlockOp* client = it.client;
+  delete &it;
+  client->on_done(st);
+}
+
+void StoreImpl::pool_main() {
+  for (;;) {
+    std::vector<Item*> items;
+    {
+      std::unique_lock<std::mutex> q(qmu_);
+      qcv_.wait(q, [&] { return !queue_.empty() || pool_stop_; });
+      if (pool_abandon_ || (pool_stop_ && queue_.empty())) return;
+      items.swap(queue_);
+    }
+    process(items);
+  }
+}
+
+void StoreImpl::process(std::vector<Item*>& items) {
+  bool degraded;
+  uint64_t cow_seq;
+  int64_t cow_ts;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    degraded = degraded_;
+    cow_seq = window_seq_;
+    cow_ts = retention_start_;
+  }
+  std::vector<std::pair<uint64_t, VEntry>> versions;
+  std::vector<std::pair<uint64_t, REntry>> records;
+  bool need_flush = false;
+  Status st;
+  uint64_t cows = 0;
+  for (Item* it : items) {
+    if (it->type == Item::Type::kFlush) {
+      need_flush = true;
+      continue;
+    }
+    if (it->client->flags & kFua) need_flush = true;
+    if (degraded || !st) continue;
+    for (uint64_t seg : it->cow_segs) {
+      // Copy-on-first-write: the before-image goes into the journal stream
+      // ahead of the record, so no scan can find the record without it.
+      auto content = read_primary(seg);
+      if (!content) {
+        st = content.status();
+        break;
+      }
+      ++cows;
+      std::vector<uint8_t> payload = zstd_compress(*content, opts_.journal_zstd_level);
+      pool::VersionRecord vr;
+      vr.segment = seg;
+      vr.seq = cow_seq;
+      vr.time_ns = cow_ts;
+      vr.segment_bytes = static_cast<uint32_t>(content->size());
+      vr.tier = 0;
+      vr.depth = 0;
+      vr.content_xxh = pool::xxh64(*content);
+      auto loc = journal_.add(pool::version_record_bytes(payload.size()),
+                              [&](std::vector<uint8_t>& out, uint64_t gen) {
+                                pool::encode_version(out, gen, vr, payload);
+                              });
+      if (!loc) {
+        st = loc.status();
+        break;
+      }
+      VEntry v;
+      v.seq = vr.seq;
+      v.ts = vr.time_ns;
+      v.loc = *loc;
+      v.xxh = vr.content_xxh;
+      v.raw = vr.segment_bytes;
+      v.cow = true;
+      versions.emplace_back(seg, v);
+    }
+    if (!st) continue;
+    for (Item::Piece& p : it->pieces) {
+      auto loc = journal_.add(pool::journal_record_bytes(p.payload.size()),
+                              [&](std::vector<uint8_t>& out, uint64_t gen) {
+                                pool::encode_journal(out, gen, p.rec, p.codec, p.payload);
+                              });
+      if (!loc) {
+        st = loc.status();
+        break;
+      }
+      REntry r;
+      r.seq = p.rec.seq;
+      r.ts = p.rec.time_ns;
+      r.loc = *loc;
+      r.op = p.rec.op;
+      r.off = static_cast<uint32_t>(p.rec.offset - (p.segment << shift_));
+      r.len = p.rec.length;
+      records.emplace_back(p.segment, r);
+    }
+  }
+  if (!degraded && st) st = journal_.write_out();
+  if (!degraded && st && need_flush) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!degraded && !st) enter_degraded("journal append failed: " + st.message());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (st && !degraded && !degraded_) {
+      journal_.commit_locked();
+      for (auto& [seg, v] : versions) add_version_locked(seg, v);
+      for (auto& [seg, r] : records) add_record_locked(seg, r);
+      cow_stalls_ += cows;
+      ++group_commits_;
+    } else if (!degraded) {
+      journal_.reset_locked();
+    }
+    for (Item* it : items) {
+      for (uint64_t seg : it->cow_segs) segs_[seg].cow_pending = false;
+    }
+  }
+  for (Item* it : items) {
+    it->loop->post([it] { it->proceed(); });
+  }
+}
+
+Result<std::vector<uint8_t>> StoreImpl::read_primary(uint64_t seg) {
+  const uint32_t n = seg_len(seg);
+  ABuf a = aligned_buf(n);
+  Status st = sync_io(*primary_, BlockOpKind::kRead, seg << shift_, n, a.get());
+  if (!st) return st;
+  return std::vector<uint8_t>(a.get(), a.get() + n);
+}
+
+// ---------------------------------------------------------------------------
+// reading records and reconstruction
+
+Result<std::vector<uint8_t>> StoreImpl::read_record(const Loc& loc, pool::Record& rec) {
+  const uint64_t start = uint64_t{loc.offset} & ~(kB - 1);
+  const uint64_t end = round_up(uint64_t{loc.offset} + loc.bytes, kB);
+  ABuf a = aligned_buf(end - start);
+  Status st = sync_io(device(loc.tier), BlockOpKind::kRead, zone_offset(loc.zone) + start, end - start, a.get());
+  if (!st) return st;
+  std::span<const uint8_t> view(a.get() + (loc.offset - start), loc.bytes);
+  pool::DecodeError e = pool::decode_record(view, loc.gen, rec);
+  if (e != pool::DecodeError::kOk) {
+    return Status::error(Status::Code::kCorruption,
+                         "record at tier " + std::to_string(loc.tier) + " zone " + std::to_string(loc.zone) +
+                             " offset " + std::to_string(loc.offset) + ": " + pool::decode_error_name(e),
+                         EIO);
+  }
+  std::vector<uint8_t> payload(rec.payload.begin(), rec.payload.end());
+  rec.payload = {};
+  return payload;
+}
+
+Result<std::vector<uint8_t>> StoreImpl::version_content(const std::vector<VEntry>& versions, size_t idx) {
+  // Walk back to the full image, then decode forward.
+  std::vector<size_t> chain{idx};
+  while (versions[chain.back()].depth > 0) {
+    const uint64_t base = versions[chain.back()].base_seq;
+    auto it = std::find_if(versions.begin(), versions.end(), [&](const VEntry& v) { return v.seq == base; });
+    if (it == versions.end()) {
+      return Status::error(Status::Code::kCorruption,
+                           "version " + std::to_string(versions[chain.back()].seq) + " lost its base " +
+                               std::to_string(base),
+                           EIO);
+    }
+    chain.push_back(static_cast<size_t>(it - versions.begin()));
+  }
+  std::vector<uint8_t> content;
+  for (auto c = chain.rbegin(); c != chain.rend(); ++c) {
+    const VEntry& v = versions[*c];
+    pool::Record rec;
+    auto payload = read_record(v.loc, rec);
+    if (!payload) return payload.status();
+    if (rec.type != RecordType::kVersion) return Status::error(Status::Code::kCorruption, "not a version", EIO);
+    std::vector<uint8_t> out(rec.version.segment_bytes);
+    Status st = zstd_decompress(*payload, out, content);
+    if (!st) return st;
+    if (pool::xxh64(out) != rec.version.content_xxh) {
+      return Status::error(Status::Code::kCorruption, "version content checksum mismatch", EIO);
+    }
+    content.swap(out);
+  }
+  return content;
+}
+
+Status StoreImpl::apply_record(const REntry& r, std::vector<uint8_t>& content) {
+  if (r.off + uint64_t{r.len} > content.size()) {
+    return Status::error(Status::Code::kCorruption, "journal record outside its segment", EIO);
+  }
+  if (r.op != JournalOp::kWrite) {
+    std::memset(content.data() + r.off, 0, r.len);
+    return Status::ok();
+  }
+  pool::Record rec;
+  auto payload = read_record(r.loc, rec);
+  if (!payload) return payload.status();
+  if (rec.type != RecordType::kJournal || rec.journal.length != r.len) {
+    return Status::error(Status::Code::kCorruption, "journal record does not match the index", EIO);
+  }
+  std::span<uint8_t> dst(content.data() + r.off, r.len);
+  if (rec.codec == Codec::kZstd) return zstd_decompress(*payload, dst);
+  if (payload->size() != r.len) return Status::error(Status::Code::kCorruption, "short journal payload", EIO);
+  std::memcpy(dst.data(), payload->data(), r.len);
+  return Status::ok();
+}
+
+Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, int64_t bound) {
+  if ((seg << shift_) >= primary_->size_bytes()) return Status::out_of_range("no such segment");
+  auto in_bound = [&](uint64_t seq, int64_t ts) {
+    return by_seq ? seq <= static_cast<uint64_t>(bound) : ts <= bound;
+  };
+  for (int attempt = 0; attempt < 100; ++attempt) {
+    std::vector<VEntry> versions;
+    std::vector<REntry> records;
+    uint64_t gen0 = 0;
+    bool from_primary = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (degraded_) return Status::error(Status::Code::kBusy, "history is degraded: " + degraded_reason_, EAGAIN);
+      if (by_seq ? static_cast<uint64_t>(bound) < window_seq_ : bound < retention_start_) {
+        return Status::out_of_range("before the retention window");
+      }
+      auto f = segs_.find(seg);
+      const bool later = f != segs_.end() && !f->second.records.empty() &&
+                         !in_bound(f->second.records.back().seq, f->second.records.back().ts);
+      if (!later && (f == segs_.end() || f->second.inflight == 0)) {
+        from_primary = true;
+        gen0 = f == segs_.end() ? 0 : f->second.gen;
+      } else {
+        const Seg& s = f->second;
+        int vi = -1;
+        for (size_t i = 0; i < s.versions.size(); ++i) {
+          if (in_bound(s.versions[i].seq, s.versions[i].ts)) vi = static_cast<int>(i);
+        }
+        if (vi < 0) return Status::out_of_range("no version of this segment at or before that time");
+        versions = s.versions;
+        const uint64_t vseq = s.versions[vi].seq;
+        for (const REntry& r : s.records) {
+          if (r.seq > vseq && in_bound(r.seq, r.ts)) records.push_back(r);
+        }
+        versions.resize(static_cast<size_t>(vi) + 1);
+      }
+    }
+    if (from_primary) {
+      auto c = read_primary(seg);
+      if (!c) return c.status();
+      std::lock_guard<std::mutex> lock(mu_);
+      auto f = segs_.find(seg);
+      const uint64_t g = f == segs_.end() ? 0 : f->second.gen;
+      const uint32_t infl = f == segs_.end() ? 0 : f->second.inflight;
+      if (g == gen0 && infl == 0) return c;
+      continue;  // a write raced with the read: look again
+    }
+    auto content = version_content(versions, versions.size() - 1);
+    if (!content) {
+      if (content.status().code() == Status::Code::kCorruption && attempt < 3) continue;  // zone reused
+      return content.status();
+    }
+    Status st;
+    for (const REntry& r : records) {
+      st = apply_record(r, *content);
+      if (!st) break;
+    }
+    if (!st) {
+      if (st.code() == Status::Code::kCorruption && attempt < 3) continue;
+      return st;
+    }
+    return content;
+  }
+  return Status::error(Status::Code::kBusy, "segment too busy to reconstruct", EAGAIN);
+}
+
+uint64_t StoreImpl::seq_at(int64_t t) const {
+  auto& self = const_cast<StoreImpl&>(*this);
+  std::lock_guard<std::mutex> lock(self.mu_);
+  if (t >= last_ts_) return last_seq_;
+  uint64_t best = t >= retention_start_ ? window_seq_ : 0;
+  for (const auto& [id, s] : segs_) {
+    for (auto it = s.records.rbegin(); it != s.records.rend(); ++it) {
+      if (it->ts <= t) {
+        best = std::max(best, it->seq);
+        break;
+      }
+    }
+  }
+  return best;
+}
+
+// ---------------------------------------------------------------------------
+// versions
+
+bool StoreImpl::is_hot(uint64_t seg) const {
+  if (!monitor_ || tiers_.size() < 2) return true;
+  auto top = monitor_->top_k(1024);
+  return std::find(top.begin(), top.end(), seg) != top.end();
+}
+
+Status StoreImpl::flush_all_pool() {
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    Status st = sync_io(device(static_cast<uint8_t>(t)), BlockOpKind::kFlush, 0, 0, nullptr);
+    if (!st) return st;
+  }
+  return Status::ok();
+}
+
+Status StoreImpl::write_version(uint8_t tier, uint64_t seg, const VEntry& proto,
+                                std::span<const uint8_t> content, const std::vector<uint8_t>* base,
+                                VEntry& out) {
+  std::vector<uint8_t> payload = zstd_compress(content, opts_.version_zstd_level);
+  out = proto;
+  out.depth = 0;
+  out.base_seq = 0;
+  if (base) {
+    std::vector<uint8_t> delta = zstd_compress(content, opts_.version_zstd_level, *base);
+    if (delta.size() < payload.size()) {
+      payload.swap(delta);
+      out.depth = static_cast<uint16_t>(proto.depth);
+      out.base_seq = proto.base_seq;
+    }
+  }
+  pool::VersionRecord vr;
+  vr.segment = seg;
+  vr.seq = out.seq;
+  vr.time_ns = out.ts;
+  vr.segment_bytes = static_cast<uint32_t>(content.size());
+  vr.tier = tier;
+  vr.depth = out.depth;
+  vr.base_seq = out.base_seq;
+  vr.content_xxh = pool::xxh64(content);
+  out.xxh = vr.content_xxh;
+  out.raw = vr.segment_bytes;
+  Appender& app = *versions_[tier];
+  auto loc = app.add(pool::version_record_bytes(payload.size()), [&](std::vector<uint8_t>& o, uint64_t gen) {
+    pool::encode_version(o, gen, vr, payload);
+  });
+  if (!loc) return loc.status();
+  out.loc = *loc;
+  return app.write_out();
+}
+
+Status StoreImpl::make_version(uint64_t seg, bool force) {
+  if ((seg << shift_) >= primary_->size_bytes()) return Status::out_of_range("no such segment");
+  std::vector<uint8_t> content;
+  std::vector<VEntry> prev;
+  VEntry proto;
+  for (int attempt = 0;; ++attempt) {
+    uint64_t g0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (degraded_) return Status::error(Status::Code::kBusy, "history is degraded", EAGAIN);
+      Seg& s = segs_[seg];
+      if (s.inflight == 0 && !s.cow_pending) {
+        const bool history = !s.empty();
+        if (!force && history && !s.versions.empty() &&
+            (s.records.empty() || s.records.back().seq <= s.versions.back().seq)) {
+          return Status::ok();  // the newest version is current
+        }
+        g0 = s.gen;
+        // A segment without history has not changed inside the window: its
+        // content is valid from the window start on.
+        proto.seq = history ? last_seq_ : window_seq_;
+        proto.ts = history ? next_ts_locked() : retention_start_;
+        if (!s.versions.empty() && proto.seq <= s.versions.back().seq) return Status::ok();
+        prev = s.versions;
+      } else {
+        g0 = ~0ull;
+      }
+    }
+    if (g0 != ~0ull) {
+      auto c = read_primary(seg);
+      if (!c) {
+        enter_degraded("primary read for a version failed: " + c.status().message());
+        return c.status();
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      shadow_bytes_read_ += c->size();
+      Seg& s = segs_[seg];
+      if (s.inflight == 0 && s.gen == g0) {
+        content = std::move(*c);
+        break;
+      }
+    }
+    if (attempt >= 50) return Status::error(Status::Code::kBusy, "segment kept changing during the copy", EAGAIN);
+    std::this_thread::sleep_for(std::chrono::microseconds(200));  // let the racing writes finish
+  }
+  // What the copy saw must be durable before the version is: the journal,
+  // then the primary.
+  Status st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  if (st) st = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!st) {
+    enter_degraded("flush before a version failed: " + st.message());
+    return st;
+  }
+  std::vector<uint8_t> base;
+  const std::vector<uint8_t>* basep = nullptr;
+  if (!prev.empty() && prev.back().depth + 1u < opts_.full_every) {
+    auto b = version_content(prev, prev.size() - 1);
+    if (b) {
+      base = std::move(*b);
+      basep = &base;
+      proto.depth = static_cast<uint16_t>(prev.back().depth + 1);
+      proto.base_seq = prev.back().seq;
+    }
+  }
+  const uint8_t tier = is_hot(seg) ? 0 : static_cast<uint8_t>(tiers_.size() - 1);
+  VEntry v;
+  st = write_version(tier, seg, proto, content, basep, v);
+  if (st) st = sync_io(device(tier), BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!st) {
+    enter_degraded("version write failed: " + st.message());
+    std::lock_guard<std::mutex> lock(mu_);
+    versions_[tier]->reset_locked();
+    return st;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    versions_[tier]->commit_locked();
+    add_version_locked(seg, v);
+    ++versions_made_;
+    urgent_.erase(seg);
+  }
+  return enforce_max_versions(seg);
+}
+
+Status StoreImpl::enforce_max_versions(uint64_t seg) {
+  for (;;) {
+    std::vector<VEntry> vs;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto f = segs_.find(seg);
+      if (f == segs_.end() || f->second.versions.size() <= std::max<uint32_t>(2, opts_.max_versions_per_segment)) {
+        return Status::ok();
+      }
+      vs = f->second.versions;
+    }
+    // Drop the second-oldest version: the oldest starts the window's replay,
+    // and every record after it is kept, so no time loses its answer. A
+    // version that was a delta on it is rewritten as a full image first.
+    const VEntry victim = vs[1];
+    if (vs[2].depth > 0 && vs[2].base_seq == victim.seq) {
+      auto c = version_content(vs, 2);
+      if (!c) return c.status();
+      VEntry full;
+      Status st = write_version(vs[2].loc.tier, seg, vs[2], *c, nullptr, full);
+      if (st) st = sync_io(device(vs[2].loc.tier), BlockOpKind::kFlush, 0, 0, nullptr);
+      if (!st) {
+        enter_degraded("version rewrite failed: " + st.message());
+        return st;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      versions_[vs[2].loc.tier]->commit_locked();
+      add_version_locked(seg, full);  // replaces by seq
+      // Later deltas keep pointing at the same seq: same content.
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    Seg& s = segs_[seg];
+    auto it = std::find_if(s.versions.begin(), s.versions.end(),
+                           [&](const VEntry& v) { return v.seq == victim.seq; });
+    if (it != s.versions.end()) {
+      unref_locked(it->loc);
+      s.versions.erase(it);
+      ++versions_dropped_;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// retention
+
+Status StoreImpl::prune_locked(int64_t w) {
+  std::vector<uint64_t> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (degraded_) return Status::error(Status::Code::kBusy, "history is degraded", EAGAIN);
+    w = std::min(w, last_ts_);
+    // Only records the primary holds may be folded away (see below).
+    if (!inflight_seqs_.empty()) w = std::min(w, inflight_seqs_.begin()->second - 1);
+    if (w <= retention_start_) return Status::ok();
+    ids.reserve(segs_.size());
+    for (const auto& [id, s] : segs_) ids.push_back(id);
+  }
+  uint64_t new_window_seq = 0;
+  uint64_t folded = 0, pruned = 0, dropped = 0;
+  struct Plan {
+    uint64_t seg;
+    VEntry start;
+    bool fold;
+    std::vector<std::pair<uint64_t, VEntry>> rewritten;
+  };
+  std::vector<Plan> plans;
+  for (uint64_t seg : ids) {
+    std::vector<VEntry> vs;
+    int vb = -1;
+    uint64_t last_rec_seq = 0;
+    int64_t last_rec_ts = 0;
+    bool fold = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto f = segs_.find(seg);
+      if (f == segs_.end()) continue;
+      const Seg& s = f->second;
+      for (size_t i = 0; i < s.versions.size(); ++i) {
+        if (s.versions[i].ts <= w) vb = static_cast<int>(i);
+      }
+      for (const REntry& r : s.records) {
+        if (r.ts > w) break;
+        last_rec_seq = r.seq;
+        last_rec_ts = r.ts;
+      }
+      if (vb < 0) continue;  // everything is newer than w
+      new_window_seq = std::max(new_window_seq, last_rec_seq);
+      fold = last_rec_seq > s.versions[vb].seq;
+      if (!fold && vb == 0) continue;  // nothing older than the base to free
+      vs = s.versions;
+    }
+    // The version that will start this segment's window.
+    VEntry start;
+    std::vector<std::pair<uint64_t, VEntry>> rewritten;  // (old seq, new entry)
+    if (fold) {
+      auto c = reconstruct(seg, true, static_cast<int64_t>(last_rec_seq));
+      if (!c) {
+        spdlog::error("prune: segment {} cannot be folded: {}", seg, c.status().message());
+        enter_degraded("fold failed: " + c.status().message());
+        return c.status();
+      }
+      VEntry proto;
+      proto.seq = last_rec_seq;
+      proto.ts = last_rec_ts;
+      Status st = write_version(vs[vb].loc.tier, seg, proto, *c, nullptr, start);
+      if (!st) {
+        enter_degraded("fold write failed: " + st.message());
+        return st;
+      }
+      ++folded;
+    } else {
+      start = vs[vb];
+      if (start.depth > 0) {
+        auto c = version_content(vs, vb);
+        if (!c) return c.status();
+        Status st = write_version(start.loc.tier, seg, start, *c, nullptr, start);
+        if (!st) {
+          enter_degraded("version rewrite failed: " + st.message());
+          return st;
+        }
+      }
+    }
+    // A kept version that was a delta on one about to go becomes a full image.
+    for (size_t i = vb + 1; i < vs.size(); ++i) {
+      if (vs[i].depth > 0 && vs[i].base_seq < start.seq) {
+        auto c = version_content(vs, i);
+        if (!c) return c.status();
+        VEntry full;
+        Status st = write_version(vs[i].loc.tier, seg, vs[i], *c, nullptr, full);
+        if (!st) {
+          enter_degraded("version rewrite failed: " + st.message());
+          return st;
+        }
+        rewritten.emplace_back(vs[i].seq, full);
+      }
+    }
+    plans.push_back(Plan{seg, start, fold, std::move(rewritten)});
+  }
+  // One flush makes every fold and rewrite durable before the index forgets
+  // what they replace.
+  // The primary is flushed too: a record the index forgets can no longer be
+  // re-applied after a crash, so its write must be durable first.
+  if (!plans.empty()) {
+    Status st = flush_all_pool();
+    if (st) st = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+    if (!st) {
+      enter_degraded("flush during prune failed: " + st.message());
+      return st;
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& a : versions_) a->commit_locked();
+    for (Plan& p : plans) {
+      const uint64_t seg = p.seg;
+      const VEntry& start = p.start;
+      const bool fold = p.fold;
+      Seg& s = segs_[seg];
+      for (auto& [old_seq, v] : p.rewritten) add_version_locked(seg, v);
+      // Remove versions older than the start, and records up to it.
+      std::vector<VEntry> kept;
+      for (VEntry& v : s.versions) {
+        if (v.seq < start.seq || (v.seq == start.seq && fold)) {
+          unref_locked(v.loc);
+          ++dropped;
+        } else if (v.seq == start.seq) {
+          if (v.loc.gen != start.loc.gen || v.loc.offset != start.loc.offset || v.loc.zone != start.loc.zone) {
+            unref_locked(v.loc);
+            v = start;
+            ref_locked(v.loc, v.ts);
+          }
+          kept.push_back(v);
+        } else {
+          kept.push_back(v);
+        }
+      }
+      if (fold) {
+        kept.insert(kept.begin(), start);
+        ref_locked(start.loc, start.ts);
+      }
+      s.versions.swap(kept);
+      while (!s.records.empty() && s.records.front().seq <= start.seq) {
+        unref_locked(s.records.front().loc);
+        s.records.pop_front();
+        ++pruned;
+      }
+    }
+  }
+  Status st = flush_all_pool();
+  pool::MarkerRecord m;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    retention_start_ = w;
+    window_seq_ = std::max({window_seq_, new_window_seq, last_ts_ <= w ? last_seq_ : 0});
+    m.kind = pool::MarkerKind::kRetention;
+    m.seq = window_seq_;
+    m.time_ns = w;
+    versions_folded_ += folded;
+    records_pruned_ += pruned;
+    versions_dropped_ += dropped;
+    for (auto it = segs_.begin(); it != segs_.end();) {
+      if (it->second.empty() && it->second.inflight == 0 && !it->second.cow_pending) {
+        it = segs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  auto loc = versions_[0]->add(kB, [&](std::vector<uint8_t>& o, uint64_t gen) { pool::encode_marker(o, gen, m); });
+  if (loc) st = versions_[0]->write_out();
+  if (!loc || !st) {
+    enter_degraded("marker write failed");
+    return loc ? st : loc.status();
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  versions_[0]->commit_locked();
+  return Status::ok();
+}
+
+// ---------------------------------------------------------------------------
+// checkpoints
+
+std::vector<uint8_t> StoreImpl::serialize_locked(uint64_t applied_through,
+                                                 const std::set<std::pair<uint8_t, uint32_t>>& freeing) {
+  Writer w;
+  w.put(kCheckpointMagic);
+  w.put(kCheckpointVersion);
+  w.put(last_seq_);
+  w.put(last_ts_);
+  w.put(retention_start_);
+  w.put(window_seq_);
+  w.put(applied_through);
+  w.put(next_gen_);
+  w.put(client_bytes_);
+  w.put(pool_bytes_written_);
+  w.put(cow_stalls_);
+  w.put(static_cast<uint32_t>(tiers_.size()));
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    const Tier& tier = tiers_[t];
+    w.put(static_cast<uint32_t>(tier.zones.size()));
+    for (uint32_t i = 0; i < tier.zones.size(); ++i) {
+      const Zone& z = tier.zones[i];
+      const bool free = z.kind == ZoneKind::kFree || freeing.count({static_cast<uint8_t>(t), i}) > 0;
+      w.put(static_cast<uint8_t>(free ? ZoneKind::kFree : z.kind));
+      w.put(free ? uint64_t{0} : z.gen);
+      w.put(free ? uint64_t{0} : z.used);
+      w.put(static_cast<uint8_t>(!free && z.open));
+      w.put(free ? int64_t{0} : z.max_ts);
+    }
+  }
+  uint64_t n = 0;
+  for (const auto& [id, s] : segs_) n += !s.empty();
+  w.put(n);
+  for (const auto& [id, s] : segs_) {
+    if (s.empty()) continue;
+    w.put(id);
+    w.put(static_cast<uint32_t>(s.versions.size()));
+    w.put(static_cast<uint32_t>(s.records.size()));
+    for (const VEntry& v : s.versions) {
+      w.put(v.seq);
+      w.put(v.ts);
+      put_loc(w, v.loc);
+      w.put(v.depth);
+      w.put(v.base_seq);
+      w.put(v.xxh);
+      w.put(v.raw);
+      w.put(static_cast<uint8_t>(v.cow));
+    }
+    for (const REntry& r : s.records) {
+      w.put(r.seq);
+      w.put(r.ts);
+      put_loc(w, r.loc);
+      w.put(static_cast<uint8_t>(r.op));
+      w.put(r.off);
+      w.put(r.len);
+    }
+  }
+  return std::move(w.out);
+}
+
+Status StoreImpl::checkpoint_locked() {
+  flush_history();
+  std::set<std::pair<uint8_t, uint32_t>> freeing;
+  std::vector<uint8_t> blob;
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (degraded_) return Status::error(Status::Code::kBusy, "history is degraded", EAGAIN);
+    const uint64_t applied = inflight_seqs_.empty() ? last_seq_ : inflight_seqs_.begin()->first - 1;
+    // Zones nothing refers to any more are freed once this checkpoint is
+    // durable; until then the previous checkpoint may still name them.
+    std::vector<std::pair<uint64_t, uint32_t>> hist_zones;
+    for (size_t t = 0; t < tiers_.size(); ++t) {
+      for (uint32_t i = 0; i < tiers_[t].zones.size(); ++i) {
+        const Zone& z = tiers_[t].zones[i];
+        if (z.open) continue;
+        if ((z.kind == ZoneKind::kJournal || z.kind == ZoneKind::kVersions) && z.live == 0) {
+          freeing.insert({static_cast<uint8_t>(t), i});
+        }
+        if (z.kind == ZoneKind::kHistory) hist_zones.emplace_back(z.gen, i);
+      }
+    }
+    std::sort(hist_zones.begin(), hist_zones.end());
+    while (hist_zones.size() > opts_.history_zones) {
+      freeing.insert({0, hist_zones.front().second});
+      hist_zones.erase(hist_zones.begin());
+    }
+    for (uint32_t z : ckpt_zones_) freeing.insert({0, z});
+    blob = serialize_locked(applied, freeing);
+    id = checkpoint_id_ + 1;
+  }
+  // The journal, then the primary: the checkpoint promises both.
+  Status st = flush_all_pool();
+  if (st) st = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!st) {
+    enter_degraded("flush for a checkpoint failed: " + st.message());
+    return st;
+  }
+  std::vector<uint8_t> packed = zstd_compress(blob, 1);
+  const size_t chunk = zone_bytes_ / 2;
+  const uint32_t count = static_cast<uint32_t>((packed.size() + chunk - 1) / chunk);
+  Appender app(*this, 0, ZoneKind::kCheckpoint);
+  std::vector<uint32_t> zones;
+  std::vector<uint64_t> gens;
+  for (uint32_t i = 0; i < count; ++i) {
+    std::span<const uint8_t> part(packed.data() + size_t{i} * chunk,
+                                  std::min(chunk, packed.size() - size_t{i} * chunk));
+    pool::CheckpointRecord cr{id, i, count};
+    auto loc = app.add(part.size() + 128, [&](std::vector<uint8_t>& o, uint64_t gen) {
+      pool::encode_checkpoint(o, gen, cr, part);
+    });
+    if (!loc) {
+      st = loc.status();
+      break;
+    }
+    if (zones.empty() || zones.back() != loc->zone) {
+      zones.push_back(loc->zone);
+      gens.push_back(loc->gen);
+    }
+  }
+  if (st) st = app.write_out();
+  if (st) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  pool::Superblock sb;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    app.commit_locked();
+    // The new checkpoint's zones are closed right away.
+    for (uint32_t z : zones) tiers_[0].zones[z].open = false;
+    if (!st) {
+      for (uint32_t z : zones) tiers_[0].zones[z] = Zone{};
+    }
+    sb = tiers_[0].sb;
+  }
+  if (!st) {
+    enter_degraded("checkpoint write failed: " + st.message());
+    return st;
+  }
+  sb.generation = ++sb_generation_;
+  sb.checkpoint_id = id;
+  sb.checkpoint_zones = zones;
+  sb.checkpoint_zone_gens = gens;
+  std::vector<uint8_t> enc = pool::encode_superblock(sb);
+  ABuf a = aligned_buf(enc.size());
+  std::memcpy(a.get(), enc.data(), enc.size());
+  st = sync_io(device(0), BlockOpKind::kWrite, pool::kSuperblockOffsets[sb.generation % 2], enc.size(), a.get());
+  if (st) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!st) {
+    enter_degraded("superblock write failed: " + st.message());
+    return st;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  tiers_[0].sb = sb;
+  checkpoint_id_ = id;
+  for (auto [t, z] : freeing) {
+    tiers_[t].zones[z] = Zone{};
+  }
+  zones_reclaimed_ += freeing.size() - std::min(freeing.size(), ckpt_zones_.size());
+  ckpt_zones_ = zones;
+  ++checkpoints_;
+  last_checkpoint_ns_ = clock_.now_ns();
+  checkpoint_due_ = false;
+  return Status::ok();
+}
+
+void StoreImpl::flush_history() {
+  std::vector<HistoryRecord> h;
+  {
+    std::lock_guard<std::mutex> lock(hist_mu_);
+    h.swap(hist_);
+  }
+  if (h.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (degraded_) return;
+  }
+  constexpr size_t kPer = 8192;
+  Status st;
+  for (size_t i = 0; i < h.size() && st; i += kPer) {
+    const size_t n = std::min(kPer, h.size() - i);
+    Writer w;
+    for (size_t j = i; j < i + n; ++j) {
+      const HistoryRecord& r = h[j];
+      w.put(r.bucket_start_s);
+      w.put(r.segment);
+      w.put(r.reads);
+      w.put(r.writes);
+      w.put(r.bytes_read);
+      w.put(r.bytes_written);
+    }
+    pool::HistoryChunk hc{static_cast<uint32_t>(n)};
+    auto loc = history_.add(w.out.size() + 128, [&](std::vector<uint8_t>& o, uint64_t gen) {
+      pool::encode_history(o, gen, hc, w.out);
+    });
+    if (!loc) st = loc.status();
+  }
+  if (st) st = history_.write_out();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (st) {
+    history_.commit_locked();
+  } else {
+    history_.reset_locked();
+    spdlog::warn("access history not persisted: {}", st.message());
+  }
+}
+
+// ---------------------------------------------------------------------------
+// space
+
+Status StoreImpl::shrink_locked() {
+  // Oldest history first: move the window start past the oldest journal
+  // zone, fold, move surviving versions out of mostly-dead zones, and free
+  // zones with a checkpoint; repeat until there is room again.
+  for (int round = 0; round < 16; ++round) {
+    int64_t w = 0;
+    bool low;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      low = free_zones_locked(0) < low_water_locked(0);
+      for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+      if (!low) return Status::ok();
+      uint64_t oldest_gen = ~0ull;
+      for (const Zone& z : tiers_[0].zones) {
+        if (z.kind == ZoneKind::kJournal && !z.open && z.live > 0 && z.gen < oldest_gen) {
+          oldest_gen = z.gen;
+          w = z.max_ts;
+        }
+      }
+    }
+    if (w > 0) {
+      int64_t before;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        before = retention_start_;
+      }
+      Status st = prune_locked(w);
+      if (!st) return st;
+      std::lock_guard<std::mutex> lock(mu_);
+      if (retention_start_ > before) {
+        ++retention_shrinks_;
+        retention_shrunk_ = true;
+        spdlog::warn("pool nearly full: retention shrunk, the window now starts {} s ago",
+                     (clock_.now_ns() - retention_start_) / static_cast<int64_t>(kNs));
+      }
+    }
+    Status st = compact_locked();
+    if (!st) return st;
+    st = checkpoint_locked();
+    if (!st) return st;
+    if (w == 0) break;  // nothing more to give up
+  }
+  return Status::ok();
+}
+
+uint32_t StoreImpl::low_water_locked(uint8_t tier) const {
+  const uint32_t n = static_cast<uint32_t>(tiers_[tier].zones.size());
+  return tier == 0 ? std::max<uint32_t>(4, n / 8) : std::max<uint32_t>(2, n / 8);
+}
+
+Status StoreImpl::compact_locked() {
+  // Move the live versions out of closed zones that are mostly dead, so the
+  // zones can be freed. Versions are found by segment and seq, not by place.
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    std::vector<std::pair<uint64_t, VEntry>> movers;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      // Zones still holding journal records wait for the records to age out.
+      std::set<uint32_t> has_records;
+      for (const auto& [id, s] : segs_) {
+        for (const REntry& r : s.records) {
+          if (r.loc.tier == t) has_records.insert(r.loc.zone);
+        }
+      }
+      std::set<uint32_t> sparse;
+      for (uint32_t i = 0; i < tiers_[t].zones.size(); ++i) {
+        const Zone& z = tiers_[t].zones[i];
+        if (z.open || z.live == 0 || has_records.count(i)) continue;
+        if (z.kind == ZoneKind::kJournal || (z.kind == ZoneKind::kVersions && z.live_bytes * 2 < z.used)) {
+          sparse.insert(i);
+        }
+      }
+      if (sparse.empty()) continue;
+      for (const auto& [id, s] : segs_) {
+        for (const VEntry& v : s.versions) {
+          if (v.loc.tier == t && sparse.count(v.loc.zone)) movers.emplace_back(id, v);
+        }
+      }
+    }
+    for (auto& [seg, v] : movers) {
+      pool::Record rec;
+      auto payload = read_record(v.loc, rec);
+      if (!payload) return payload.status();
+      pool::VersionRecord vr = rec.version;
+      Appender& app = *versions_[t];
+      auto loc = app.add(pool::version_record_bytes(payload->size()), [&](std::vector<uint8_t>& o, uint64_t gen) {
+        pool::encode_version(o, gen, vr, *payload);
+      });
+      if (!loc) return loc.status();
+      VEntry moved = v;
+      moved.loc = *loc;
+      v = moved;
+    }
+    if (movers.empty()) continue;
+    Status st = versions_[t]->write_out();
+    if (st) st = sync_io(device(static_cast<uint8_t>(t)), BlockOpKind::kFlush, 0, 0, nullptr);
+    if (!st) {
+      enter_degraded("compaction failed: " + st.message());
+      return st;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    versions_[t]->commit_locked();
+    for (auto& [seg, v] : movers) {
+      auto f = segs_.find(seg);
+      if (f == segs_.end()) continue;
+      for (VEntry& cur : f->second.versions) {
+        if (cur.seq == v.seq) {
+          unref_locked(cur.loc);
+          cur.loc = v.loc;
+          ref_locked(cur.loc, cur.ts);
+        }
+      }
+    }
+  }
+  return Status::ok();
+}
+
+Status StoreImpl::try_restart_locked() {
+  // Start history again once the pool takes writes: everything before now is
+  // dropped (a write may have missed the journal), and a marker says so.
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!degraded_ || bypass_inflight_ > 0 || !inflight_seqs_.empty()) return Status::ok();
+    for (auto& [id, s] : segs_) {
+      for (const VEntry& v : s.versions) unref_locked(v.loc);
+      for (const REntry& r : s.records) unref_locked(r.loc);
+    }
+    segs_.clear();
+    urgent_.clear();
+    journal_.reset_locked();
+    for (auto& a : versions_) a->reset_locked();
+    history_.reset_locked();
+    for (auto& t : tiers_) {
+      for (Zone& z : t.zones) {
+        if (z.kind == ZoneKind::kJournal || z.kind == ZoneKind::kVersions) z.open = false;
+      }
+    }
+    retention_start_ = next_ts_locked();
+    window_seq_ = last_seq_;
+    degraded_ = false;
+  }
+  // The checkpoint records the empty index and the new window start and
+  // frees every zone; until it is durable the old one still stands.
+  Status st = checkpoint_locked();
+  pool::MarkerRecord m;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!st) {
+      degraded_ = true;
+      return st;
+    }
+    m = pool::MarkerRecord{pool::MarkerKind::kRestart, window_seq_, retention_start_};
+  }
+  auto loc = versions_[0]->add(kB, [&](std::vector<uint8_t>& o, uint64_t gen) { pool::encode_marker(o, gen, m); });
+  if (loc) st = versions_[0]->write_out();
+  if (loc && st) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!loc || !st) {
+    versions_[0]->reset_locked();
+    degraded_ = true;
+    return loc ? st : loc.status();
+  }
+  versions_[0]->commit_locked();
+  spdlog::warn("history restarted after '{}': restorable from now on", degraded_reason_);
+  degraded_reason_.clear();
+  return Status::ok();
+}
+
+// ---------------------------------------------------------------------------
+// the shadow thread
+
+void StoreImpl::round_locked() {
+  const uint64_t now = monotonic_ns();
+  uint64_t budget;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    budget = budget_;
+    if (degraded_) return;
+  }
+  if (last_refill_ns_ == 0) last_refill_ns_ = now;
+  tokens_ += static_cast<double>(budget) * static_cast<double>(now - last_refill_ns_) / 1e9;
+  tokens_ = std::min(tokens_, std::max<double>(static_cast<double>(budget), 2.0 * seg_bytes_));
+  last_refill_ns_ = now;
+  // Candidates: segments whose newest version is stale (many records since),
+  // urgent ones (too many records), and hot segments without a base.
+  std::vector<std::pair<double, uint64_t>> cand;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (uint64_t s : urgent_) cand.emplace_back(1e18, s);
+    for (const auto& [id, s] : segs_) {
+      if (s.versions.empty() || s.records.empty()) continue;
+      const uint64_t vseq = s.versions.back().seq;
+      uint64_t since = 0;
+      for (auto it = s.records.rbegin(); it != s.records.rend() && it->seq > vseq; ++it) ++since;
+      if (since >= opts_.stale_records) cand.emplace_back(static_cast<double>(since), id);
+    }
+  }
+  if (monitor_) {
+    auto top = monitor_->top_k(256);
+    std::lock_guard<std::mutex> lock(mu_);
+    double rank = 256;
+    for (uint64_t s : top) {
+      auto f = segs_.find(s);
+      if (f == segs_.end() || f->second.versions.empty()) cand.emplace_back(rank, s);
+      rank -= 1;
+    }
+  }
+  std::sort(cand.begin(), cand.end(), std::greater<>());
+  cand.erase(std::unique(cand.begin(), cand.end(),
+                         [](const auto& a, const auto& b) { return a.second == b.second; }),
+             cand.end());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    shadow_queue_ = cand.size();
+  }
+  size_t done = 0;
+  for (auto& [score, seg] : cand) {
+    if (tokens_ < seg_bytes_) break;
+    if ((seg << shift_) >= primary_->size_bytes()) continue;
+    Status st = make_version(seg, false);
+    tokens_ -= seg_bytes_;
+    ++done;
+    if (!st && st.code() != Status::Code::kBusy) break;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  shadow_queue_ = cand.size() - done;
+}
+
+void StoreImpl::tick() {
+  flush_history();
+  const int64_t now = clock_.now_ns();
+  bool degraded, low, due;
+  int64_t target;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    degraded = degraded_;
+    target = now - static_cast<int64_t>(opts_.retention_seconds) * static_cast<int64_t>(kNs);
+    if (target <= retention_start_ + static_cast<int64_t>(kNs)) target = 0;
+    low = false;
+    for (size_t t = 0; t < tiers_.size(); ++t) {
+      low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+    }
+    due = checkpoint_due_ ||
+          now - last_checkpoint_ns_ >= static_cast<int64_t>(opts_.checkpoint_interval_s) * static_cast<int64_t>(kNs);
+  }
+  if (degraded) {
+    if (now - last_restart_try_ns_ >= static_cast<int64_t>(kNs)) {
+      last_restart_try_ns_ = now;
+      Status st = try_restart_locked();
+      if (!st) spdlog::debug("history restart: {}", st.message());
+    }
+    return;
+  }
+  if (target > 0) (void)prune_locked(target);
+  if (low) {
+    (void)shrink_locked();
+  } else if (due) {
+    Status st = checkpoint_locked();
+    if (!st) spdlog::error("checkpoint: {}", st.message());
+  }
+  round_locked();
+}
+
+void StoreImpl::shadow_main() {
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> l(shadow_cv_mu_);
+      shadow_cv_.wait_for(l, std::chrono::milliseconds(100), [&] { return shadow_stop_ || shadow_wake_; });
+      shadow_wake_ = false;
+      if (shadow_stop_) return;
+    }
+    std::lock_guard<std::mutex> g(op_mu_);
+    tick();
+  }
+}
+
+void StoreImpl::start() {
+  if (monitor_) monitor_->set_history_sink(this);
+  pool_thread_ = std::thread([this] { pool_main(); });
+  if (opts_.shadow_thread) shadow_thread_ = std::thread([this] { shadow_main(); });
+}
+
+Status StoreImpl::stop() {
+  {
+    std::lock_guard<std::mutex> l(shadow_cv_mu_);
+    shadow_stop_ = true;
+  }
+  shadow_cv_.notify_all();
+  if (shadow_thread_.joinable()) shadow_thread_.join();
+  {
+    std::lock_guard<std::mutex> q(qmu_);
+    pool_stop_ = true;
+  }
+  qcv_.notify_all();
+  if (pool_thread_.joinable()) pool_thread_.join();
+  if (monitor_) monitor_->set_history_sink(nullptr);
+  std::lock_guard<std::mutex> g(op_mu_);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (degraded_) return Status::ok();
+  }
+  return checkpoint_locked();
+}
+
+void StoreImpl::abandon() {
+  {
+    std::lock_guard<std::mutex> l(shadow_cv_mu_);
+    shadow_stop_ = true;
+  }
+  shadow_cv_.notify_all();
+  if (shadow_thread_.joinable()) shadow_thread_.join();
+  {
+    std::lock_guard<std::mutex> q(qmu_);
+    pool_stop_ = true;
+    pool_abandon_ = true;
+  }
+  qcv_.notify_all();
+  if (pool_thread_.joinable()) pool_thread_.join();
+  if (monitor_) monitor_->set_history_sink(nullptr);
+}
+
+// ---------------------------------------------------------------------------
+// queries
+
+StoreStats StoreImpl::stats() const {
+  auto& self = const_cast<StoreImpl&>(*this);
+  std::lock_guard<std::mutex> lock(self.mu_);
+  StoreStats s;
+  s.epoch_ns = epoch_ns_;
+  s.retention_start_ns = retention_start_;
+  s.newest_ns = last_ts_;
+  s.first_seq = window_seq_;
+  s.last_seq = last_seq_;
+  for (const auto& [id, sg] : segs_) {
+    if (sg.empty()) continue;
+    ++s.segments_with_history;
+    s.journal_records += sg.records.size();
+    for (const REntry& r : sg.records) {
+      s.journal_bytes += r.loc.bytes;
+      if (r.op == JournalOp::kWrite) s.journal_raw_bytes += r.len;
+    }
+    s.versions += sg.versions.size();
+    for (const VEntry& v : sg.versions) {
+      s.version_bytes += v.loc.bytes;
+      s.version_raw_bytes += v.raw;
+    }
+  }
+  s.client_bytes_written = client_bytes_;
+  s.pool_bytes_written = pool_bytes_written_;
+  s.cow_stalls = cow_stalls_;
+  s.versions_made = versions_made_;
+  s.versions_folded = versions_folded_;
+  s.versions_dropped = versions_dropped_;
+  s.records_pruned = records_pruned_;
+  s.zones_reclaimed = zones_reclaimed_;
+  s.retention_shrinks = retention_shrinks_;
+  s.checkpoints = checkpoints_;
+  s.group_commits = group_commits_;
+  s.pool_errors = pool_errors_;
+  s.primary_write_errors = primary_write_errors_;
+  s.shadow_budget_bytes_per_s = budget_;
+  s.shadow_queue = shadow_queue_;
+  s.shadow_bytes_read = shadow_bytes_read_;
+  s.degraded = degraded_;
+  s.degraded_reason = degraded_reason_;
+  s.retention_shrunk = retention_shrunk_;
+  s.last_checkpoint_ns = last_checkpoint_ns_;
+  s.segment_bytes = seg_bytes_;
+  s.recovered_records = recovered_records_;
+  s.redo_records = redo_records_;
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    TierUse u;
+    u.tier = static_cast<uint32_t>(t);
+    u.path = tiers_[t].dev.path;
+    u.zones = tiers_[t].zones.size();
+    u.zone_bytes = zone_bytes_;
+    for (const Zone& z : tiers_[t].zones) {
+      if (z.kind == ZoneKind::kFree) {
+        ++u.zones_free;
+      } else {
+        u.bytes_used += z.used;
+      }
+    }
+    for (const auto& [id, sg] : segs_) {
+      for (const VEntry& v : sg.versions) {
+        if (v.loc.tier == t) {
+          ++u.versions;
+          u.version_bytes += v.loc.bytes;
+        }
+      }
+    }
+    s.tiers.push_back(u);
+  }
+  return s;
+}
+
+std::vector<ZoneInfo> StoreImpl::zones() const {
+  auto& self = const_cast<StoreImpl&>(*this);
+  std::lock_guard<std::mutex> lock(self.mu_);
+  std::vector<ZoneInfo> out;
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    for (uint32_t i = 0; i < tiers_[t].zones.size(); ++i) {
+      const Zone& z = tiers_[t].zones[i];
+      out.push_back(ZoneInfo{static_cast<uint32_t>(t), i, z.kind, z.gen, z.used, z.live, z.open});
+    }
+  }
+  return out;
+}
+
+SegmentHistory to_history(uint64_t id, const Seg& s) {
+  SegmentHistory h;
+  h.segment = id;
+  for (const VEntry& v : s.versions) {
+    VersionInfo vi;
+    vi.segment = id;
+    vi.seq = v.seq;
+    vi.time_ns = v.ts;
+    vi.tier = v.loc.tier;
+    vi.zone = v.loc.zone;
+    vi.offset = v.loc.offset;
+    vi.stored_bytes = v.loc.bytes;
+    vi.depth = v.depth;
+    vi.base_seq = v.base_seq;
+    vi.content_xxh = v.xxh;
+    vi.cow = v.cow;
+    h.versions.push_back(vi);
+  }
+  h.records = s.records.size();
+  if (!s.records.empty()) {
+    h.first_record_seq = s.records.front().seq;
+    h.last_record_seq = s.records.back().seq;
+    h.first_record_ns = s.records.front().ts;
+    h.last_record_ns = s.records.back().ts;
+  }
+  return h;
+}
+
+std::vector<SegmentHistory> StoreImpl::segments(uint64_t first, size_t limit) const {
+  auto& self = const_cast<StoreImpl&>(*this);
+  std::lock_guard<std::mutex> lock(self.mu_);
+  std::vector<uint64_t> ids;
+  for (const auto& [id, s] : segs_) {
+    if (id >= first && !s.empty()) ids.push_back(id);
+  }
+  std::sort(ids.begin(), ids.end());
+  if (limit > 0 && ids.size() > limit) ids.resize(limit);
+  std::vector<SegmentHistory> out;
+  for (uint64_t id : ids) out.push_back(to_history(id, segs_.at(id)));
+  return out;
+}
+
+std::optional<SegmentHistory> StoreImpl::segment(uint64_t id) const {
+  auto& self = const_cast<StoreImpl&>(*this);
+  std::lock_guard<std::mutex> lock(self.mu_);
+  auto f = segs_.find(id);
+  if (f == segs_.end() || f->second.empty()) return std::nullopt;
+  return to_history(id, f->second);
+}
+
+// ---------------------------------------------------------------------------
+// recovery
+
+Status StoreImpl::load_checkpoint(std::vector<std::vector<Zone>>& ckpt_zones, uint64_t& applied_through,
+                                  uint64_t& ckpt_next_gen) {
+  const pool::Superblock& sb = tiers_[0].sb;
+  std::map<uint32_t, std::vector<uint8_t>> chunks;
+  uint32_t count = 0;
+  for (size_t i = 0; i < sb.checkpoint_zones.size(); ++i) {
+    const uint32_t z = sb.checkpoint_zones[i];
+    const uint64_t gen = sb.checkpoint_zone_gens[i];
+    if (z >= tiers_[0].zones.size()) return Status::error(Status::Code::kCorruption, "checkpoint zone out of range");
+    ABuf a = aligned_buf(zone_bytes_);
+    Status st = sync_io(device(0), BlockOpKind::kRead, zone_offset(z), zone_bytes_, a.get());
+    if (!st) return st;
+    pool::scan_records(std::span<const uint8_t>(a.get(), zone_bytes_), gen, 0,
+                       [&](const pool::Record& rec, uint64_t) {
+                         if (rec.type != RecordType::kCheckpoint || rec.checkpoint.checkpoint_id != sb.checkpoint_id) {
+                           return;
+                         }
+                         count = rec.checkpoint.count;
+                         chunks[rec.checkpoint.index].assign(rec.payload.begin(), rec.payload.end());
+                       });
+    ckpt_zones_.push_back(z);
+  }
+  if (count == 0 || chunks.size() != count) {
+    return Status::error(Status::Code::kCorruption,
+                         "checkpoint " + std::to_string(sb.checkpoint_id) + " is incomplete (" +
+                             std::to_string(chunks.size()) + " of " + std::to_string(count) + " chunks)");
+  }
+  std::vector<uint8_t> packed;
+  for (auto& [i, c] : chunks) packed.insert(packed.end(), c.begin(), c.end());
+  // The uncompressed size is in the frame header.
+  const unsigned long long raw = ZSTD_getFrameContentSize(packed.data(), packed.size());
+  if (raw == ZSTD_CONTENTSIZE_ERROR || raw == ZSTD_CONTENTSIZE_UNKNOWN || raw > (64ull << 30)) {
+    return Status::error(Status::Code::kCorruption, "checkpoint frame is unreadable");
+  }
+  std::vector<uint8_t> blob(raw);
+  Status st = zstd_decompress(packed, blob);
+  if (!st) return st;
+  Reader r(blob);
+  uint64_t magic;
+  uint32_t ver, ntiers;
+  bool ok = r.get(magic) && magic == kCheckpointMagic && r.get(ver) && ver == kCheckpointVersion &&
+            r.get(last_seq_) && r.get(last_ts_) && r.get(retention_start_) && r.get(window_seq_) &&
+            r.get(applied_through) && r.get(ckpt_next_gen) && r.get(client_bytes_) &&
+            r.get(pool_bytes_written_) && r.get(cow_stalls_) && r.get(ntiers) && ntiers == tiers_.size();
+  for (uint32_t t = 0; ok && t < ntiers; ++t) {
+    uint32_t nz;
+    ok = r.get(nz) && nz == tiers_[t].zones.size();
+    ckpt_zones[t].resize(tiers_[t].zones.size());
+    for (uint32_t i = 0; ok && i < nz; ++i) {
+      Zone& z = ckpt_zones[t][i];
+      uint8_t kind = 0, open = 0;
+      ok = r.get(kind) && r.get(z.gen) && r.get(z.used) && r.get(open) && r.get(z.max_ts);
+      z.kind = static_cast<ZoneKind>(kind);
+      z.open = open != 0;
+    }
+  }
+  uint64_t nsegs = 0;
+  ok = ok && r.get(nsegs);
+  for (uint64_t i = 0; ok && i < nsegs; ++i) {
+    uint64_t id;
+    uint32_t nv, nr;
+    ok = r.get(id) && r.get(nv) && r.get(nr);
+    Seg& s = segs_[id];
+    for (uint32_t j = 0; ok && j < nv; ++j) {
+      VEntry v;
+      uint8_t cow = 0;
+      ok = r.get(v.seq) && r.get(v.ts) && get_loc(r, v.loc) && r.get(v.depth) && r.get(v.base_seq) &&
+           r.get(v.xxh) && r.get(v.raw) && r.get(cow);
+      v.cow = cow != 0;
+      s.versions.push_back(v);
+    }
+    for (uint32_t j = 0; ok && j < nr; ++j) {
+      REntry e;
+      uint8_t op = 0;
+      ok = r.get(e.seq) && r.get(e.ts) && get_loc(r, e.loc) && r.get(op) && r.get(e.off) && r.get(e.len);
+      e.op = static_cast<JournalOp>(op);
+      s.records.push_back(e);
+    }
+  }
+  if (!ok || !r.done()) return Status::error(Status::Code::kCorruption, "checkpoint contents are malformed");
+  checkpoint_id_ = sb.checkpoint_id;
+  return Status::ok();
+}
+
+// After a crash the index may hold versions that were dropped (from the
+// older checkpoint) or lost their delta base (its zone was reused): keep the
+// versions that decode, start the segment's window at the newest one at or
+// before the window start, and keep older ones only as delta bases.
+void StoreImpl::repair_versions_locked(Seg& s) {
+  std::vector<VEntry> ok;
+  for (const VEntry& v : s.versions) {
+    if (v.depth == 0 || std::any_of(ok.begin(), ok.end(), [&](const VEntry& b) { return b.seq == v.base_seq; })) {
+      ok.push_back(v);
+    }
+  }
+  int vb = -1;
+  for (size_t i = 0; i < ok.size(); ++i) {
+    if (ok[i].ts <= retention_start_) vb = static_cast<int>(i);
+  }
+  std::vector<bool> keep(ok.size(), false);
+  for (size_t i = std::max(vb, 0); i < ok.size(); ++i) keep[i] = true;
+  for (size_t i = ok.size(); i-- > 0;) {
+    if (!keep[i] || ok[i].depth == 0) continue;
+    for (size_t j = 0; j < i; ++j) {
+      if (ok[j].seq == ok[i].base_seq) keep[j] = true;
+    }
+  }
+  std::vector<VEntry> out;
+  for (size_t i = 0; i < ok.size(); ++i) {
+    if (keep[i]) out.push_back(ok[i]);
+  }
+  if (vb >= 0) {
+    const uint64_t base = ok[vb].seq;
+    while (!s.records.empty() && s.records.front().seq <= base) s.records.pop_front();
+  }
+  s.versions.swap(out);
+}
+
+Status StoreImpl::recover() {
+  sb_generation_ = tiers_[0].sb.generation;
+  next_gen_ = static_cast<uint64_t>(epoch_ns_);
+  std::vector<std::vector<Zone>> ckpt(tiers_.size());
+  uint64_t applied = 0, ckpt_next_gen = next_gen_;
+  bool have_ckpt = tiers_[0].sb.checkpoint_id != 0;
+  if (have_ckpt) {
+    Status st = load_checkpoint(ckpt, applied, ckpt_next_gen);
+    if (!st) return Status::error(st.code(), "cannot load the pool's checkpoint: " + st.message(), EIO);
+  } else {
+    for (size_t t = 0; t < tiers_.size(); ++t) ckpt[t].resize(tiers_[t].zones.size());
+  }
+  // Read every zone header: zones opened after the checkpoint are scanned
+  // whole, zones open at the checkpoint from where it left them.
+  struct ScanJob {
+    uint64_t gen;
+    uint8_t tier;
+    uint32_t zone;
+    uint64_t from;
+    ZoneKind kind;
+  };
+  std::vector<ScanJob> jobs;
+  uint64_t max_gen = ckpt_next_gen;
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    for (uint32_t i = 0; i < tiers_[t].zones.size(); ++i) {
+      Zone& z = tiers_[t].zones[i];
+      z = ckpt[t][i];
+      ABuf a = aligned_buf(kB);
+      Status st = sync_io(device(static_cast<uint8_t>(t)), BlockOpKind::kRead, zone_offset(i), kB, a.get());
+      if (!st) return Status::error(st.code(), "reading zone headers: " + st.message(), EIO);
+      pool::Record rec;
+      const bool valid = pool::decode_record(std::span<const uint8_t>(a.get(), kB), 0, rec) == pool::DecodeError::kOk &&
+                         rec.type == RecordType::kZoneHeader && rec.zone.pool_uuid == uuid() &&
+                         rec.zone.zone_index == i;
+      if (!valid || (z.kind != ZoneKind::kFree && rec.zone_gen < z.gen)) {
+        if (z.kind != ZoneKind::kFree && z.open && z.used == 0) {
+          z = Zone{};  // opened just before the checkpoint, never written
+          continue;
+        }
+        if (z.kind != ZoneKind::kFree && z.kind != ZoneKind::kCheckpoint) {
+          return Status::error(Status::Code::kCorruption,
+                               "zone " + std::to_string(i) + " of tier " + std::to_string(t) +
+                                   " lost its header although the checkpoint uses it");
+        }
+        continue;
+      }
+      const uint64_t g = rec.zone_gen;
+      if (z.kind != ZoneKind::kFree && g == z.gen) {
+        if (z.open && z.kind != ZoneKind::kCheckpoint) jobs.push_back({g, static_cast<uint8_t>(t), i, z.used, z.kind});
+        if (z.kind == ZoneKind::kHistory) jobs.push_back({g, static_cast<uint8_t>(t), i, ~0ull, z.kind});
+      } else if (g >= ckpt_next_gen) {
+        z = Zone{};
+        z.kind = rec.zone.kind;
+        z.gen = g;
+        if (z.kind != ZoneKind::kCheckpoint) jobs.push_back({g, static_cast<uint8_t>(t), i, 0, z.kind});
+      } else if (z.kind != ZoneKind::kFree && g != z.gen) {
+        return Status::error(Status::Code::kCorruption, "zone " + std::to_string(i) + " of tier " +
+                                                            std::to_string(t) + " changed generation behind the checkpoint");
+      }
+      max_gen = std::max(max_gen, g + 1);
+      z.open = false;  // appends after a restart go to fresh zones
+    }
+  }
+  // The checkpoint's own zones stay in use until the next checkpoint.
+  for (size_t i = 0; i < ckpt_zones_.size(); ++i) {
+    Zone& z = tiers_[0].zones[ckpt_zones_[i]];
+    z = Zone{};
+    z.kind = ZoneKind::kCheckpoint;
+    z.gen = tiers_[0].sb.checkpoint_zone_gens[i];
+  }
+  // Zones opened after the checkpoint whose header a crash lost may still
+  // hold records with their generation: never hand those out again. At most
+  // every zone can have been opened since the checkpoint (zones are freed
+  // only by checkpoints).
+  uint64_t all_zones = 0;
+  for (const Tier& t : tiers_) all_zones += t.zones.size();
+  next_gen_ = std::max(max_gen, ckpt_next_gen + all_zones + 1);
+  std::sort(jobs.begin(), jobs.end(), [](const ScanJob& a, const ScanJob& b) { return a.gen < b.gen; });
+  std::vector<HistoryRecord> hist;
+  std::vector<std::pair<uint64_t, REntry>> found;
+  int64_t restart_ns = 0;
+  uint64_t restart_seq = 0;
+  for (const ScanJob& j : jobs) {
+    ABuf a = aligned_buf(zone_bytes_);
+    Status st = sync_io(device(j.tier), BlockOpKind::kRead, zone_offset(j.zone), zone_bytes_, a.get());
+    if (!st) return Status::error(st.code(), "scanning the journal: " + st.message(), EIO);
+    std::span<const uint8_t> img(a.get(), zone_bytes_);
+    const bool history_only = j.from == ~0ull;
+    Zone& z = tiers_[j.tier].zones[j.zone];
+    auto end = pool::scan_records(img, j.gen, history_only ? 0 : j.from, [&](const pool::Record& rec, uint64_t off) {
+      Loc loc{j.tier, j.zone, static_cast<uint32_t>(off), rec.total_bytes, j.gen};
+      switch (rec.type) {
+        case RecordType::kJournal: {
+          if (history_only) break;
+          REntry e;
+          e.seq = rec.journal.seq;
+          e.ts = rec.journal.time_ns;
+          e.loc = loc;
+          e.op = rec.journal.op;
+          const uint64_t seg = rec.journal.offset >> shift_;
+          e.off = static_cast<uint32_t>(rec.journal.offset - (seg << shift_));
+          e.len = rec.journal.length;
+          if (e.seq > last_seq_) last_seq_ = e.seq;
+          if (e.ts > last_ts_) last_ts_ = e.ts;
+          found.emplace_back(seg, e);
+          break;
+        }
+        case RecordType::kVersion: {
+          if (history_only) break;
+          VEntry v;
+          v.seq = rec.version.seq;
+          v.ts = rec.version.time_ns;
+          v.loc = loc;
+          v.depth = rec.version.depth;
+          v.base_seq = rec.version.base_seq;
+          v.xxh = rec.version.content_xxh;
+          v.raw = rec.version.segment_bytes;
+          v.cow = z.kind == ZoneKind::kJournal;
+          segs_[rec.version.segment].versions.push_back(v);  // sorted below
+          break;
+        }
+        case RecordType::kMarker:
+          if (history_only) break;
+          if (rec.marker.kind == pool::MarkerKind::kRestart && rec.marker.time_ns >= restart_ns) {
+            restart_ns = rec.marker.time_ns;
+            restart_seq = rec.marker.seq;
+          }
+          if (rec.marker.time_ns > retention_start_) {
+            retention_start_ = rec.marker.time_ns;
+            window_seq_ = std::max(window_seq_, rec.marker.seq);
+          }
+          break;
+        case RecordType::kHistory: {
+          if (!monitor_) break;
+          Reader hr(rec.payload);
+          for (uint32_t k = 0; k < rec.history.count; ++k) {
+            HistoryRecord h;
+            if (!(hr.get(h.bucket_start_s) && hr.get(h.segment) && hr.get(h.reads) && hr.get(h.writes) &&
+                  hr.get(h.bytes_read) && hr.get(h.bytes_written))) {
+              break;
+            }
+            hist.push_back(h);
+          }
+          break;
+        }
+        default:
+          break;
+      }
+    });
+    if (!history_only) {
+      z.used = round_up(end.next_offset, kB);
+      spdlog::debug("pool: tier {} zone {}: the log ends at offset {} ({})", j.tier, j.zone, end.next_offset,
+                    pool::decode_error_name(end.stop));
+      // Appends never resume in a zone found open: past the end of its log
+      // a crash may have left later batches of the same generation, which a
+      // new batch ending at their start would bring back to life.
+    }
+  }
+  for (auto& [seg, e] : found) {
+    Seg& s = segs_[seg];
+    s.records.push_back(e);
+  }
+  recovered_records_ = found.size();
+  // Order, de-duplicate, apply a restart marker, rebuild zone counts.
+  for (auto it = segs_.begin(); it != segs_.end();) {
+    Seg& s = it->second;
+    std::stable_sort(s.versions.begin(), s.versions.end(), [](const VEntry& a, const VEntry& b) { return a.seq < b.seq; });
+    std::vector<VEntry> vs;
+    for (VEntry& v : s.versions) {
+      if (!vs.empty() && vs.back().seq == v.seq) {
+        vs.back() = v;  // the later copy (a rewrite or a move) wins
+      } else {
+        vs.push_back(v);
+      }
+    }
+    s.versions.swap(vs);
+    std::stable_sort(s.records.begin(), s.records.end(), [](const REntry& a, const REntry& b) {
+      return a.seq != b.seq ? a.seq < b.seq : a.off < b.off;
+    });
+    if (restart_ns > 0) {
+      std::erase_if(s.versions, [&](const VEntry& v) { return v.seq < restart_seq || v.ts < restart_ns; });
+      std::erase_if(s.records, [&](const REntry& r) { return r.seq <= restart_seq; });
+    }
+    repair_versions_locked(s);
+    if (!s.records.empty() && (s.versions.empty() || s.versions.front().seq >= s.records.front().seq)) {
+      spdlog::error("pool: segment {} has journal records without a base version; its history is dropped",
+                    it->first);
+      s.records.clear();
+      s.versions.clear();
+    }
+    if (s.empty()) {
+      it = segs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  if (restart_ns > retention_start_) {
+    retention_start_ = restart_ns;
+    window_seq_ = std::max(window_seq_, restart_seq);
+  }
+  for (auto& t : tiers_) {
+    for (Zone& z : t.zones) {
+      z.live = 0;
+      z.live_bytes = 0;
+    }
+  }
+  for (auto& [id, s] : segs_) {
+    auto stale = [&](const Loc& l) {
+      return l.tier >= tiers_.size() || l.zone >= tiers_[l.tier].zones.size() ||
+             tiers_[l.tier].zones[l.zone].gen != l.gen;
+    };
+    const size_t before = s.versions.size() + s.records.size();
+    std::erase_if(s.versions, [&](const VEntry& v) { return stale(v.loc); });
+    std::erase_if(s.records, [&](const REntry& r) { return stale(r.loc); });
+    if (s.versions.size() + s.records.size() != before) {
+      spdlog::debug("pool: segment {}: {} index entries point at reused zones and were dropped", id,
+                    before - s.versions.size() - s.records.size());
+      repair_versions_locked(s);
+      if (!s.records.empty() && (s.versions.empty() || s.versions.front().seq >= s.records.front().seq)) {
+        spdlog::error("pool: segment {} has journal records without a base version; its history is dropped", id);
+        s.records.clear();
+        s.versions.clear();
+      }
+    }
+    for (const VEntry& v : s.versions) ref_locked(v.loc, v.ts);
+    for (const REntry& r : s.records) ref_locked(r.loc, r.ts);
+  }
+  last_ts_ = std::max(last_ts_, retention_start_);
+  // Redo: the journal is written before the primary, so re-applying every
+  // record the last checkpoint does not vouch for makes the primary whole.
+  std::vector<std::pair<uint64_t, REntry>> redo;
+  for (const auto& [id, s] : segs_) {
+    for (const REntry& r : s.records) {
+      if (r.seq > applied) redo.emplace_back(id, r);
+    }
+  }
+  std::sort(redo.begin(), redo.end(), [](const auto& a, const auto& b) {
+    return a.second.seq != b.second.seq ? a.second.seq < b.second.seq : a.second.off < b.second.off;
+  });
+  for (const auto& [seg, r] : redo) {
+    const uint64_t off = (seg << shift_) + r.off;
+    Status st;
+    if (r.op == JournalOp::kWrite) {
+      std::vector<uint8_t> content(r.off + r.len);
+      st = apply_record(r, content);
+      if (st) {
+        ABuf a = aligned_buf(r.len);
+        std::memcpy(a.get(), content.data() + r.off, r.len);
+        st = sync_io(*primary_, BlockOpKind::kWrite, off, r.len, a.get());
+      }
+    } else {
+      st = sync_io(*primary_, BlockOpKind::kWriteZeroes, off, r.len, nullptr);
+    }
+    if (!st) return Status::error(st.code(), "re-applying journal record seq " + std::to_string(r.seq) + ": " + st.message(), EIO);
+  }
+  redo_records_ = redo.size();
+  if (!redo.empty()) {
+    Status st = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+    if (!st) return st;
+  }
+  if (monitor_ && !hist.empty()) monitor_->restore_history(hist);
+  last_checkpoint_ns_ = clock_.now_ns();
+  return Status::ok();
+}
+
+Result<pool::Superblock> read_sb(IoBackend& dev) {
+  if (dev.size_bytes() < pool::kZonesStart) {
+    return Status::error(Status::Code::kCorruption, "too small to hold a shadow pool");
+  }
+  ABuf a = aligned_buf(2 * kB);
+  Status st = run_sync(dev, BlockOpKind::kRead, 0, 2 * kB, a.get());
+  if (!st) return st;
+  std::optional<pool::Superblock> best;
+  Status last = Status::error(Status::Code::kCorruption, "not a shadow pool");
+  for (int i = 0; i < 2; ++i) {
+    auto sb = pool::decode_superblock(std::span<const uint8_t>(a.get() + i * kB, kB));
+    if (!sb) {
+      if (sb.status().message().find("magic") == std::string::npos) last = sb.status();
+      continue;
+    }
+    if (!best || sb->generation > best->generation) best = *sb;
+  }
+  if (!best) return last;
+  return *best;
+}
+
+}  // namespace
+
+Result<pool::Superblock> ShadowStore::read_superblock(IoBackend& device) { return read_sb(device); }
+
+Status ShadowStore::format(const std::vector<PoolDevice>& devices, const FormatOptions& o, const Clock& clock) {
+  if (devices.empty() || devices.size() > 2) return Status::invalid("a pool has one or two devices");
+  if (!is_pow2(o.segment_bytes) || o.segment_bytes < (64u << 10) || o.segment_bytes > (1u << 20)) {
+    return Status::invalid("segment size must be a power of two between 64 KiB and 1 MiB");
+  }
+  if (!is_pow2(o.zone_bytes) || o.zone_bytes < pool::kMinZoneBytes || o.zone_bytes > pool::kMaxZoneBytes) {
+    return Status::invalid("zone size must be a power of two between 4 MiB and 1 GiB");
+  }
+  const pool::Uuid uuid = pool::new_uuid();
+  const int64_t epoch = clock.now_ns();
+  for (size_t t = 0; t < devices.size(); ++t) {
+    IoBackend& dev = *devices[t].backend;
+    if (dev.info().read_only) return Status::error(Status::Code::kReadOnly, devices[t].path + " is read-only", EROFS);
+    const uint64_t zones = dev.size_bytes() > pool::kZonesStart ? (dev.size_bytes() - pool::kZonesStart) / o.zone_bytes : 0;
+    const uint64_t need = t == 0 ? 8 : 2;
+    if (zones < need) {
+      return Status::invalid(devices[t].path + " is too small: " + std::to_string(zones) + " zones of " +
+                             std::to_string(o.zone_bytes >> 20) + " MiB fit, at least " + std::to_string(need) +
+                             " are needed (" + std::to_string((pool::kZonesStart + need * o.zone_bytes) >> 20) +
+                             " MiB)");
+    }
+    auto existing = read_sb(dev);
+    if (existing && !o.force) {
+      return Status::invalid(devices[t].path + " already holds a shadow pool (" + pool::uuid_to_string(existing->pool_uuid) +
+                             ", for " + existing->primary_id + "); refusing to overwrite it without --force");
+    }
+  }
+  for (size_t t = 0; t < devices.size(); ++t) {
+    IoBackend& dev = *devices[t].backend;
+    pool::Superblock sb;
+    sb.pool_uuid = uuid;
+    sb.tier = static_cast<uint32_t>(t);
+    sb.tier_count = static_cast<uint32_t>(devices.size());
+    sb.primary_id = o.primary_id;
+    sb.primary_bytes = o.primary_bytes;
+    sb.segment_bytes = o.segment_bytes;
+    sb.zone_bytes = o.zone_bytes;
+    sb.zone_count = (dev.size_bytes() - pool::kZonesStart) / o.zone_bytes;
+    sb.epoch_ns = epoch;
+    sb.generation = 1;
+    std::vector<uint8_t> enc = pool::encode_superblock(sb);
+    ABuf a = aligned_buf(2 * kB);
+    std::memcpy(a.get(), enc.data(), kB);
+    sb.generation = 0;  // copy B: older, so A wins until the first checkpoint
+    enc = pool::encode_superblock(sb);
+    std::memcpy(a.get() + kB, enc.data(), kB);
+    Status st = run_sync(dev, BlockOpKind::kWrite, 0, 2 * kB, a.get());
+    if (st) st = run_sync(dev, BlockOpKind::kFlush, 0, 0);
+    if (!st) return Status::error(st.code(), devices[t].path + ": " + st.message(), st.err());
+  }
+  return Status::ok();
+}
+
+Result<std::unique_ptr<ShadowStore>> ShadowStore::open(std::vector<PoolDevice> devices,
+                                                       std::shared_ptr<IoBackend> primary, const StoreOptions& o,
+                                                       const Clock& clock, Monitor* monitor) {
+  if (devices.empty() || devices.size() > 2) return Status::invalid("a pool has one or two devices");
+  std::vector<Tier> tiers(devices.size());
+  for (size_t i = 0; i < devices.size(); ++i) {
+    auto sb = read_sb(*devices[i].backend);
+    if (!sb) {
+      if (sb.status().code() == Status::Code::kCorruption) {
+        return Status::error(Status::Code::kCorruption,
+                             devices[i].path + " is not a shadow pool (" + sb.status().message() +
+                                 "); start once with --init to format it");
+      }
+      return Status::error(sb.status().code(), devices[i].path + ": " + sb.status().message(), sb.status().err());
+    }
+    if (sb->tier >= devices.size() || sb->tier_count != devices.size()) {
+      return Status::invalid(devices[i].path + " is tier " + std::to_string(sb->tier) + " of a pool of " +
+                             std::to_string(sb->tier_count) + " devices, but " + std::to_string(devices.size()) +
+                             " were given");
+    }
+    Tier& t = tiers[sb->tier];
+    if (t.dev.backend) return Status::invalid("two devices claim tier " + std::to_string(sb->tier));
+    t.dev = devices[i];
+    t.sb = *sb;
+  }
+  const pool::Superblock& sb0 = tiers[0].sb;
+  for (const Tier& t : tiers) {
+    if (t.sb.pool_uuid != sb0.pool_uuid) {
+      return Status::invalid(t.dev.path + " belongs to another pool (" + pool::uuid_to_string(t.sb.pool_uuid) +
+                             ") than " + tiers[0].dev.path + " (" + pool::uuid_to_string(sb0.pool_uuid) + ")");
+    }
+  }
+  const uint64_t size = primary->size_bytes();
+  if (sb0.primary_id != o.primary_id || sb0.primary_bytes != size ||
+      (o.segment_bytes != 0 && sb0.segment_bytes != o.segment_bytes)) {
+    return Status::invalid(tiers[0].dev.path + " was formatted for " + sb0.primary_id + " (" +
+                           std::to_string(sb0.primary_bytes) + " bytes, segments of " +
+                           std::to_string(sb0.segment_bytes) + " bytes), not for " + o.primary_id + " (" +
+                           std::to_string(size) + " bytes, segments of " +
+                           std::to_string(o.segment_bytes ? o.segment_bytes : sb0.segment_bytes) +
+                           " bytes); refusing to use it (reformat with --init --force to discard its history)");
+  }
+  if (monitor && monitor->segment_bytes() != sb0.segment_bytes) {
+    return Status::invalid("the monitor's segment size differs from the pool's");
+  }
+  for (Tier& t : tiers) {
+    uint64_t n = t.sb.zone_count;
+    if (o.pool_max_bytes > 0) n = std::min<uint64_t>(n, o.pool_max_bytes / t.sb.zone_bytes);
+    if (n < (t.sb.tier == 0 ? 8u : 2u)) return Status::invalid("pool_max_bytes leaves too few zones on " + t.dev.path);
+    t.zones.resize(n);
+  }
+  auto store = std::make_unique<StoreImpl>(std::move(tiers), std::move(primary), o, clock, monitor);
+  Status st = store->recover();
+  if (!st) return st;
+  return std::unique_ptr<ShadowStore>(std::move(store));
+}
+
+}  // namespace shadowd

@@ -1,0 +1,226 @@
+// The shadow pool engine (specification §4, DESIGN.md §2 and §4): the write
+// journal, versioned differential shadow copies, copy-on-first-write,
+// background shadowing within an I/O budget, the index with checkpoints and
+// crash recovery, retention with folding, and the persisted access history.
+//
+// Data path. wrap() returns the IoBackend the export serves. A mutating
+// request (WRITE, WRITE_ZEROES, TRIM) is cut into one journal record per
+// segment, compressed on the calling I/O thread and queued to the pool
+// thread, which appends every queued record in one pool write (group
+// commit). Only then is the request applied to the primary (write-ahead:
+// the journal is never behind the primary), and only then acknowledged.
+// FLUSH and FUA make the journal durable, then the primary. TRIM is applied
+// as a zeroing (it may punch a hole) so that what it leaves is known.
+//
+// Copy-on-first-write. A segment without a base version (one equal to its
+// current content) gets one before its first journaled write: the pool
+// thread reads the segment from the primary and writes the before-image into
+// the journal stream ahead of the record (counted in cow_stalls).
+//
+// Never fail the primary because of the pool: when the pool is full or
+// fails, history is marked degraded, writes go straight to the primary, and
+// history restarts (a kRestart marker) once the pool works again.
+//
+// Threads: the I/O threads call wrap()'s backend; one pool thread does every
+// pool append; one shadow thread makes versions, prunes, checkpoints.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/clock.h"
+#include "core/io_backend.h"
+#include "core/monitor.h"
+#include "core/pool_format.h"
+#include "core/status.h"
+
+namespace shadowd {
+
+struct PoolDevice {
+  std::string path;                  // for messages
+  std::shared_ptr<IoBackend> backend;
+};
+
+struct FormatOptions {
+  std::string primary_id;            // canonical path of the primary
+  uint64_t primary_bytes = 0;
+  uint32_t segment_bytes = 256 * 1024;
+  uint32_t zone_bytes = pool::kDefaultZoneBytes;
+  bool force = false;                // overwrite a device that holds a pool
+};
+
+struct StoreOptions {
+  std::string primary_id;                   // must match the pool's
+  uint32_t segment_bytes = 0;               // must match the pool's (0: take the pool's)
+  uint64_t retention_seconds = 7 * 86400;
+  uint64_t pool_max_bytes = 0;              // 0: the devices' size
+  uint32_t max_versions_per_segment = 8;
+  uint32_t full_every = 4;                  // a full image at least every N versions
+  uint64_t shadow_budget_bytes_per_s = 64ull << 20;
+  uint32_t checkpoint_interval_s = 60;
+  int journal_zstd_level = 1;
+  int version_zstd_level = 3;
+  uint32_t max_records_per_segment = 4096;  // more: a version is made at once
+  uint32_t stale_records = 16;              // records since the newest version that make it stale
+  uint32_t history_zones = 4;               // zones kept for the access history
+  bool shadow_thread = true;                // false in tests that drive shadowing by hand
+};
+
+// Figures for `shadowctl history`, `pool`, `status` and the metrics.
+struct TierUse {
+  uint32_t tier = 0;
+  std::string path;
+  uint64_t zones = 0;
+  uint64_t zones_free = 0;
+  uint64_t zone_bytes = 0;
+  uint64_t bytes_used = 0;        // appended bytes in zones in use
+  uint64_t version_bytes = 0;     // stored (compressed) bytes of live versions on this tier
+  uint64_t versions = 0;
+};
+
+struct StoreStats {
+  // window
+  int64_t epoch_ns = 0;
+  int64_t retention_start_ns = 0;   // the oldest restorable time
+  int64_t newest_ns = 0;            // the newest journal record's time (or epoch)
+  uint64_t first_seq = 0;           // oldest seq still restorable
+  uint64_t last_seq = 0;
+  // journal
+  uint64_t journal_records = 0;     // in the index
+  uint64_t journal_bytes = 0;       // stored bytes of those records
+  uint64_t journal_raw_bytes = 0;   // client bytes they cover (writes)
+  // versions
+  uint64_t versions = 0;
+  uint64_t version_bytes = 0;
+  uint64_t version_raw_bytes = 0;
+  uint64_t segments_with_history = 0;
+  // counters since start
+  uint64_t client_bytes_written = 0;   // WRITE payload bytes journaled
+  uint64_t pool_bytes_written = 0;     // everything appended to the pool
+  uint64_t cow_stalls = 0;
+  uint64_t versions_made = 0;          // by the shadow thread
+  uint64_t versions_folded = 0;        // by pruning
+  uint64_t versions_dropped = 0;
+  uint64_t records_pruned = 0;
+  uint64_t zones_reclaimed = 0;
+  uint64_t retention_shrinks = 0;      // the window was cut short for space
+  uint64_t checkpoints = 0;
+  uint64_t group_commits = 0;          // pool appends of the journal
+  uint64_t pool_errors = 0;
+  uint64_t primary_write_errors = 0;
+  // shadowing
+  uint64_t shadow_budget_bytes_per_s = 0;
+  uint64_t shadow_queue = 0;           // segments waiting for a version
+  uint64_t shadow_bytes_read = 0;
+  // state
+  bool degraded = false;
+  std::string degraded_reason;
+  bool retention_shrunk = false;       // the window is shorter than retention_seconds
+  int64_t last_checkpoint_ns = 0;
+  uint32_t segment_bytes = 0;
+  uint64_t recovered_records = 0;      // journal records found past the checkpoint at start
+  uint64_t redo_records = 0;           // of which re-applied to the primary
+  std::vector<TierUse> tiers;
+};
+
+struct VersionInfo {
+  uint64_t segment = 0;
+  uint64_t seq = 0;
+  int64_t time_ns = 0;
+  uint32_t tier = 0;
+  uint32_t zone = 0;
+  uint32_t offset = 0;       // in the zone
+  uint32_t stored_bytes = 0; // the record
+  uint16_t depth = 0;        // 0 full, else delta
+  uint64_t base_seq = 0;
+  uint64_t content_xxh = 0;
+  bool cow = false;          // captured on the write path
+};
+
+struct SegmentHistory {
+  uint64_t segment = 0;
+  std::vector<VersionInfo> versions;  // oldest first
+  uint64_t records = 0;               // journal records in the window
+  uint64_t first_record_seq = 0, last_record_seq = 0;
+  int64_t first_record_ns = 0, last_record_ns = 0;
+};
+
+struct ZoneInfo {
+  uint32_t tier = 0;
+  uint32_t index = 0;
+  pool::ZoneKind kind = pool::ZoneKind::kFree;
+  uint64_t gen = 0;
+  uint64_t used_bytes = 0;
+  uint64_t live_entries = 0;
+  bool open = false;
+};
+
+class ShadowStore {
+ public:
+  // Write fresh superblocks on every device (device i = tier i) and mark all
+  // zones free. Refuses a device that already holds a pool unless
+  // opts.force. At most two devices.
+  static Status format(const std::vector<PoolDevice>& devices, const FormatOptions& opts,
+                       const Clock& clock);
+
+  // Open a formatted pool over `primary`: check that it belongs to this
+  // primary (id, size) and segment size, load the last checkpoint, scan the
+  // journal tail (a torn last record is discarded) and re-apply the records
+  // the primary may not hold. `monitor` (optional) gives priorities and gets
+  // its history persisted and restored.
+  static Result<std::unique_ptr<ShadowStore>> open(std::vector<PoolDevice> devices,
+                                                   std::shared_ptr<IoBackend> primary,
+                                                   const StoreOptions& opts, const Clock& clock,
+                                                   Monitor* monitor);
+  // Read only the superblock of a device (for messages and `--init` checks).
+  static Result<pool::Superblock> read_superblock(IoBackend& device);
+
+  virtual ~ShadowStore() = default;
+
+  // The backend to serve: journals every mutating request.
+  virtual std::shared_ptr<IoBackend> backend() = 0;
+  // Start the pool thread (and the shadow thread if opts.shadow_thread).
+  virtual void start() = 0;
+  // Drain, write a final checkpoint, stop the threads.
+  virtual Status stop() = 0;
+  // For crash tests: stop the threads at once, writing nothing more.
+  virtual void abandon() = 0;
+
+  virtual uint32_t segment_bytes() const = 0;
+  virtual StoreStats stats() const = 0;
+  virtual std::vector<ZoneInfo> zones() const = 0;
+  // Segments with history, ascending; `limit` 0 = all.
+  virtual std::vector<SegmentHistory> segments(uint64_t first = 0, size_t limit = 0) const = 0;
+  virtual std::optional<SegmentHistory> segment(uint64_t id) const = 0;
+
+  // Tunables that may change at run time.
+  virtual void set_budget(uint64_t bytes_per_s) = 0;
+  virtual void set_retention(uint64_t seconds) = 0;
+
+  // ---- engine operations (the shadow thread runs them; tests call them) ----
+  // Make a version of `segment` now (blocking; retries while writes race).
+  virtual Status shadow_segment(uint64_t segment) = 0;
+  // Move the window start to `start_ns` (folding), then reclaim what is free.
+  virtual Status prune(int64_t start_ns) = 0;
+  virtual Status checkpoint() = 0;
+  // One round of the shadow thread's work: persist access history, restart
+  // degraded history, apply retention, relieve a full pool, checkpoint when
+  // due, make versions within the budget.
+  virtual void shadow_round() = 0;
+
+  // ---- reconstruction (the next issue builds restore on it) ----
+  // The content of `segment` after every journal record with seq <= `seq`
+  // (time_ns: with time <= T), byte-exact. kOutOfRange before the window.
+  virtual Result<std::vector<uint8_t>> reconstruct_seq(uint64_t segment, uint64_t seq) = 0;
+  virtual Result<std::vector<uint8_t>> reconstruct_time(uint64_t segment, int64_t time_ns) = 0;
+  // The last seq with time <= time_ns (0 if none).
+  virtual uint64_t seq_at(int64_t time_ns) const = 0;
+  // Check the in-memory index: order, delta bases present, every segment's
+  // records preceded by a version. Does not read the pool.
+  virtual Status check_index() const = 0;
+};
+
+}  // namespace shadowd
