@@ -2490,23 +2490,31 @@ Status StoreImpl::recover() {
 
 Result<pool::Superblock> read_sb(IoBackend& dev) {
   if (dev.size_bytes() < pool::kZonesStart) {
-    return Status::error(Status::Code::kCorruption, "too small to hold a shadow pool");
+    return Status::error(Status::Code::kNotFound, "too small to hold a shadow pool", ENOENT);
   }
   ABuf a = aligned_buf(2 * kB);
   Status st = run_sync(dev, BlockOpKind::kRead, 0, 2 * kB, a.get());
   if (!st) return st;
   std::optional<pool::Superblock> best;
-  Status last = Status::error(Status::Code::kCorruption, "not a shadow pool");
+  Status damaged;
+  int magic = 0;
   for (int i = 0; i < 2; ++i) {
+    uint64_t m;
+    std::memcpy(&m, a.get() + i * kB, sizeof m);
+    magic += m == pool::kSuperMagic;
     auto sb = pool::decode_superblock(std::span<const uint8_t>(a.get() + i * kB, kB));
     if (!sb) {
-      if (sb.status().message().find("magic") == std::string::npos) last = sb.status();
+      if (m == pool::kSuperMagic) damaged = sb.status();
       continue;
     }
     if (!best || sb->generation > best->generation) best = *sb;
   }
-  if (!best) return last;
-  return *best;
+  if (best) return *best;
+  // Blank (no superblock at all) and damaged (a superblock that does not
+  // check out) are different answers: only a blank device is formatted
+  // without --force.
+  if (magic == 0) return Status::error(Status::Code::kNotFound, "no shadow pool superblock", ENOENT);
+  return Status::error(Status::Code::kCorruption, "damaged shadow pool superblock: " + damaged.message(), EIO);
 }
 
 }  // namespace
@@ -2538,6 +2546,10 @@ Status ShadowStore::format(const std::vector<PoolDevice>& devices, const FormatO
     if (existing && !o.force) {
       return Status::invalid(devices[t].path + " already holds a shadow pool (" + pool::uuid_to_string(existing->pool_uuid) +
                              ", for " + existing->primary_id + "); refusing to overwrite it without --force");
+    }
+    if (!existing && existing.status().code() != Status::Code::kNotFound && !o.force) {
+      return Status::invalid(devices[t].path + ": " + existing.status().message() +
+                             "; refusing to overwrite it without --force");
     }
   }
   for (size_t t = 0; t < devices.size(); ++t) {
@@ -2574,8 +2586,8 @@ Result<std::unique_ptr<ShadowStore>> ShadowStore::open(std::vector<PoolDevice> d
   for (size_t i = 0; i < devices.size(); ++i) {
     auto sb = read_sb(*devices[i].backend);
     if (!sb) {
-      if (sb.status().code() == Status::Code::kCorruption) {
-        return Status::error(Status::Code::kCorruption,
+      if (sb.status().code() == Status::Code::kNotFound) {
+        return Status::error(Status::Code::kNotFound,
                              devices[i].path + " is not a shadow pool (" + sb.status().message() +
                                  "); start once with --init to format it");
       }

@@ -3,7 +3,7 @@
 // background shadowing within an I/O budget, the index with checkpoints and
 // crash recovery, retention with folding, and the persisted access history.
 //
-// Data path. wrap() returns the IoBackend the export serves. A mutating
+// Data path. backend() returns the IoBackend the export serves. A mutating
 // request (WRITE, WRITE_ZEROES, TRIM) is cut into one journal record per
 // segment, compressed on the calling I/O thread and queued to the pool
 // thread, which appends every queued record in one pool write (group
@@ -175,7 +175,8 @@ class ShadowStore {
                                                    std::shared_ptr<IoBackend> primary,
                                                    const StoreOptions& opts, const Clock& clock,
                                                    Monitor* monitor);
-  // Read only the superblock of a device (for messages and `--init` checks).
+  // Read only the superblock of a device (for messages and `--init` checks):
+  // kNotFound for a blank device, kCorruption for a damaged superblock.
   static Result<pool::Superblock> read_superblock(IoBackend& device);
 
   virtual ~ShadowStore() = default;

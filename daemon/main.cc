@@ -463,8 +463,8 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
       const bool ours = sb->primary_id == *primary_id && sb->primary_bytes == primary_bytes &&
                         sb->segment_bytes == cfg.segment_size_bytes;
       st.kind = ours ? DeviceState::Kind::kOurs : DeviceState::Kind::kForeign;
-    } else if (sb.status().code() == Status::Code::kCorruption) {
-      st.kind = DeviceState::Kind::kBlank;  // no valid superblock: not a pool
+    } else if (sb.status().code() == Status::Code::kNotFound) {
+      st.kind = DeviceState::Kind::kBlank;  // no superblock at all: not a pool (a damaged one is unreadable)
     } else {
       st.kind = DeviceState::Kind::kUnreadable;
       st.error = sb.status();
@@ -487,7 +487,10 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
       }
       if (st.kind == DeviceState::Kind::kUnreadable) {
         return fail(kExitFailure, "cannot read the pool superblock of " + path + ": " +
-                                      st.error.message());
+                                      st.error.message() +
+                                      (st.error.code() == Status::Code::kCorruption
+                                           ? " (--init --force reformats it, discarding its history)"
+                                           : ""));
       }
       // open() refuses this too; say here which option to change.
       if (st.kind == DeviceState::Kind::kForeign && st.sb.primary_id == *primary_id &&
