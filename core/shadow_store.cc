@@ -107,12 +107,15 @@ struct REntry {
   uint32_t len = 0;
 };
 
+class Item;
+
 struct Seg {
   std::vector<VEntry> versions;  // ascending seq
   std::deque<REntry> records;    // ascending seq
   uint32_t inflight = 0;         // writes sequenced but not yet applied to the primary
   uint64_t gen = 0;              // writes applied
   bool cow_pending = false;
+  std::vector<Item*> applying;  // journaled writes now being applied to the primary
   bool empty() const { return versions.empty() && records.empty(); }
 };
 
@@ -344,7 +347,9 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
 
   // ---- the data path ----
   void submit(EventLoop& loop, BlockOp* op);
+  void apply(Item* it);
   void item_done(Item& it, const Status& st);
+  bool must_wait_locked(const Item& it) const;
   IoBackend& primary() { return *primary_; }
 
   // ---- for Appender ----
@@ -453,7 +458,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   int64_t last_ts_ = 0;
   int64_t retention_start_ = 0;
   uint64_t window_seq_ = 0;  // the last seq with time <= retention_start_
-  std::map<uint64_t, int64_t> inflight_seqs_;  // seq -> time of writes not yet applied
+  std::map<uint64_t, int64_t> inflight_seqs_;
+  std::map<uint64_t, Item*> blocked_;  // journaled writes waiting for an overlapping one  // seq -> time of writes not yet applied
   uint64_t next_gen_ = 1;
   bool degraded_ = false;
   std::string degraded_reason_;
@@ -591,8 +597,11 @@ void Appender::reset_locked() {
 Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_zone(uint8_t tier, ZoneKind kind) {
   std::lock_guard<std::mutex> lock(mu_);
   Tier& t = tiers_[tier];
-  // Keep two zones of tier 0 for checkpoints, which free the others.
-  const uint32_t reserve = (tier == 0 && kind != ZoneKind::kCheckpoint) ? 2 : 0;
+  // Keep zones of tier 0 for the work that frees the others: one for a
+  // checkpoint, one more for the folds and moves that come before it.
+  const uint32_t reserve = tier != 0 || kind == ZoneKind::kCheckpoint ? 0
+                           : kind == ZoneKind::kVersions           ? 1
+                                                                    : 2;
   if (free_zones_locked(tier) <= reserve) {
     wake_shadow();
     return Status::error(Status::Code::kNoSpace,
@@ -772,10 +781,45 @@ void Item::proceed() {
       flags = client->flags & (kFua | kNoHole);
     }
   }
-  store->primary().submit(*loop, this);
+  store->apply(this);
 }
 
 void Item::on_done(Status st) { store->item_done(*this, st); }
+
+bool overlaps(const Item& a, const Item& b) {
+  return a.client->offset < b.client->offset + b.client->length &&
+         b.client->offset < a.client->offset + a.client->length;
+}
+
+// Overlapping writes reach the primary in journal order: a write waits
+// while an earlier overlapping one is being applied (the kernel may reorder
+// requests in flight, and the journal's order must be the device's).
+bool StoreImpl::must_wait_locked(const Item& it) const {
+  for (uint64_t s = it.first_seg; s <= it.last_seg; ++s) {
+    auto f = segs_.find(s);
+    if (f == segs_.end()) continue;
+    for (const Item* a : f->second.applying) {
+      if (overlaps(*a, it)) return true;
+    }
+  }
+  for (const auto& [seq, b] : blocked_) {
+    if (seq >= it.seq) break;
+    if (overlaps(*b, it)) return true;
+  }
+  return false;
+}
+
+void StoreImpl::apply(Item* it) {
+  if (it->type == Item::Type::kWrite && !it->bypass) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (must_wait_locked(*it)) {
+      blocked_.emplace(it->seq, it);
+      return;
+    }
+    for (uint64_t s = it->first_seg; s <= it->last_seg; ++s) segs_[s].applying.push_back(it);
+  }
+  primary_->submit(*it->loop, it);
+}
 
 void StoreImpl::item_done(Item& it, const Status& st) {
   if (it.type == Item::Type::kWrite) {
@@ -787,8 +831,21 @@ void StoreImpl::item_done(Item& it, const Status& st) {
         Seg& sg = segs_[s];
         --sg.inflight;
         ++sg.gen;
+        std::erase(sg.applying, &it);
       }
       inflight_seqs_.erase(it.seq);
+      // Writes that waited for this one may go now (in journal order).
+      for (auto b = blocked_.begin(); b != blocked_.end();) {
+        Item* w = b->second;
+        b = blocked_.erase(b);
+        if (must_wait_locked(*w)) {
+          b = blocked_.emplace(w->seq, w).first;
+          ++b;
+          continue;
+        }
+        for (uint64_t s = w->first_seg; s <= w->last_seg; ++s) segs_[s].applying.push_back(w);
+        w->loop->post([this, w] { primary_->submit(*w->loop, w); });
+      }
     }
     if (!st) {
       ++primary_write_errors_;
@@ -1663,6 +1720,17 @@ Status StoreImpl::shrink_locked() {
         }
       }
     }
+    // Cheap first: move live versions out of mostly-dead zones and free
+    // what no longer holds anything.
+    Status st = compact_locked();
+    if (st) st = checkpoint_locked();
+    if (!st) return st;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      low = free_zones_locked(0) < low_water_locked(0);
+      for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+    }
+    if (!low) return Status::ok();
     if (w > 0) {
       int64_t before;
       {
@@ -1679,9 +1747,8 @@ Status StoreImpl::shrink_locked() {
                      (clock_.now_ns() - retention_start_) / static_cast<int64_t>(kNs));
       }
     }
-    Status st = compact_locked();
-    if (!st) return st;
-    st = checkpoint_locked();
+    st = compact_locked();
+    if (st) st = checkpoint_locked();
     if (!st) return st;
     if (w == 0) break;  // nothing more to give up
   }

@@ -263,3 +263,110 @@ def finish(anomalies, who, doc, out_json):
     print(f"\nraw results: {out_json}")
 PY
 }
+
+# --- helpers for scripts that measure the shadow pool (journal.sh) ---------------------
+# Added after the helpers above; nothing above depends on them.
+shadowctl_bin=$build_dir/ctl/shadowctl
+
+# to_bytes SIZE : prints SIZE (512M, 8G, 1.5G or a plain number) in bytes.
+to_bytes() {
+  numfmt --from=iec "$1" 2>/dev/null || die "not a size: '$1'"
+}
+
+# drop_page_cache FILE : writes back FILE's dirty pages and drops its pages from
+# the page cache, so that the next server does not start warm.
+drop_page_cache() {
+  "$py" - "$1" <<'PY'
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+os.fsync(fd)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+os.close(fd)
+PY
+}
+
+# start_polled TIMEOUT LOG URI CMD... : starts a server that has no readiness
+# notification (qemu-nbd, nbdkit) in the background, its output to LOG, and
+# polls URI with nbdinfo for up to TIMEOUT seconds. Sets server_pid; returns
+# nonzero unless the export answered.
+start_polled() {
+  local timeout=$1 slog=$2 uri=$3 i
+  shift 3
+  "$@" >"$slog" 2>&1 &
+  server_pid=$!
+  for ((i = 0; i < timeout * 20; i++)); do
+    kill -0 "$server_pid" 2>/dev/null || return 1
+    nbdinfo --size "$uri" >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  return 1
+}
+
+# cpu_mark FILE PID : appends "wall busy_ticks pid_ticks children_user
+# children_sys" to FILE: wall clock, CPU ticks of the whole machine (user, nice,
+# system, irq, softirq), of process PID (all its threads) and the `times` of
+# this shell's waited-for children (fio). Call it in the shell that runs fio,
+# not in a subshell, before and after the job.
+cpu_mark() {
+  local f=$1 pid=$2 wall u n sy irq sirq srv=0 stat rest
+  local -a a
+  wall=$(date +%s.%N)
+  read -r _ u n sy _ _ irq sirq _ </proc/stat
+  if stat=$(<"/proc/$pid/stat") 2>/dev/null; then
+    rest=${stat##*) }
+    read -ra a <<<"$rest"
+    srv=$(( a[11] + a[12] ))  # utime + stime
+  fi
+  times >"$f.times"
+  echo "$wall $((u + n + sy + irq + sirq)) $srv $(sed -n 2p "$f.times")" >>"$f"
+  rm -f "$f.times"
+}
+
+# thread_ticks PID : prints "tid ticks comm" (ticks = utime + stime) for every
+# thread of PID (io_uring's workers are threads of it too: iou-wrk-TID).
+thread_ticks() {
+  local t stat rest comm
+  local -a a
+  for t in /proc/"$1"/task/*; do
+    stat=$(<"$t/stat") 2>/dev/null || continue
+    comm=${stat#*(}
+    comm=${comm%)*}
+    rest=${stat##*) }
+    read -ra a <<<"$rest"
+    echo "${t##*/} $(( a[11] + a[12] )) ${comm// /_}"
+  done
+}
+
+# thread_roles PID OUT : with gdb, writes "tid role" for every thread of PID
+# to OUT (role from the thread's stack: io, pool, shadow, control, roller,
+# metrics, main, other). The process stops for a second or two: call it
+# outside measured time. Writes nothing when gdb is missing or fails.
+thread_roles() {
+  local pid=$1 out=$2
+  : >"$out"
+  command -v gdb >/dev/null || return 0
+  timeout 60 gdb -p "$pid" -batch -nx -ex 'thread apply all bt' </dev/null 2>/dev/null |
+    "$py" -c '
+import re, sys
+main_pid = sys.argv[1]
+roles = [("pool_main", "pool"), ("shadow_main", "shadow"), ("EventLoop::run", "io"),
+         ("ControlServer", "control"), ("Roller", "roller"), ("etrics", "metrics"),
+         ("Exposer", "metrics"), ("civetweb", "metrics"), ("mg_", "metrics")]
+tid, role = None, None
+def emit():
+    if tid is not None:
+        print(tid, role or ("main" if tid == main_pid else "other"))
+for line in sys.stdin:
+    m = re.match(r"Thread \d+ \(.*\(LWP (\d+)\)", line)
+    if m:
+        emit()
+        tid, role = m.group(1), None
+        continue
+    if tid is not None and role is None and line.startswith("#"):
+        for key, r in roles:
+            if key in line:
+                role = r
+                break
+emit()
+' "$pid" >"$out" || : >"$out"
+}

@@ -13,6 +13,13 @@ Environment:
   SHADOWCTL              path of the shadowctl binary (set by ctest)
   SHADOWD_TEST_LOG_LEVEL log level passed to shadowd (default "info")
   SHADOWD_TEST_KEEP      if set, keep the temporary directory
+
+A daemon with a shadow pool: make_pool_file() preallocates a pool file,
+Daemon(pool=..., pool_init=True) passes --pool/--init, Daemon.crash() kills
+it with SIGKILL (a crash, not a failure of the test), ShadowCtl runs the real
+shadowctl against the daemon's control socket, run_shadowd() runs a shadowd
+that is expected to refuse to start, and wait_until() polls a condition of
+the daemon's background threads with a deadline.
 """
 
 import contextlib
@@ -210,7 +217,8 @@ class Daemon:
     def __init__(self, size=64 * MiB, read_only=False, extra_args=(),
                  export_name=None, description=None, tcp=True, unix=True,
                  backing=None, init_backing=None, name="shadowd",
-                 check_exit=True, checks=None, pidfile=False):
+                 check_exit=True, checks=None, pidfile=False,
+                 pool=None, pool_init=False, pool_force=False, metrics=False):
         self.size = size
         self.read_only = read_only
         self.extra_args = list(extra_args)
@@ -225,6 +233,16 @@ class Daemon:
         self.checks = checks
         self.want_pidfile = pidfile
         self.pidfile = None
+        # Shadow pool: a path or a list of paths (tier order); --init, --force.
+        if isinstance(pool, (list, tuple)):
+            self.pool = list(pool)
+        else:
+            self.pool = [pool] if pool else []
+        self.pool_init = pool_init
+        self.pool_force = pool_force
+        self.want_metrics = metrics
+        self.metrics_port = None
+        self.crashed = False  # crash() killed it on purpose
         self._failures_at_start = len(checks.failures) if checks else 0
         self.proc = None
         self.notify_messages = []
@@ -287,6 +305,15 @@ class Daemon:
         if self.want_pidfile:
             self.pidfile = os.path.join(self.tmpdir, "shadowd.pid")
             cmd += ["--pidfile", self.pidfile]
+        if self.pool:
+            cmd += ["--pool", ",".join(self.pool)]
+            if self.pool_init:
+                cmd += ["--init"]
+            if self.pool_force:
+                cmd += ["--force"]
+        if self.want_metrics:
+            self.metrics_port = free_tcp_port()
+            cmd += ["--metrics-listen", f"127.0.0.1:{self.metrics_port}"]
         if "--control" not in self.extra_args:
             # Private control socket: tests run in parallel, each daemon its own.
             self.control_path = os.path.join(self.tmpdir, "control.sock")
@@ -363,6 +390,24 @@ class Daemon:
         self.drain_notify()
         return rc
 
+    def crash(self, sig=signal.SIGKILL):
+        """Kill the daemon with ``sig`` (default SIGKILL: no clean-up at all)
+        and wait for it to be gone; return the exit code.  Leaving the
+        ``with`` block afterwards is not a failure."""
+        self.proc.send_signal(sig)
+        rc = wait_process(self.proc, STOP_TIMEOUT)
+        if rc is None:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.returncode = rc
+        self.crashed = True
+        self.drain_notify()
+        return rc
+
+    @property
+    def metrics_url(self):
+        return f"http://127.0.0.1:{self.metrics_port}/metrics" if self.metrics_port else None
+
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
@@ -421,7 +466,7 @@ class Daemon:
                 if not failed:
                     raise DaemonError(f"shadowd died during the test (exit {self.returncode})")
             rc = self.stop()
-            if self.check_exit and rc != 0:
+            if self.check_exit and rc != 0 and not self.crashed:
                 self.dump_stderr(f"exit code {rc} after SIGTERM")
                 if not failed:
                     raise DaemonError(f"shadowd exited with {rc} after SIGTERM, expected 0")
@@ -431,6 +476,115 @@ class Daemon:
             self._kill()
             self._cleanup_dir()
         return False
+
+
+
+# --------------------------------------------------------------------------
+# The shadow pool and shadowctl
+
+
+def make_pool_file(path, size):
+    """Create a preallocated (posix_fallocate) pool file of ``size`` bytes,
+    as an operator would with `fallocate -l`: its blocks are reserved and
+    read as zeroes, so it holds no pool superblock."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+    return path
+
+
+def file_head(path, n=8 * KiB):
+    """The first ``n`` bytes of a file (the pool's superblocks live there)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def run_shadowd(args, timeout=READY_TIMEOUT):
+    """Run a shadowd that is expected to exit on its own (a refusal at
+    start-up) in the foreground; return (exit code, stdout+stderr).  If it
+    starts serving instead it does not exit: killed after ``timeout``, which
+    is then a failure."""
+    cmd = [shadowd_path(), "--foreground", "--log-level", "info"] + [str(a) for a in args]
+    env = dict(os.environ)
+    for k in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID"):
+        env.pop(k, None)
+    log("+ " + " ".join(cmd))
+    try:
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"shadowd did not exit within {timeout}s: {cmd}")
+    out = p.stdout.decode(errors="replace")
+    log(f"  exit {p.returncode}: {out.strip()}")
+    return p.returncode, out
+
+
+class ShadowCtl:
+    """The real shadowctl against one control socket (--socket PATH)."""
+
+    def __init__(self, path):
+        self.path = path if isinstance(path, str) else path.control_path
+
+    def run(self, *args, json_out=True, timeout=60):
+        cmd = [shadowctl_path(), "--socket", self.path]
+        if json_out:
+            cmd.append("--json")
+        cmd += [str(a) for a in args]
+        p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, timeout=timeout)
+        return p.returncode, p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+
+    def json(self, *args):
+        """Run with --json; the reply must be ok and pure JSON."""
+        import json as _json
+        rc, out, err = self.run(*args)
+        if rc != 0:
+            raise AssertionError(f"shadowctl --json {' '.join(map(str, args))}: exit {rc}: "
+                                 f"{err.strip()} {out.strip()}")
+        reply = _json.loads(out)
+        if reply.get("ok") is not True:
+            raise AssertionError(f"shadowctl {' '.join(map(str, args))}: reply {reply}")
+        return reply
+
+    def text(self, *args):
+        """Run the human-readable form; it must exit 0; return stdout."""
+        rc, out, err = self.run(*args, json_out=False)
+        if rc != 0:
+            raise AssertionError(f"shadowctl {' '.join(map(str, args))}: exit {rc}: "
+                                 f"{err.strip()} {out.strip()}")
+        return out
+
+    def fails(self, code, *args):
+        """Run with --json a command the daemon must refuse with ``code``:
+        exit 1, the code on stderr and in the JSON reply."""
+        import json as _json
+        rc, out, err = self.run(*args)
+        if rc != 1:
+            raise AssertionError(f"shadowctl {' '.join(map(str, args))}: exit {rc}, want 1 "
+                                 f"({err.strip()})")
+        reply = _json.loads(out)
+        if reply.get("ok") is not False or reply.get("code") != code or code not in err:
+            raise AssertionError(f"shadowctl {' '.join(map(str, args))}: want code {code}, "
+                                 f"got {reply} / {err.strip()!r}")
+        return reply
+
+
+def wait_until(pred, what, timeout=READY_TIMEOUT, interval=0.02):
+    """Poll ``pred()`` until it returns a true value and return that value.
+
+    Only for conditions that a background thread of the daemon brings about
+    and that announce themselves nowhere; ``timeout`` is a failure guard that
+    a passing run never reaches."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------
