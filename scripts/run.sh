@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Install what is missing, build, and run shadowd in the foreground on a
-# sparse 1 GiB var/disk.img, served on var/shadowd.sock and 127.0.0.1:10809.
+# sparse 1 GiB var/disk.img, served on var/shadowd.sock and 127.0.0.1:10809,
+# with its history in a 1 GiB shadow pool var/pool.img (formatted on first use,
+# kept across runs).
 #
 # Extra arguments go to shadowd, e.g.  scripts/run.sh --read-only --log-level debug
 # BUILD_DIR=DIR selects the build directory (default build/).
@@ -17,6 +19,10 @@ if [[ ! -e var/disk.img ]]; then
   echo "run: creating sparse 1 GiB var/disk.img"
   truncate -s 1G var/disk.img
 fi
+if [[ ! -e var/pool.img ]]; then
+  echo "run: creating the 1 GiB shadow pool var/pool.img (fallocate)"
+  fallocate -l 1G var/pool.img 2>/dev/null || truncate -s 1G var/pool.img
+fi
 
 sock=$root/var/shadowd.sock
 unix_uri="nbd+unix:///?socket=$sock"
@@ -25,7 +31,8 @@ tcp_uri="nbd://127.0.0.1:10809"
 cat <<EOF
 
 shadowd is starting in the foreground (Ctrl-C stops it). Export "disk"
-(the empty export name "" selects it too) over var/disk.img:
+(the empty export name "" selects it too) over var/disk.img, every write
+journaled into the shadow pool var/pool.img (retention 7 days):
 
   $unix_uri
   $tcp_uri
@@ -55,6 +62,10 @@ Try, from another shell:
   $build_dir/ctl/shadowctl top -n 10 --by writes
   $build_dir/ctl/shadowctl segment 0
   $build_dir/ctl/shadowctl config set alpha=2
+  $build_dir/ctl/shadowctl history
+  $build_dir/ctl/shadowctl versions
+  $build_dir/ctl/shadowctl versions --segment 0
+  $build_dir/ctl/shadowctl pool --zones
   $build_dir/ctl/shadowctl history export --format csv
   $build_dir/ctl/shadowctl --help
 
@@ -64,5 +75,6 @@ exec "$build_dir/daemon/shadowd" \
   --backing var/disk.img \
   --unix var/shadowd.sock \
   --listen 127.0.0.1:10809 \
+  --pool var/pool.img --init \
   --foreground \
   "$@"
