@@ -65,6 +65,7 @@ struct BackendInfo {
   bool can_trim = true;
   bool can_zero = true;
   bool can_extents = false;     // extents() reports holes
+  bool can_sources = false;     // source_at() answers (point-in-time exports)
 };
 
 class IoBackend {
@@ -87,6 +88,21 @@ class IoBackend {
   virtual Result<Extent> extent_at(uint64_t offset, uint64_t max_len) {
     (void)offset;
     return Extent{max_len, false};
+  }
+
+  // Where the content of a range comes from, for the shadowd:source metadata
+  // context of point-in-time exports. Flags of NBD's block-status descriptors.
+  enum SourceFlags : uint32_t { kSourcePrimary = 0, kSourceVersion = 1, kSourceJournal = 2 };
+  struct SourceExtent {
+    uint64_t length;
+    uint32_t flags;  // kSourcePrimary, or kSourceVersion and/or kSourceJournal
+  };
+  // Starting at `offset`, the run (capped at `max_len`) whose source flags are
+  // all the same. Synchronous. Only backends with info().can_sources answer it;
+  // layers that wrap a backend must forward it along with info().
+  virtual Result<SourceExtent> source_at(uint64_t offset, uint64_t max_len) {
+    (void)offset;
+    return SourceExtent{max_len, kSourcePrimary};
   }
 
  protected:

@@ -187,7 +187,8 @@ class Item final : public BlockOp {
     uint64_t segment;
     pool::JournalRecord rec;
     Codec codec;
-    std::vector<uint8_t> payload;
+    std::span<const uint8_t> data;  // the record's payload: `packed`, or the client's buffer
+    std::vector<uint8_t> packed;    // the compressed payload
   };
   Item(StoreImpl* s, EventLoop* l, BlockOp* c, Type t) : store(s), loop(l), client(c), type(t) {}
   void proceed();
@@ -311,6 +312,42 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     return reconstruct(segment, false, t);
   }
   uint64_t seq_at(int64_t time_ns) const override;
+  Result<SegmentAt> reconstruct_at(uint64_t segment, uint64_t seq) override {
+    SegmentAt out;
+    auto r = reconstruct(segment, true, static_cast<int64_t>(seq), &out);
+    if (!r) return r.status();
+    out.data = std::move(*r);
+    return out;
+  }
+  uint32_t source_of(uint64_t segment, uint64_t seq) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto f = segs_.find(segment);
+    if (f == segs_.end() || f->second.records.empty() || f->second.records.back().seq <= seq) {
+      return kFromPrimary;
+    }
+    const Seg& sg = f->second;
+    uint64_t vseq = 0;
+    for (const VEntry& v : sg.versions) {
+      if (v.seq <= seq) vseq = v.seq;
+    }
+    for (const REntry& r : sg.records) {
+      if (r.seq > vseq && r.seq <= seq) return kFromVersion | kFromJournal;
+    }
+    return kFromVersion;
+  }
+  std::vector<uint64_t> segments_changed_after(uint64_t seq) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<uint64_t> out;
+    for (const auto& [id, sg] : segs_) {
+      if (!sg.records.empty() && sg.records.back().seq > seq) out.push_back(id);
+    }
+    return out;
+  }
+  uint64_t stable_seq() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    return inflight_seqs_.empty() ? last_seq_ : inflight_seqs_.begin()->first - 1;
+  }
+  VerifyReport verify_pool() override;
   Status check_index() const override {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, s] : segs_) {
@@ -428,7 +465,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   Result<std::vector<uint8_t>> read_record(const Loc& loc, pool::Record& rec);
   Result<std::vector<uint8_t>> version_content(const std::vector<VEntry>& versions, size_t idx);
   Status apply_record(const REntry& r, std::vector<uint8_t>& content);
-  Result<std::vector<uint8_t>> reconstruct(uint64_t seg, bool by_seq, int64_t bound);
+  Result<std::vector<uint8_t>> reconstruct(uint64_t seg, bool by_seq, int64_t bound,
+                                           SegmentAt* meta = nullptr);
   Result<std::vector<uint8_t>> read_primary(uint64_t seg);
 
   // index bookkeeping (mu_ held)
@@ -743,12 +781,12 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
     p.rec.length = static_cast<uint32_t>(piece_end - pos);
     p.codec = Codec::kNone;
     if (jop == JournalOp::kWrite) {
-      std::span<const uint8_t> data(op->buf + (pos - op->offset), p.rec.length);
-      p.payload = zstd_compress(data, opts_.journal_zstd_level);
-      if (p.payload.size() >= data.size()) {
-        p.payload.assign(data.begin(), data.end());
-      } else {
+      // The client's buffer lives until the request is answered, so an
+      // incompressible payload is not copied: the record points at it.
+      p.data = std::span<const uint8_t>(op->buf + (pos - op->offset), p.rec.length);
+      if (zstd_compress_smaller(p.data, opts_.journal_zstd_level, p.packed)) {
         p.codec = Codec::kZstd;
+        p.data = p.packed;
       }
     }
     it->pieces.push_back(std::move(p));
@@ -930,9 +968,10 @@ void StoreImpl::process(std::vector<Item*>& items) {
     }
     if (!st) continue;
     for (Item::Piece& p : it->pieces) {
-      auto loc = journal_.add(pool::journal_record_bytes(p.payload.size()),
+      const std::span<const uint8_t> payload = p.data;
+      auto loc = journal_.add(pool::journal_record_bytes(payload.size()),
                               [&](std::vector<uint8_t>& out, uint64_t gen) {
-                                pool::encode_journal(out, gen, p.rec, p.codec, p.payload);
+                                pool::encode_journal(out, gen, p.rec, p.codec, payload);
                               });
       if (!loc) {
         st = loc.status();
@@ -1054,7 +1093,8 @@ Status StoreImpl::apply_record(const REntry& r, std::vector<uint8_t>& content) {
   return Status::ok();
 }
 
-Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, int64_t bound) {
+Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, int64_t bound,
+                                                    SegmentAt* meta) {
   if ((seg << shift_) >= primary_->size_bytes()) return Status::out_of_range("no such segment");
   auto in_bound = [&](uint64_t seq, int64_t ts) {
     return by_seq ? seq <= static_cast<uint64_t>(bound) : ts <= bound;
@@ -1098,7 +1138,10 @@ Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, i
       auto f = segs_.find(seg);
       const uint64_t g = f == segs_.end() ? 0 : f->second.gen;
       const uint32_t infl = f == segs_.end() ? 0 : f->second.inflight;
-      if (g == gen0 && infl == 0) return c;
+      if (g == gen0 && infl == 0) {
+        if (meta != nullptr) *meta = SegmentAt{{}, kFromPrimary, 0, 0};
+        return c;
+      }
       continue;  // a write raced with the read: look again
     }
     auto content = version_content(versions, versions.size() - 1);
@@ -1115,9 +1158,105 @@ Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, i
       if (st.code() == Status::Code::kCorruption && attempt < 3) continue;
       return st;
     }
+    if (meta != nullptr) {
+      const uint32_t chain = uint32_t{versions.back().depth} + 1;  // the full image and its deltas
+      *meta = SegmentAt{{},
+                        kFromVersion | (records.empty() ? 0u : uint32_t{kFromJournal}),
+                        chain, static_cast<uint32_t>(records.size())};
+    }
     return content;
   }
   return Status::error(Status::Code::kBusy, "segment too busy to reconstruct", EAGAIN);
+}
+
+ShadowStore::VerifyReport StoreImpl::verify_pool() {
+  VerifyReport rep;
+  struct Scanned {
+    uint64_t gen;
+    std::set<uint32_t> offsets;
+  };
+  std::map<std::pair<uint8_t, uint32_t>, Scanned> scanned;
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    for (uint32_t z = 0;; ++z) {
+      uint64_t gen, used;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (z >= tiers_[t].zones.size()) break;
+        const Zone& zn = tiers_[t].zones[z];
+        if (zn.kind == ZoneKind::kFree || zn.used == 0) continue;
+        gen = zn.gen;
+        used = zn.used;
+      }
+      const uint64_t len = round_up(used, kB);
+      ABuf a = aligned_buf(len);
+      Status st = sync_io(device(static_cast<uint8_t>(t)), BlockOpKind::kRead, zone_offset(z), len, a.get());
+      const std::string where = "tier " + std::to_string(t) + " zone " + std::to_string(z);
+      if (!st) {
+        rep.errors.push_back(where + ": read failed: " + st.message());
+        continue;
+      }
+      Scanned sc{gen, {}};
+      auto end = pool::scan_records(std::span<const uint8_t>(a.get(), used), gen, 0,
+                                    [&](const pool::Record& rec, uint64_t off) {
+                                      ++rep.records_checked;
+                                      rep.bytes_checked += rec.total_bytes;
+                                      if (rec.type == RecordType::kVersion) ++rep.versions_checked;
+                                      sc.offsets.insert(static_cast<uint32_t>(off));
+                                    });
+      ++rep.zones_scanned;
+      bool reused;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        reused = tiers_[t].zones[z].gen != gen || tiers_[t].zones[z].kind == ZoneKind::kFree;
+      }
+      if (reused) continue;  // reclaimed while it was read: nothing of it is in the index
+      if (end.next_offset < used) {
+        rep.errors.push_back(where + ": record at offset " + std::to_string(end.next_offset) + " of the " +
+                             std::to_string(used) + " committed bytes is damaged (" +
+                             pool::decode_error_name(end.stop) + ")");
+      }
+      scanned[{static_cast<uint8_t>(t), z}] = std::move(sc);
+    }
+  }
+  // Every index entry must point at a record found by the scan.
+  std::vector<std::pair<uint64_t, std::vector<VEntry>>> all_versions;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto check = [&](uint64_t seg, const char* what, uint64_t seq, const Loc& l) {
+      auto f = scanned.find({l.tier, l.zone});
+      if (f == scanned.end() || f->second.gen != l.gen) return;  // reclaimed or not scanned
+      if (f->second.offsets.count(l.offset) == 0) {
+        rep.errors.push_back("segment " + std::to_string(seg) + ": " + what + " seq " + std::to_string(seq) +
+                             " points at tier " + std::to_string(l.tier) + " zone " + std::to_string(l.zone) +
+                             " offset " + std::to_string(l.offset) + ", where no intact record starts");
+      }
+    };
+    for (const auto& [id, sg] : segs_) {
+      for (const VEntry& v : sg.versions) check(id, "version", v.seq, v.loc);
+      for (const REntry& r : sg.records) {
+        if (r.op == JournalOp::kWrite) check(id, "journal record", r.seq, r.loc);
+      }
+      if (!sg.versions.empty()) all_versions.emplace_back(id, sg.versions);
+    }
+  }
+  // Every version decodes to content with its checksum (chains included).
+  for (auto& [id, vs] : all_versions) {
+    for (size_t i = 0; i < vs.size(); ++i) {
+      auto c = version_content(vs, i);
+      if (!c) {
+        // A version pruned while we read it is not damage: check it is still indexed.
+        std::lock_guard<std::mutex> lock(mu_);
+        auto f = segs_.find(id);
+        const bool still = f != segs_.end() && std::any_of(f->second.versions.begin(), f->second.versions.end(),
+                                                            [&](const VEntry& v) { return v.seq == vs[i].seq; });
+        if (still) {
+          rep.errors.push_back("segment " + std::to_string(id) + ": version seq " + std::to_string(vs[i].seq) +
+                               ": " + c.status().message());
+        }
+      }
+    }
+  }
+  return rep;
 }
 
 uint64_t StoreImpl::seq_at(int64_t t) const {

@@ -219,6 +219,37 @@ class ShadowStore {
   virtual Result<std::vector<uint8_t>> reconstruct_time(uint64_t segment, int64_t time_ns) = 0;
   // The last seq with time <= time_ns (0 if none).
   virtual uint64_t seq_at(int64_t time_ns) const = 0;
+
+  // Where a segment's content at a past seq comes from (the flags of the
+  // shadowd:source NBD metadata context).
+  enum SourceFlags : uint32_t { kFromPrimary = 0, kFromVersion = 1, kFromJournal = 2 };
+  // For restore: a segment at `seq` with where it came from and what it cost.
+  struct SegmentAt {
+    std::vector<uint8_t> data;
+    uint32_t source = 0;            // SourceFlags: 0 primary, 1 version, 3 version + journal
+    uint32_t versions_decoded = 0;  // version records read and decompressed (chain length)
+    uint32_t records_applied = 0;   // journal records replayed on top
+  };
+  virtual Result<SegmentAt> reconstruct_at(uint64_t segment, uint64_t seq) = 0;
+  // Where reconstruct_at(segment, seq) would take the content from, without
+  // reading anything (SourceFlags).
+  virtual uint32_t source_of(uint64_t segment, uint64_t seq) const = 0;
+  // Segments with a journal record after `seq` (ascending): what a rollback
+  // to `seq` rewrites.
+  virtual std::vector<uint64_t> segments_changed_after(uint64_t seq) const = 0;
+  // The newest seq whose write, and every earlier one, is in the index (no
+  // write at or below it is still on its way to the pool).
+  virtual uint64_t stable_seq() const = 0;
+  // Read every zone of the pool and check every record's checksum and the
+  // index against what is on disk.
+  struct VerifyReport {
+    uint64_t zones_scanned = 0;
+    uint64_t records_checked = 0;
+    uint64_t versions_checked = 0;
+    uint64_t bytes_checked = 0;
+    std::vector<std::string> errors;
+  };
+  virtual VerifyReport verify_pool() = 0;
   // Check the in-memory index: order, delta bases present, every segment's
   // records preceded by a version. Does not read the pool.
   virtual Status check_index() const = 0;

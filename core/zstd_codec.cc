@@ -39,6 +39,23 @@ std::vector<uint8_t> zstd_compress(std::span<const uint8_t> src, int level,
   return out;
 }
 
+bool zstd_compress_smaller(std::span<const uint8_t> src, int level, std::vector<uint8_t>& out) {
+  thread_local std::vector<uint8_t> scratch;
+  // Room for a frame just smaller than the input: a bigger one is not used.
+  const size_t room = src.size() == 0 ? 0 : src.size() - 1;
+  if (room == 0) return false;
+  if (scratch.size() < room) scratch.resize(room);
+  ZSTD_CCtx* c = contexts().c;
+  ZSTD_CCtx_reset(c, ZSTD_reset_session_and_parameters);
+  ZSTD_CCtx_setParameter(c, ZSTD_c_compressionLevel, level);
+  ZSTD_CCtx_setParameter(c, ZSTD_c_checksumFlag, 0);
+  size_t n = ZSTD_compress2(c, scratch.data(), room, src.data(), src.size());
+  // dstSize_tooSmall: the frame would not be smaller than the input.
+  if (ZSTD_isError(n)) return false;
+  out.assign(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(n));
+  return true;
+}
+
 Status zstd_decompress(std::span<const uint8_t> frame, std::span<uint8_t> out,
                        std::span<const uint8_t> prefix) {
   ZSTD_DCtx* d = contexts().d;
