@@ -312,6 +312,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     return reconstruct(segment, false, t);
   }
   uint64_t seq_at(int64_t time_ns) const override;
+  int64_t time_of(uint64_t seq) const override;
   Result<SegmentAt> reconstruct_at(uint64_t segment, uint64_t seq) override {
     SegmentAt out;
     auto r = reconstruct(segment, true, static_cast<int64_t>(seq), &out);
@@ -341,6 +342,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     for (const auto& [id, sg] : segs_) {
       if (!sg.records.empty() && sg.records.back().seq > seq) out.push_back(id);
     }
+    std::sort(out.begin(), out.end());
     return out;
   }
   uint64_t stable_seq() const override {
@@ -1257,6 +1259,21 @@ ShadowStore::VerifyReport StoreImpl::verify_pool() {
     }
   }
   return rep;
+}
+
+int64_t StoreImpl::time_of(uint64_t seq) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (seq >= last_seq_) return last_ts_;
+  int64_t best = retention_start_;
+  for (const auto& [id, sg] : segs_) {
+    for (auto it = sg.records.rbegin(); it != sg.records.rend(); ++it) {
+      if (it->seq <= seq) {
+        best = std::max(best, it->ts);
+        break;
+      }
+    }
+  }
+  return best;
 }
 
 uint64_t StoreImpl::seq_at(int64_t t) const {

@@ -223,6 +223,9 @@ class ShadowStore {
   // Where a segment's content at a past seq comes from (the flags of the
   // shadowd:source NBD metadata context).
   enum SourceFlags : uint32_t { kFromPrimary = 0, kFromVersion = 1, kFromJournal = 2 };
+  // The time of the newest journal record with seq <= `seq` (the window
+  // start when there is none in the window).
+  virtual int64_t time_of(uint64_t seq) const = 0;
   // For restore: a segment at `seq` with where it came from and what it cost.
   struct SegmentAt {
     std::vector<uint8_t> data;

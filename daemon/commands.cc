@@ -9,9 +9,13 @@
 #include <exception>
 #include <initializer_list>
 #include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
+#include <spdlog/spdlog.h>
+
+#include "core/clock.h"
 #include "ctl/protocol.h"
 #include "nbd/stats.h"
 #include "version.h"
@@ -924,6 +928,337 @@ json cmd_debug_advance(DaemonContext& ctx, const json& req) {
   return ctl::ok_reply({{"now_s", now_s(ctx)}, {"buckets_rolled", rolled}});
 }
 
+// ------------------------------------------------------------ restore
+
+// A point in the history from the request ("at_ns" or "seq"), checked
+// against the window. `required`: one of them must be there.
+struct Point {
+  uint64_t seq = 0;
+  int64_t time_ns = 0;
+};
+
+std::string window_text(const StoreStats& st) {
+  return iso_utc_ns(st.retention_start_ns) + " .. " + iso_utc_ns(st.newest_ns) + " (seq " +
+         std::to_string(st.first_seq) + ".." + std::to_string(st.last_seq) + ")";
+}
+
+std::optional<Point> resolve_point(DaemonContext& ctx, Args& a, bool required) {
+  const bool has_t = a.has("at_ns"), has_s = a.has("seq");
+  if (has_t && has_s) {
+    a.fail(errc::kInvalidArgument, "give 'at_ns' or 'seq', not both");
+    return std::nullopt;
+  }
+  if (!has_t && !has_s) {
+    if (required) a.fail(errc::kInvalidArgument, "'" + a.cmd() + "' needs 'at_ns' or 'seq'");
+    return std::nullopt;
+  }
+  ShadowStore& store = *ctx.store;
+  const StoreStats st = store.stats();
+  if (st.degraded) {
+    a.fail(errc::kUnavailable, "history is degraded (" + st.degraded_reason +
+                                   "): nothing can be restored until it restarts");
+    return std::nullopt;
+  }
+  Point p;
+  if (has_t) {
+    const json* v = a.find("at_ns");
+    if (!v->is_number_integer()) {
+      a.fail(errc::kInvalidArgument, "'at_ns' must be an integer (ns since the epoch)");
+      return std::nullopt;
+    }
+    const int64_t t = v->get<int64_t>();
+    const int64_t now = ctx.clock != nullptr ? ctx.clock->now_ns() : st.newest_ns;
+    if (t < st.retention_start_ns || t > std::max(now, st.newest_ns)) {
+      a.fail(errc::kOutOfRange, iso_utc_ns(t) + " is outside the restorable window " + window_text(st) +
+                                    (t > now ? ": it is in the future" : ""));
+      return std::nullopt;
+    }
+    p.seq = std::min(store.seq_at(t), store.stable_seq());
+    p.time_ns = t;
+  } else {
+    const uint64_t s = a.uint("seq", 0, UINT64_MAX, std::nullopt);
+    if (a.failed()) return std::nullopt;
+    if (s < st.first_seq || s > st.last_seq) {
+      a.fail(errc::kOutOfRange, "seq " + std::to_string(s) + " is outside the restorable window " +
+                                    window_text(st));
+      return std::nullopt;
+    }
+    p.seq = std::min(s, store.stable_seq());
+    p.time_ns = store.time_of(p.seq);
+  }
+  return p;
+}
+
+json unavailable_restore(DaemonContext& ctx) {
+  if (ctx.store == nullptr) return unavailable_pool();
+  return ctl::error_reply(errc::kUnavailable, "restore is not set up in this daemon");
+}
+
+bool restore_ready(const DaemonContext& ctx) {
+  return ctx.store != nullptr && ctx.reconstructor && ctx.registry != nullptr;
+}
+
+// "at-20261124T140530Z" (then -2, -3 ... while taken).
+std::string default_export_name(DaemonContext& ctx, int64_t t) {
+  std::string iso = iso_utc_ns(t - t % kNsPerS);  // whole seconds
+  std::string base = "at-";
+  for (char c : iso) {
+    if (c != '-' && c != ':') base += c;
+  }
+  std::string name = base;
+  for (int i = 2; ctx.registry->find(name) != nullptr; ++i) name = base + "-" + std::to_string(i);
+  return name;
+}
+
+json export_uris(const DaemonContext& ctx, const std::string& name) {
+  json out = json::object();
+  const Config cfg = [&] {
+    std::lock_guard<std::mutex> lock(ctx.config_mu);
+    return ctx.config;
+  }();
+  if (!cfg.unix_sockets.empty()) {
+    out["uri_unix"] = "nbd+unix:///" + name + "?socket=" + cfg.unix_sockets.front();
+  }
+  if (!cfg.listen.empty()) out["uri_tcp"] = "nbd://" + cfg.listen.front() + "/" + name;
+  return out;
+}
+
+json cmd_export(DaemonContext& ctx, const json& req) {
+  if (!restore_ready(ctx)) return unavailable_restore(ctx);
+  Args a(req, {"at_ns", "seq", "name"});
+  auto p = resolve_point(ctx, a, true);
+  std::string name;
+  if (const json* n = a.find("name")) {
+    if (!n->is_string() || n->get<std::string>().empty() || n->get<std::string>().size() > 255) {
+      a.fail(errc::kInvalidArgument, "'name' must be a string of 1..255 bytes");
+    } else {
+      name = n->get<std::string>();
+      for (unsigned char c : name) {
+        if (c < 0x21 || c == 0x7f || c == '/' || c == '?' || c == '#' || c == '%') {
+          a.fail(errc::kInvalidArgument, "'name' may not hold spaces, control characters or / ? # %");
+          break;
+        }
+      }
+    }
+  }
+  if (a.failed()) return a.error();
+  if (name.empty()) name = default_export_name(ctx, p->time_ns);
+  auto backend = std::make_shared<PointInTimeBackend>(ctx.reconstructor, p->seq);
+  auto e = std::make_shared<nbd::Export>();
+  e->name = name;
+  e->description = "the device at " + iso_utc_ns(p->time_ns) + " (seq " + std::to_string(p->seq) + ")";
+  e->backend = backend;
+  e->read_only = true;
+  if (ctx.export_) e->max_payload_bytes = ctx.export_->max_payload_bytes;
+  {
+    std::lock_guard<std::mutex> lock(ctx.pit_mu);
+    Status st = ctx.registry->add(e);
+    if (!st) return ctl::error_reply("exists", "an export named '" + name + "' exists already");
+    ctx.pit_exports[name] = DaemonContext::PitExport{p->seq, p->time_ns, ctx.clock ? ctx.clock->now_ns() : 0, backend};
+  }
+  spdlog::info("export '{}': the device at {} (seq {})", name, iso_utc_ns(p->time_ns), p->seq);
+  json r = {{"name", name},
+            {"seq", p->seq},
+            {"time_ns", p->time_ns},
+            {"time", iso_utc_ns(p->time_ns)},
+            {"size_bytes", backend->size_bytes()},
+            {"read_only", true}};
+  r.update(export_uris(ctx, name));
+  return ctl::ok_reply(std::move(r));
+}
+
+json cmd_unexport(DaemonContext& ctx, const json& req) {
+  if (!restore_ready(ctx)) return unavailable_restore(ctx);
+  Args a(req, {"name"});
+  const json* n = a.find("name");
+  if (n == nullptr || !n->is_string()) a.fail(errc::kInvalidArgument, "'unexport' needs 'name' (a string)");
+  if (a.failed()) return a.error();
+  const std::string name = n->get<std::string>();
+  std::lock_guard<std::mutex> lock(ctx.pit_mu);
+  if (ctx.pit_exports.count(name) == 0) {
+    if (ctx.export_ && name == ctx.export_->name) {
+      return ctl::error_reply(errc::kInvalidArgument, "'" + name + "' is the live export: it cannot be removed");
+    }
+    return ctl::error_reply("not_found", "no point-in-time export named '" + name + "'");
+  }
+  ctx.registry->remove(name);
+  ctx.pit_exports.erase(name);
+  spdlog::info("export '{}' removed (connected clients keep it until they disconnect)", name);
+  return ctl::ok_reply({{"name", name}});
+}
+
+json cmd_exports(DaemonContext& ctx, const json& req) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  json list = json::array();
+  if (ctx.export_) {
+    list.push_back({{"name", ctx.export_->name},
+                    {"live", true},
+                    {"read_only", ctx.export_->read_only},
+                    {"size_bytes", ctx.export_->size_bytes()}});
+  }
+  std::lock_guard<std::mutex> lock(ctx.pit_mu);
+  for (const auto& [name, x] : ctx.pit_exports) {
+    const auto c = x.backend->counters();
+    json e = {{"name", name},
+              {"live", false},
+              {"read_only", true},
+              {"size_bytes", x.backend->size_bytes()},
+              {"seq", x.seq},
+              {"time_ns", x.time_ns},
+              {"time", iso_utc_ns(x.time_ns)},
+              {"created_ns", x.created_ns},
+              {"reads", c.reads},
+              {"bytes_read", c.bytes_read},
+              {"read_errors", c.errors},
+              {"segments_reconstructed", c.cost.segments},
+              {"segments_from_primary", c.cost.from_primary},
+              {"records_applied", c.cost.records_applied},
+              {"versions_decoded", c.cost.versions_decoded},
+              {"cache_hits", c.cost.cache_hits}};
+    e.update(export_uris(ctx, name));
+    list.push_back(std::move(e));
+  }
+  return ctl::ok_reply({{"exports", std::move(list)}});
+}
+
+json cmd_rollback(DaemonContext& ctx, const json& req) {
+  if (!restore_ready(ctx) || ctx.gate == nullptr || !ctx.journal) return unavailable_restore(ctx);
+  Args a(req, {"at_ns", "seq", "dry_run"});
+  bool dry_run = false;
+  if (const json* d = a.find("dry_run")) {
+    if (!d->is_boolean()) {
+      a.fail(errc::kInvalidArgument, "'dry_run' must be true or false");
+    } else {
+      dry_run = d->get<bool>();
+    }
+  }
+  auto p = resolve_point(ctx, a, true);
+  if (a.failed()) return a.error();
+  std::unique_lock<std::mutex> one(ctx.rollback_mu, std::try_to_lock);
+  if (!one.owns_lock()) return ctl::error_reply(errc::kUnavailable, "another rollback is running");
+  ShadowStore& store = *ctx.store;
+  const uint32_t seg_bytes = store.segment_bytes();
+  const uint64_t size = ctx.journal->size_bytes();
+  std::vector<uint64_t> segs = store.segments_changed_after(p->seq);
+  json r = {{"seq", p->seq},
+            {"time_ns", p->time_ns},
+            {"time", iso_utc_ns(p->time_ns)},
+            {"dry_run", dry_run},
+            {"segments_total", segs.size()}};
+  json first = json::array();
+  uint64_t bytes = 0;
+  for (uint64_t s : segs) {
+    if (first.size() < 100) first.push_back(s);
+    bytes += std::min<uint64_t>(seg_bytes, size - s * seg_bytes);
+  }
+  r["segments"] = std::move(first);
+  r["bytes"] = bytes;
+  if (dry_run) {
+    r["rewritten"] = 0;
+    return ctl::ok_reply(std::move(r));
+  }
+  // Pause the export, then rewrite through the journal: the rollback is
+  // itself history, and a rollback to a time before it undoes it.
+  const int64_t t0 = static_cast<int64_t>(monotonic_ns());
+  ctx.gate->pause();
+  spdlog::warn("rollback to {} (seq {}): {} segments, export paused", iso_utc_ns(p->time_ns), p->seq, segs.size());
+  const uint64_t before = store.stats().last_seq;
+  Status st;
+  uint64_t rewritten = 0;
+  void* mem = nullptr;
+  if (posix_memalign(&mem, 4096, seg_bytes) != 0) st = Status::error(Status::Code::kNoSpace, "out of memory");
+  std::unique_ptr<uint8_t, decltype(&std::free)> buf(static_cast<uint8_t*>(mem), &std::free);
+  for (uint64_t s : segs) {
+    if (!st) break;
+    auto data = ctx.reconstructor->segment(p->seq, s, nullptr, false);
+    if (!data) {
+      st = data.status();
+      break;
+    }
+    const uint64_t len = std::min<uint64_t>(seg_bytes, size - s * seg_bytes);
+    const bool zero = std::all_of(data->begin(), data->begin() + static_cast<ptrdiff_t>(len),
+                                  [](uint8_t b) { return b == 0; });
+    std::memcpy(buf.get(), data->data(), len);
+    st = run_sync(*ctx.journal, zero ? BlockOpKind::kWriteZeroes : BlockOpKind::kWrite, s * seg_bytes, len,
+                  zero ? nullptr : buf.get(), zero ? kNoHole : 0);
+    if (st) ++rewritten;
+  }
+  if (st) st = run_sync(*ctx.journal, BlockOpKind::kFlush, 0, 0);
+  const uint64_t after = store.stats().last_seq;
+  ctx.gate->resume();
+  const int64_t paused = static_cast<int64_t>(monotonic_ns()) - t0;
+  r["rewritten"] = rewritten;
+  r["journal_first_seq"] = before + 1;
+  r["journal_last_seq"] = after;
+  r["paused_ns"] = paused;
+  if (!st) {
+    spdlog::error("rollback to seq {} failed after {} of {} segments: {}", p->seq, rewritten, segs.size(),
+                  st.message());
+    return ctl::error_reply(errc::kInternal, "rollback failed after " + std::to_string(rewritten) + " of " +
+                                                 std::to_string(segs.size()) + " segments: " + st.message() +
+                                                 " (undo what was rewritten: rollback to seq " +
+                                                 std::to_string(before) + ")");
+  }
+  spdlog::warn("rollback to {} (seq {}) done: {} segments rewritten as seq {}..{}, export paused {} ms",
+               iso_utc_ns(p->time_ns), p->seq, rewritten, before + 1, after, paused / 1'000'000);
+  return ctl::ok_reply(std::move(r));
+}
+
+json cmd_verify(DaemonContext& ctx, const json& req) {
+  if (!restore_ready(ctx)) return unavailable_restore(ctx);
+  Args a(req, {"at_ns", "seq", "sample"});
+  const uint64_t sample = a.uint("sample", 0, UINT64_MAX, 64);
+  auto p = resolve_point(ctx, a, false);
+  if (a.failed()) return a.error();
+  ShadowStore& store = *ctx.store;
+  Point at = p ? *p : Point{};
+  if (!p) {
+    // No time given: a random second of the window.
+    const StoreStats st = store.stats();
+    const int64_t span = std::max<int64_t>(0, st.newest_ns - st.retention_start_ns);
+    std::random_device rd;
+    std::mt19937_64 rng(rd());
+    at.time_ns = st.retention_start_ns + (span > 0 ? static_cast<int64_t>(rng() % static_cast<uint64_t>(span)) : 0);
+    at.seq = std::min(store.seq_at(at.time_ns), store.stable_seq());
+  }
+  ShadowStore::VerifyReport rep = store.verify_pool();
+  // Reconstruct the segments with history (a sample of them) at that point.
+  std::vector<uint64_t> segs;
+  for (const SegmentHistory& h : store.segments()) segs.push_back(h.segment);
+  if (sample != 0 && segs.size() > sample) {
+    std::random_device rd;
+    std::mt19937_64 rng(rd());
+    std::shuffle(segs.begin(), segs.end(), rng);
+    segs.resize(sample);
+    std::sort(segs.begin(), segs.end());
+  }
+  uint64_t done = 0;
+  for (uint64_t s : segs) {
+    auto c = ctx.reconstructor->segment(at.seq, s, nullptr, false);
+    if (!c) {
+      if (c.status().code() == Status::Code::kOutOfRange) continue;  // pruned meanwhile
+      rep.errors.push_back("segment " + std::to_string(s) + " at seq " + std::to_string(at.seq) + ": " +
+                           c.status().message());
+    } else {
+      ++done;
+    }
+  }
+  json errors = json::array();
+  for (const std::string& e : rep.errors) errors.push_back({{"message", e}});
+  if (!rep.errors.empty()) spdlog::error("verify: {} problems in the pool, first: {}", rep.errors.size(), rep.errors.front());
+  return ctl::ok_reply({{"clean", rep.errors.empty()},
+                        {"zones_scanned", rep.zones_scanned},
+                        {"records_checked", rep.records_checked},
+                        {"versions_checked", rep.versions_checked},
+                        {"bytes_checked", rep.bytes_checked},
+                        {"segments_reconstructed", done},
+                        {"seq", at.seq},
+                        {"time_ns", at.time_ns},
+                        {"time", iso_utc_ns(at.time_ns)},
+                        {"errors", std::move(errors)}});
+}
+
 struct Command {
   const char* name;
   bool mutating;
@@ -941,6 +1276,11 @@ constexpr Command kCommands[] = {
     {"history", false, cmd_history},
     {"versions", false, cmd_versions},
     {"pool", false, cmd_pool},
+    {"export", true, cmd_export},
+    {"unexport", true, cmd_unexport},
+    {"exports", false, cmd_exports},
+    {"rollback", true, cmd_rollback},
+    {"verify", false, cmd_verify},
     {"debug.advance", true, cmd_debug_advance},
 };
 

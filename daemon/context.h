@@ -3,13 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
 
 #include "config/config.h"
 #include "core/clock.h"
+#include "core/gate_backend.h"
 #include "core/monitor.h"
+#include "core/reconstructor.h"
 #include "core/shadow_store.h"
 #include "nbd/export.h"
 #include "nbd/server.h"
@@ -27,6 +30,24 @@ struct DaemonContext {
   nbd::Server* server = nullptr;
   Monitor* monitor = nullptr;    // null when the monitor is disabled
   ShadowStore* store = nullptr;  // the shadow pool; null without --pool
+
+  // Restore (with a pool): the exports the NBD server offers, the
+  // reconstructor shared by point-in-time exports and commands, the gate in
+  // front of the live export (paused during a rollback) and the journaled
+  // backend below it (where a rollback writes).
+  nbd::ExportRegistry* registry = nullptr;
+  std::shared_ptr<Reconstructor> reconstructor;
+  GateBackend* gate = nullptr;
+  std::shared_ptr<IoBackend> journal;
+  struct PitExport {
+    uint64_t seq = 0;
+    int64_t time_ns = 0;     // the time asked for (or the seq's time)
+    int64_t created_ns = 0;
+    std::shared_ptr<PointInTimeBackend> backend;
+  };
+  std::mutex pit_mu;
+  std::map<std::string, PitExport> pit_exports;
+  std::mutex rollback_mu;  // one rollback at a time
 };
 
 }  // namespace shadowd

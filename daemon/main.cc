@@ -698,6 +698,14 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   struct Release {
     DaemonContext& ctx;
     ~Release() {
+      {
+        std::lock_guard<std::mutex> lock(ctx.pit_mu);
+        ctx.pit_exports.clear();
+      }
+      ctx.registry = nullptr;
+      ctx.gate = nullptr;
+      ctx.journal.reset();
+      ctx.reconstructor.reset();
       ctx.export_.reset();
       ctx.store = nullptr;
       ctx.monitor = nullptr;
@@ -714,6 +722,15 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     ctx.store = store.get();
     served = store->backend();
     log_pool(*store);
+    // Restore: point-in-time exports and commands reconstruct through one
+    // Reconstructor (2 workers, 64 MiB of reconstructed segments cached);
+    // a rollback pauses the export at the gate and writes below it.
+    ctx.journal = served;
+    ctx.reconstructor = std::make_shared<Reconstructor>(*store, served->size_bytes(), store->segment_bytes(), 2,
+                                                        uint64_t{64} << 20);
+    auto gate = std::make_shared<GateBackend>(served);
+    ctx.gate = gate.get();
+    served = gate;
   }
   // Stop the pool's threads (final checkpoint) once nothing can reach it.
   auto stop_store = [&] {
@@ -733,6 +750,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   ctx.export_ = exp;
   nbd::ExportRegistry registry;
   registry.add(exp);
+  if (store) ctx.registry = &registry;
 
   nbd::Server server(registry, server_options(cfg));
   Status st = server.start();
@@ -802,6 +820,14 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   server.stop();
   roller.reset();
   ctx.server = nullptr;
+  {
+    // Point-in-time exports hold the reconstructor, which reads the store.
+    std::lock_guard<std::mutex> lock(ctx.pit_mu);
+    for (const auto& [name, x] : ctx.pit_exports) registry.remove(name);
+    ctx.pit_exports.clear();
+  }
+  ctx.registry = nullptr;
+  ctx.reconstructor.reset();
   stop_store();  // after the server: no request is in flight any more
   if (!cfg.read_only) {
     Status fs = run_sync(*primary, BlockOpKind::kFlush, 0, 0);

@@ -494,6 +494,12 @@ class FakeStore final : public ShadowStore {
     return Status::not_supported("fake");
   }
   uint64_t seq_at(int64_t) const override { return 0; }
+  int64_t time_of(uint64_t) const override { return 0; }
+  Result<SegmentAt> reconstruct_at(uint64_t, uint64_t) override { return Status::not_supported("fake"); }
+  uint32_t source_of(uint64_t, uint64_t) const override { return kFromPrimary; }
+  std::vector<uint64_t> segments_changed_after(uint64_t) const override { return {}; }
+  uint64_t stable_seq() const override { return st.last_seq; }
+  VerifyReport verify_pool() override { return {}; }
 };
 
 constexpr int64_t kT0 = kStart * kNsPerS;
