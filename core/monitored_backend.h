@@ -21,6 +21,9 @@ class MonitoredBackend final : public IoBackend {
   Result<Extent> extent_at(uint64_t offset, uint64_t max_len) override {
     return inner_->extent_at(offset, max_len);
   }
+  Result<SourceExtent> source_at(uint64_t offset, uint64_t max_len) override {
+    return inner_->source_at(offset, max_len);
+  }
 
  protected:
   // Completions go to the inner backend, which set itself as op->backend_.

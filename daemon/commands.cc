@@ -1181,7 +1181,7 @@ json cmd_rollback(DaemonContext& ctx, const json& req) {
                                   [](uint8_t b) { return b == 0; });
     std::memcpy(buf.get(), data->data(), len);
     st = run_sync(*ctx.journal, zero ? BlockOpKind::kWriteZeroes : BlockOpKind::kWrite, s * seg_bytes, len,
-                  zero ? nullptr : buf.get(), zero ? kNoHole : 0);
+                  zero ? nullptr : buf.get(), zero ? uint32_t{kNoHole} : 0u);
     if (st) ++rewritten;
   }
   if (st) st = run_sync(*ctx.journal, BlockOpKind::kFlush, 0, 0);

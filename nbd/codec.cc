@@ -87,7 +87,7 @@ Verdict check_request(const Request& r, const RequestContext& ctx) {
     v.error = kEperm;
     return v;
   }
-  if (r.type == kCmdBlockStatus && !ctx.base_allocation) {
+  if (r.type == kCmdBlockStatus && !ctx.base_allocation && !ctx.shadowd_source) {
     v.error = kEinval;  // no meta context was negotiated
     return v;
   }
@@ -140,10 +140,10 @@ std::vector<uint8_t> encode_error_chunk(uint64_t cookie, uint32_t error, std::st
 }
 
 std::vector<uint8_t> encode_block_status(uint64_t cookie, uint32_t context_id,
-                                         std::span<const Extent> extents) {
+                                         std::span<const Extent> extents, bool done) {
   const size_t len = 4 + 8 * extents.size();
   std::vector<uint8_t> out(kChunkHeaderSize + len);
-  encode_chunk_header(cookie, kReplyFlagDone, kReplyTypeBlockStatus,
+  encode_chunk_header(cookie, done ? kReplyFlagDone : 0, kReplyTypeBlockStatus,
                       static_cast<uint32_t>(len), out.data());
   uint8_t* p = out.data() + kChunkHeaderSize;
   put32(p, context_id);

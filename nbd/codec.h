@@ -37,6 +37,7 @@ struct RequestContext {
   bool read_only = false;
   bool structured = false;      // structured replies negotiated
   bool base_allocation = false; // base:allocation selected
+  bool shadowd_source = false;  // shadowd:source selected
   uint32_t max_payload_bytes = 32u << 20;
 };
 
@@ -64,11 +65,12 @@ std::vector<uint8_t> encode_error_chunk(uint64_t cookie, uint32_t error, std::st
 
 struct Extent {
   uint32_t length;
-  uint32_t flags;  // kStateHole | kStateZero
+  uint32_t flags;  // as the context defines them (base:allocation: kStateHole | kStateZero)
 };
-// A complete structured BLOCK_STATUS chunk (DONE set).
+// A complete structured BLOCK_STATUS chunk for one context; DONE set when
+// `done` (a reply has one chunk per selected context, DONE on the last).
 std::vector<uint8_t> encode_block_status(uint64_t cookie, uint32_t context_id,
-                                         std::span<const Extent> extents);
+                                         std::span<const Extent> extents, bool done = true);
 
 // The one place where engine errors become NBD errors.
 uint32_t to_nbd_error(const Status& st);

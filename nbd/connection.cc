@@ -38,6 +38,65 @@ struct FreeDeleter {
   void operator()(uint8_t* p) const { std::free(p); }
 };
 
+// The backend's source flags are the shadowd:source descriptor flags.
+static_assert(IoBackend::kSourceVersion == kSourceStateVersion);
+static_assert(IoBackend::kSourceJournal == kSourceStateJournal);
+
+// One run of equal status, as a backend query reports it.
+struct StatusRun {
+  uint64_t length;
+  uint32_t flags;
+};
+
+// The descriptors of one context for BLOCK_STATUS request `h`: from its
+// offset, capped at its end, at most one with REQ_ONE, equal neighbours
+// merged (a backend may report one run in pieces). `query(offset, max_len)`
+// returns a Result<StatusRun>. A failing first query is the reply's error; a
+// later one shortens the list, which proto.md allows (at least one
+// descriptor is always sent).
+template <typename Query>
+Result<std::vector<Extent>> collect_extents(const Request& h, Query query) {
+  std::vector<Extent> extents;
+  uint64_t off = h.offset;
+  const uint64_t end = h.offset + h.length;
+  const size_t max = (h.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
+  while (off < end) {
+    Result<StatusRun> run = query(off, end - off);
+    if (!run) {
+      if (extents.empty()) return run.status();
+      break;
+    }
+    const uint64_t len = std::min(run->length, end - off);  // fits: end - off <= h.length
+    if (len == 0) break;
+    if (!extents.empty() && extents.back().flags == run->flags) {
+      extents.back().length += static_cast<uint32_t>(len);
+    } else if (extents.size() < max) {
+      extents.push_back({static_cast<uint32_t>(len), run->flags});
+    } else {
+      break;
+    }
+    off += len;
+  }
+  if (extents.empty()) return Status::io_error("block status found no extent");
+  return extents;
+}
+
+// The descriptors of context `context_id` for BLOCK_STATUS request `h`.
+Result<std::vector<Extent>> context_extents(IoBackend& b, uint32_t context_id, const Request& h) {
+  if (context_id == kShadowdSourceId) {
+    return collect_extents(h, [&b](uint64_t off, uint64_t max_len) -> Result<StatusRun> {
+      auto ext = b.source_at(off, max_len);
+      if (!ext) return ext.status();
+      return StatusRun{ext->length, ext->flags};
+    });
+  }
+  return collect_extents(h, [&b](uint64_t off, uint64_t max_len) -> Result<StatusRun> {
+    auto ext = b.extent_at(off, max_len);
+    if (!ext) return ext.status();
+    return StatusRun{ext->length, ext->is_hole ? (kStateHole | kStateZero) : 0};
+  });
+}
+
 }  // namespace
 
 struct Connection::Req final : public BlockOp {
@@ -217,6 +276,7 @@ void Connection::process_handshake() {
       ctx_.read_only = export_->read_only;
       ctx_.structured = negotiator_.structured_replies();
       ctx_.base_allocation = negotiator_.base_allocation();
+      ctx_.shadowd_source = negotiator_.shadowd_source();
       ctx_.max_payload_bytes = std::min(limits_.max_payload_bytes, export_->max_payload_bytes);
       phase_ = Phase::kTransmission;
       spdlog::debug("{}: serving export '{}'{}", peer_, export_->name,
@@ -355,24 +415,25 @@ void Connection::dispatch(Req* r) {
   export_->backend->submit(loop_, r);
 }
 
+// One BLOCK_STATUS chunk per selected context, DONE on the last.
 void Connection::block_status(Req* r) {
-  std::vector<Extent> extents;
-  uint64_t off = r->hdr.offset;
-  const uint64_t end = r->hdr.offset + r->hdr.length;
-  const uint32_t max = (r->hdr.flags & kCmdFlagReqOne) ? 1 : kMaxExtents;
-  while (off < end && extents.size() < max) {
-    auto ext = export_->backend->extent_at(off, end - off);
-    if (!ext || ext->length == 0) break;
-    const uint32_t flags = ext->is_hole ? (kStateHole | kStateZero) : 0;
-    if (!extents.empty() && extents.back().flags == flags) {
-      extents.back().length += static_cast<uint32_t>(ext->length);
-    } else {
-      extents.push_back({static_cast<uint32_t>(ext->length), flags});
+  const Request& h = r->hdr;
+  uint32_t ids[2];
+  size_t n = 0;
+  if (ctx_.base_allocation) ids[n++] = kBaseAllocationId;
+  if (ctx_.shadowd_source) ids[n++] = kShadowdSourceId;
+  if (n == 0) return reply(r, kEinval, "no meta context selected");  // check_request's job
+  std::vector<uint8_t> chunks;
+  for (size_t i = 0; i < n; ++i) {
+    auto extents = context_extents(*export_->backend, ids[i], h);
+    if (!extents) {
+      const Status& st = extents.status();
+      return reply(r, to_nbd_error(st), "block status: " + st.message());
     }
-    off += ext->length;
+    const std::vector<uint8_t> c = encode_block_status(h.cookie, ids[i], *extents, i + 1 == n);
+    chunks.insert(chunks.end(), c.begin(), c.end());
   }
-  if (extents.empty()) return reply(r, kEio, "block status failed");
-  r->chunk = encode_block_status(r->hdr.cookie, kBaseAllocationId, extents);
+  r->chunk = std::move(chunks);
   stats_->add(kStatBlockStatus, 0, false, monotonic_ns() - r->start_ns);
   sendq_.push_back(r);
   kick_send();

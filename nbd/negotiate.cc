@@ -62,6 +62,28 @@ std::vector<uint8_t> info_block_size(const Export& e) {
   return p;
 }
 
+// The meta contexts this server offers, in the order they are listed.
+struct ContextDef {
+  std::string_view name;
+  uint32_t id;
+  bool MetaContexts::*selected;
+};
+constexpr ContextDef kContexts[] = {
+    {kBaseAllocation, kBaseAllocationId, &MetaContexts::base_allocation},
+    {kShadowdSource, kShadowdSourceId, &MetaContexts::shadowd_source},
+};
+
+bool offered(const ContextDef& c, const Export& e) {
+  return c.id != kShadowdSourceId || e.backend->info().can_sources;
+}
+
+// Whether query `q` names context `c`: exactly, or, in LIST only, as the
+// wildcard of its namespace ("base:", "shadowd:"). proto.md: the empty leaf
+// name SHOULD NOT select anything in SET.
+bool matches(std::string_view q, const ContextDef& c, bool list) {
+  return q == c.name || (list && q == c.name.substr(0, c.name.find(':') + 1));
+}
+
 }  // namespace
 
 void append_option_reply(std::vector<uint8_t>& out, uint32_t opt, uint32_t type,
@@ -156,9 +178,7 @@ void Negotiator::handle_export_name(std::span<const uint8_t> data, std::vector<u
   out.resize(at + 10 + (no_zeroes_ ? 0 : kExportNameZeroes), 0);
   put64(out.data() + at, e->size_bytes());
   put16(out.data() + at + 8, e->transmission_flags());
-  if (meta_export_ != e->name) base_allocation_ = false;
-  selected_ = std::move(e);
-  state_ = State::kTransmission;
+  select(std::move(e));
 }
 
 void Negotiator::handle_info_go(uint32_t opt, std::span<const uint8_t> data,
@@ -184,11 +204,14 @@ void Negotiator::handle_info_go(uint32_t opt, std::span<const uint8_t> data,
   put_info_export(p, *e);
   append_option_reply(out, opt, kRepInfo, p);
   append_option_reply(out, opt, kRepAck);
-  if (opt == kOptGo) {
-    if (meta_export_ != e->name) base_allocation_ = false;
-    selected_ = std::move(e);
-    state_ = State::kTransmission;
-  }
+  if (opt == kOptGo) select(std::move(e));
+}
+
+// Enter transmission with `e`; contexts selected for another export lapse.
+void Negotiator::select(std::shared_ptr<Export> e) {
+  if (meta_export_ != e->name) meta_ = {};
+  selected_ = std::move(e);
+  state_ = State::kTransmission;
 }
 
 void Negotiator::handle_list(uint32_t opt, std::span<const uint8_t> data,
@@ -207,7 +230,7 @@ void Negotiator::handle_list(uint32_t opt, std::span<const uint8_t> data,
 void Negotiator::handle_meta(uint32_t opt, std::span<const uint8_t> data,
                              std::vector<uint8_t>& out) {
   const bool set = opt == kOptSetMetaContext;
-  if (set) base_allocation_ = false;  // SET replaces the selection, even on failure
+  if (set) meta_ = {};  // SET replaces the selection, even on failure
   if (!structured_) return append_option_reply(out, opt, kRepErrInvalid);
   Reader r(data);
   std::string name;
@@ -222,22 +245,21 @@ void Negotiator::handle_meta(uint32_t opt, std::span<const uint8_t> data,
   if (r.left() != 0) return append_option_reply(out, opt, kRepErrInvalid);
   auto e = registry_.find(name);
   if (!e) return append_option_reply(out, opt, kRepErrUnknown);
-  bool match = false;
-  if (queries.empty()) {
-    match = !set;  // LIST with no query lists everything; SET selects nothing
-  }
-  for (const std::string& q : queries) {
-    if (q == kBaseAllocation || (!set && q == "base:")) match = true;
-  }
-  if (match) {
-    const std::string_view ctx = kBaseAllocation;
-    std::vector<uint8_t> p(4 + ctx.size());
-    put32(p.data(), set ? kBaseAllocationId : 0);
-    std::memcpy(p.data() + 4, ctx.data(), ctx.size());
+  MetaContexts chosen;
+  for (const ContextDef& c : kContexts) {
+    if (!offered(c, *e)) continue;  // its queries are unknown names here: ignored
+    // LIST with no query lists everything; SET with none selects nothing.
+    bool match = queries.empty() && !set;
+    for (const std::string& q : queries) match = match || matches(q, c, !set);
+    if (!match) continue;
+    std::vector<uint8_t> p(4 + c.name.size());
+    put32(p.data(), set ? c.id : 0);
+    std::memcpy(p.data() + 4, c.name.data(), c.name.size());
     append_option_reply(out, opt, kRepMetaContext, p);
+    chosen.*c.selected = true;
   }
   if (set) {
-    base_allocation_ = match;
+    meta_ = chosen;
     meta_export_ = e->name;
   }
   append_option_reply(out, opt, kRepAck);

@@ -14,6 +14,14 @@
 
 namespace shadowd::nbd {
 
+// The meta contexts the last SET_META_CONTEXT selected for the export that
+// went into transmission; their context ids are fixed (protocol.h).
+struct MetaContexts {
+  bool base_allocation = false;  // kBaseAllocationId
+  bool shadowd_source = false;   // kShadowdSourceId
+  bool any() const { return base_allocation || shadowd_source; }
+};
+
 class Negotiator {
  public:
   enum class State {
@@ -43,7 +51,9 @@ class Negotiator {
   // Valid in kTransmission.
   const std::shared_ptr<Export>& selected() const { return selected_; }
   bool structured_replies() const { return structured_; }
-  bool base_allocation() const { return base_allocation_; }
+  const MetaContexts& meta_contexts() const { return meta_; }
+  bool base_allocation() const { return meta_.base_allocation; }
+  bool shadowd_source() const { return meta_.shadowd_source; }
 
  private:
   void handle_option(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
@@ -51,6 +61,7 @@ class Negotiator {
   void handle_info_go(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
   void handle_list(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
   void handle_meta(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
+  void select(std::shared_ptr<Export> e);
   void close(std::string reason) {
     state_ = State::kClose;
     close_reason_ = std::move(reason);
@@ -62,8 +73,8 @@ class Negotiator {
   bool fixed_newstyle_ = false;
   bool no_zeroes_ = false;
   bool structured_ = false;
-  bool base_allocation_ = false;
-  std::string meta_export_;  // export name base:allocation was selected for
+  MetaContexts meta_;
+  std::string meta_export_;  // export name meta_ was selected for
   std::shared_ptr<Export> selected_;
 };
 

@@ -123,9 +123,19 @@ constexpr size_t kOptReplyHeaderSize = 20; // magic, option, type, length
 constexpr size_t kExportNameZeroes = 124;
 constexpr size_t kMaxStringBytes = 4096;   // names, descriptions, queries
 
-// The one meta context this server offers today.
+// The meta contexts this server offers, with the fixed ids SET_META_CONTEXT
+// gives them (distinct and nonzero; LIST replies carry id 0).
 constexpr const char* kBaseAllocation = "base:allocation";
 constexpr uint32_t kBaseAllocationId = 1;
+// Point-in-time exports only (a backend with can_sources): where the content
+// of each range at the export's time comes from. Flags: 0 = the live
+// primary; kSourceStateVersion = a shadow version; kSourceStateJournal =
+// journal records replayed on top (so 3 = a version plus journal records).
+// The same values as IoBackend::SourceFlags (static_assert in connection.cc).
+constexpr const char* kShadowdSource = "shadowd:source";
+constexpr uint32_t kShadowdSourceId = 2;
+constexpr uint32_t kSourceStateVersion = 1u << 0;
+constexpr uint32_t kSourceStateJournal = 1u << 1;
 
 // ---- big-endian helpers ----
 inline uint16_t get16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }

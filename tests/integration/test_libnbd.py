@@ -545,7 +545,25 @@ def test_simple_replies(checks, d, rng, model):
         ctxs = []
         h.opt_list_meta_context(lambda name: ctxs.append(name))
         expect(nbd.CONTEXT_BASE_ALLOCATION in ctxs, f"meta contexts {ctxs}")
+        # shadowd:source is for point-in-time exports only, not the live one.
+        expect("shadowd:source" not in ctxs, f"meta contexts {ctxs}")
+        h.add_meta_context("shadowd:")  # libnbd 1.14 lists the added contexts as queries
+        ctxs = []
+        n = h.opt_list_meta_context(lambda name: ctxs.append(name))
+        expect_eq((n, ctxs), (0, []), "opt_list_meta_context(shadowd:)")
         h.opt_abort()
+
+    with checks.check("shadowd:source is not selected on the live export"):
+        h = nbd.NBD()
+        h.add_meta_context("shadowd:source")
+        h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+        h.set_export_name("disk")
+        h.connect_unix(d.unix_path)
+        expect_eq(h.can_meta_context("shadowd:source"), False, "shadowd:source negotiated")
+        expect_eq(h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION), True,
+                  "base:allocation negotiated")
+        expect(extents(h, 0, MiB), "block_status with base:allocation alone")
+        h.shutdown()
 
 
 def test_unadvertised_flags(checks, d, model):

@@ -8,8 +8,9 @@
   zero bytes of padding expected when not);
 * NBD_OPT_INFO with each NBD_INFO_* request, unknown options answered with
   NBD_REP_ERR_UNSUP while negotiation continues, NBD_OPT_LIST,
-  NBD_OPT_ABORT, LIST/SET_META_CONTEXT for base:allocation and for an
-  unknown namespace, structured replies (OFFSET_DATA/HOLE, BLOCK_STATUS).
+  NBD_OPT_ABORT, LIST/SET_META_CONTEXT for base:allocation, for
+  shadowd:source (not offered on the live export) and for an unknown
+  namespace, structured replies (OFFSET_DATA/HOLE, BLOCK_STATUS).
 
 Synchronisation: sd_notify READY=1, then blocking socket reads with a
 timeout as a failure guard.
@@ -305,6 +306,17 @@ def meta_context_sessions(checks, d, rng):
             final, ctxs = c.opt_meta_context(P.OPT_LIST_META_CONTEXT, "disk", ["base:"])
             expect_rep(final, P.REP_ACK, "LIST_META_CONTEXT base:")
             expect_eq([n for _, n in ctxs], ["base:allocation"], "LIST(base:)")
+            # shadowd:source is offered on point-in-time exports only: the
+            # live export lists and selects nothing for it.
+            final, ctxs = c.opt_meta_context(P.OPT_LIST_META_CONTEXT, "disk", [])
+            expect("shadowd:source" not in [n for _, n in ctxs], f"LIST(all) gave {ctxs}")
+            for queries in (["shadowd:"], ["shadowd:source"]):
+                final, ctxs = c.opt_meta_context(P.OPT_LIST_META_CONTEXT, "disk", queries)
+                expect_rep(final, P.REP_ACK, f"LIST_META_CONTEXT {queries}")
+                expect_eq(ctxs, [], f"contexts listed for {queries} on the live export")
+            final, ctxs = c.opt_meta_context(P.OPT_SET_META_CONTEXT, "disk", ["shadowd:source"])
+            expect_rep(final, P.REP_ACK, "SET_META_CONTEXT shadowd:source")
+            expect_eq(ctxs, [], "contexts selected for shadowd:source on the live export")
             final, ctxs = c.opt_meta_context(P.OPT_LIST_META_CONTEXT, "disk",
                                              ["x-unknown:thing"])
             expect_rep(final, P.REP_ACK, "LIST_META_CONTEXT unknown namespace")

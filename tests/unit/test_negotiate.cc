@@ -10,9 +10,11 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "core/memory_backend.h"
+#include "tests/unit/source_backend.h"
 #include "tests/unit/test_util.h"
 
 namespace shadowd::nbd {
@@ -677,6 +679,146 @@ TEST_CASE("negotiate: SET_META_CONTEXT", "[negotiate][meta]") {
   }
 }
 
+// ---- shadowd:source ----
+
+// A point-in-time export: its backend answers source_at().
+std::shared_ptr<Export> make_pit_export(std::string name) {
+  auto e = std::make_shared<Export>();
+  e->name = std::move(name);
+  e->backend = std::make_shared<test::SourceBackend>(
+      kRoBytes, std::vector<test::SourceBackend::Run>{{kRoBytes, 0}});
+  e->read_only = true;
+  return e;
+}
+
+Bytes context_reply(uint32_t opt, uint32_t id, std::string_view ctx) {
+  return reply(opt, kRepMetaContext, Wire().u32(id).str(ctx).b);
+}
+
+// "disk" and "ro" (no can_sources) and "pit" (can_sources).
+struct PitRegistry : Registry {
+  PitRegistry() { REQUIRE(reg.add(make_pit_export("pit")).is_ok()); }
+};
+
+// A session past STRUCTURED_REPLY, and the replies to expect for `opt`
+// (LIST or SET_META_CONTEXT; LIST replies carry context id 0).
+struct MetaSession {
+  explicit MetaSession(uint32_t o) : opt(o) { s.opt(kOptStructuredReply); }
+  const uint32_t opt;
+  PitRegistry r;
+  Session s{r.reg};
+  const bool set = opt == kOptSetMetaContext;
+  const Bytes ack = reply(opt, kRepAck);
+  const Bytes base = context_reply(opt, set ? kBaseAllocationId : 0, "base:allocation");
+  const Bytes source = context_reply(opt, set ? kShadowdSourceId : 0, "shadowd:source");
+};
+
+TEST_CASE("negotiate: LIST_META_CONTEXT with shadowd:source", "[negotiate][meta]") {
+  MetaSession m(kOptListMetaContext);
+  auto [opt, s, ack, base, source] = std::tie(m.opt, m.s, m.ack, m.base, m.source);
+
+  SECTION("no query lists both where the backend can_sources, base only elsewhere") {
+    CHECK(s.opt(opt, meta_data("pit", {})) == cat({base, source, ack}));
+    CHECK(s.opt(opt, meta_data("disk", {})) == cat({base, ack}));
+    CHECK(s.opt(opt, meta_data("ro", {})) == cat({base, ack}));
+  }
+  SECTION("the namespace wildcard lists its contexts only") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:"})) == cat({source, ack}));
+    CHECK(s.opt(opt, meta_data("pit", {"base:"})) == cat({base, ack}));
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:", "base:"})) == cat({base, source, ack}));
+    CHECK(s.opt(opt, meta_data("disk", {"shadowd:"})) == ack);
+  }
+  SECTION("exact names, each context once") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:source"})) == cat({source, ack}));
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:source", "base:allocation"})) ==
+          cat({base, source, ack}));
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:source", "shadowd:", "shadowd:source"})) ==
+          cat({source, ack}));
+    CHECK(s.opt(opt, meta_data("disk", {"shadowd:source"})) == ack);
+    CHECK(s.opt(opt, meta_data("disk", {"shadowd:source", "base:allocation"})) ==
+          cat({base, ack}));
+  }
+  SECTION("unknown shadowd names and near misses are ignored") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:sourc", "shadowd:source2", "shadowd:x",
+                                       "shadowd", "SHADOWD:source", "shadowd:source:"})) == ack);
+    CHECK(s.opt(opt, meta_data("pit", {"x-shadowd:source"})) == ack);
+  }
+  SECTION("LIST selects nothing") {
+    s.opt(opt, meta_data("pit", {}));
+    s.opt(kOptGo, info_data("pit"));
+    CHECK_FALSE(s.n.meta_contexts().any());
+  }
+}
+
+TEST_CASE("negotiate: SET_META_CONTEXT with shadowd:source", "[negotiate][meta]") {
+  MetaSession m(kOptSetMetaContext);
+  auto [opt, s, ack, base, source] = std::tie(m.opt, m.s, m.ack, m.base, m.source);
+  CHECK(kShadowdSourceId != 0);
+  CHECK(kShadowdSourceId != kBaseAllocationId);
+  CHECK(kBaseAllocationId == 1);  // unchanged for clients that saw it before
+
+  SECTION("both, with distinct ids") {
+    const Bytes out = s.opt(opt, meta_data("pit", {"shadowd:source", "base:allocation"}));
+    CHECK(out == cat({base, source, ack}));  // in the server's order, not the query's
+    const std::vector<Reply> rs = parse_replies(out);
+    REQUIRE(rs.size() == 3);
+    CHECK(get32(rs[0].data.data()) != get32(rs[1].data.data()));
+    s.opt(kOptGo, info_data("pit"));
+    CHECK(s.n.base_allocation());
+    CHECK(s.n.shadowd_source());
+  }
+  SECTION("shadowd:source alone") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:source"})) == cat({source, ack}));
+    s.opt(kOptGo, info_data("pit"));
+    CHECK_FALSE(s.n.base_allocation());
+    CHECK(s.n.shadowd_source());
+    CHECK(s.n.meta_contexts().any());
+  }
+  SECTION("with EXPORT_NAME too") {
+    s.opt(opt, meta_data("pit", {"base:allocation", "shadowd:source"}));
+    s.opt(kOptExportName, Wire().str("pit").b);
+    CHECK(s.n.state() == State::kTransmission);
+    CHECK(s.n.base_allocation());
+    CHECK(s.n.shadowd_source());
+  }
+  SECTION("the wildcard selects nothing") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:"})) == ack);
+    s.opt(kOptGo, info_data("pit"));
+    CHECK_FALSE(s.n.meta_contexts().any());
+  }
+  SECTION("unknown names select nothing") {
+    CHECK(s.opt(opt, meta_data("pit", {"shadowd:nope", "x-foo:bar", "shadowd:source2"})) == ack);
+    s.opt(kOptGo, info_data("pit"));
+    CHECK_FALSE(s.n.meta_contexts().any());
+  }
+  SECTION("an export without can_sources selects nothing for it") {
+    CHECK(s.opt(opt, meta_data("disk", {"shadowd:source"})) == ack);
+    CHECK(s.opt(opt, meta_data("disk", {"shadowd:source", "base:allocation"})) ==
+          cat({base, ack}));
+    s.opt(kOptGo, info_data("disk"));
+    CHECK(s.n.base_allocation());
+    CHECK_FALSE(s.n.shadowd_source());
+  }
+  SECTION("SET for pit, GO for another export") {
+    s.opt(opt, meta_data("pit", {"base:allocation", "shadowd:source"}));
+    s.opt(kOptGo, info_data("disk"));
+    CHECK_FALSE(s.n.meta_contexts().any());
+  }
+  SECTION("a later SET replaces both") {
+    s.opt(opt, meta_data("pit", {"base:allocation", "shadowd:source"}));
+    CHECK(s.opt(opt, meta_data("pit", {"base:allocation"})) == cat({base, ack}));
+    s.opt(kOptGo, info_data("pit"));
+    CHECK(s.n.base_allocation());
+    CHECK_FALSE(s.n.shadowd_source());
+  }
+  SECTION("a failed SET clears both") {
+    s.opt(opt, meta_data("pit", {"base:allocation", "shadowd:source"}));
+    CHECK(s.opt(opt, meta_data("nope", {"shadowd:source"})) == reply(opt, kRepErrUnknown));
+    s.opt(kOptGo, info_data("pit"));
+    CHECK_FALSE(s.n.meta_contexts().any());
+  }
+}
+
 TEST_CASE("negotiate: meta context options with malformed data", "[negotiate][meta]") {
   Registry r;
   const uint32_t opt = GENERATE(uint32_t{kOptListMetaContext}, uint32_t{kOptSetMetaContext});
@@ -713,6 +855,7 @@ struct ChunkedRun {
   State state;
   bool structured;
   bool base_allocation;
+  bool shadowd_source;
   std::string selected;
 };
 
@@ -739,6 +882,7 @@ ChunkedRun run_chunked(const ExportRegistry& reg, const Bytes& script,
   run.state = n.state();
   run.structured = n.structured_replies();
   run.base_allocation = n.base_allocation();
+  run.shadowd_source = n.shadowd_source();
   run.selected = n.selected() ? n.selected()->name : "";
   return run;
 }
@@ -750,6 +894,7 @@ void require_same(const ChunkedRun& a, const ChunkedRun& b) {
   REQUIRE(a.state == b.state);
   REQUIRE(a.structured == b.structured);
   REQUIRE(a.base_allocation == b.base_allocation);
+  REQUIRE(a.shadowd_source == b.shadowd_source);
   REQUIRE(a.selected == b.selected);
 }
 
@@ -798,8 +943,9 @@ Bytes random_stream(std::mt19937_64& rng) {
   auto pick = [&](uint64_t n) { return rng() % n; };
   if (pick(10) == 0) return test::random_bytes(rng, pick(200));
   static const std::string_view names[] = {"disk", "ro", "", "nope",
-                                           std::string_view("disk\0x", 6)};
-  static const char* queries[] = {"base:allocation", "base:", "x-foo:bar", "", "base"};
+                                           std::string_view("disk\0x", 6), "pit"};
+  static const char* queries[] = {"base:allocation", "base:", "x-foo:bar", "", "base",
+                                  "shadowd:source", "shadowd:"};
   // Mostly fixed newstyle, so that the options get past the first check.
   uint32_t flags = kClientFixedNewstyle | static_cast<uint32_t>(pick(2)) * kClientNoZeroes;
   if (pick(10) == 0) flags = static_cast<uint32_t>(pick(4));
@@ -816,12 +962,13 @@ Bytes random_stream(std::mt19937_64& rng) {
     if (pick(30) == 0) opt = kOptExportName;
     if (pick(30) == 0) opt = static_cast<uint32_t>(pick(13));
     if (pick(30) == 0) opt = static_cast<uint32_t>(rng());
-    const std::string_view name = names[pick(5)];
+    const std::string_view name = names[pick(std::size(names))];
     Bytes data;
     if (opt == kOptInfo || opt == kOptGo) {
       data = info_data(name, {static_cast<uint16_t>(pick(5)), static_cast<uint16_t>(pick(5))});
     } else if (opt == kOptListMetaContext || opt == kOptSetMetaContext) {
-      data = meta_data(name, {queries[pick(5)], queries[pick(5)]});
+      const uint64_t nq = std::size(queries);
+      data = meta_data(name, {queries[pick(nq)], queries[pick(nq)]});
     } else if (opt == kOptExportName) {
       data = Wire().str(name).b;
     } else if (pick(2)) {
@@ -855,7 +1002,7 @@ Bytes random_stream(std::mt19937_64& rng) {
 }
 
 TEST_CASE("negotiate: random input never crashes or over-consumes", "[negotiate][random]") {
-  Registry r;
+  PitRegistry r;
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
   INFO("replay with SHADOWD_TEST_SEED=" << seed);
