@@ -313,6 +313,15 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   }
   uint64_t seq_at(int64_t time_ns) const override;
   int64_t time_of(uint64_t seq) const override;
+  void pin(int64_t t) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    pins_.insert(t);
+  }
+  void unpin(int64_t t) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto f = pins_.find(t);
+    if (f != pins_.end()) pins_.erase(f);
+  }
   Result<SegmentAt> reconstruct_at(uint64_t segment, uint64_t seq) override {
     SegmentAt out;
     auto r = reconstruct(segment, true, static_cast<int64_t>(seq), &out);
@@ -499,6 +508,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   int64_t retention_start_ = 0;
   uint64_t window_seq_ = 0;  // the last seq with time <= retention_start_
   std::map<uint64_t, int64_t> inflight_seqs_;
+  std::multiset<int64_t> pins_;  // times point-in-time exports show
   std::map<uint64_t, Item*> blocked_;  // journaled writes waiting for an overlapping one  // seq -> time of writes not yet applied
   uint64_t next_gen_ = 1;
   bool degraded_ = false;
@@ -2103,6 +2113,7 @@ void StoreImpl::tick() {
     std::lock_guard<std::mutex> lock(mu_);
     degraded = degraded_;
     target = now - static_cast<int64_t>(opts_.retention_seconds) * static_cast<int64_t>(kNs);
+    if (!pins_.empty()) target = std::min(target, *pins_.begin());
     if (target <= retention_start_ + static_cast<int64_t>(kNs)) target = 0;
     low = false;
     for (size_t t = 0; t < tiers_.size(); ++t) {

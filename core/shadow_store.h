@@ -223,6 +223,11 @@ class ShadowStore {
   // Where a segment's content at a past seq comes from (the flags of the
   // shadowd:source NBD metadata context).
   enum SourceFlags : uint32_t { kFromPrimary = 0, kFromVersion = 1, kFromJournal = 2 };
+  // Keep retention from moving the window start past `time_ns` while a
+  // point-in-time export shows it (a full pool still shrinks the window).
+  // Pins count: every pin() needs its unpin().
+  virtual void pin(int64_t time_ns) = 0;
+  virtual void unpin(int64_t time_ns) = 0;
   // The time of the newest journal record with seq <= `seq` (the window
   // start when there is none in the window).
   virtual int64_t time_of(uint64_t seq) const = 0;

@@ -1054,7 +1054,10 @@ json cmd_export(DaemonContext& ctx, const json& req) {
     std::lock_guard<std::mutex> lock(ctx.pit_mu);
     Status st = ctx.registry->add(e);
     if (!st) return ctl::error_reply("exists", "an export named '" + name + "' exists already");
-    ctx.pit_exports[name] = DaemonContext::PitExport{p->seq, p->time_ns, ctx.clock ? ctx.clock->now_ns() : 0, backend};
+    const int64_t pinned = ctx.store->time_of(p->seq);
+    ctx.store->pin(pinned);
+    ctx.pit_exports[name] =
+        DaemonContext::PitExport{p->seq, p->time_ns, ctx.clock ? ctx.clock->now_ns() : 0, pinned, backend};
   }
   spdlog::info("export '{}': the device at {} (seq {})", name, iso_utc_ns(p->time_ns), p->seq);
   json r = {{"name", name},
@@ -1082,6 +1085,7 @@ json cmd_unexport(DaemonContext& ctx, const json& req) {
     return ctl::error_reply("not_found", "no point-in-time export named '" + name + "'");
   }
   ctx.registry->remove(name);
+  ctx.store->unpin(ctx.pit_exports[name].pinned_ns);
   ctx.pit_exports.erase(name);
   spdlog::info("export '{}' removed (connected clients keep it until they disconnect)", name);
   return ctl::ok_reply({{"name", name}});

@@ -43,6 +43,7 @@ struct DaemonContext {
     uint64_t seq = 0;
     int64_t time_ns = 0;     // the time asked for (or the seq's time)
     int64_t created_ns = 0;
+    int64_t pinned_ns = 0;   // ShadowStore::pin()ned while the export exists
     std::shared_ptr<PointInTimeBackend> backend;
   };
   std::mutex pit_mu;

@@ -495,6 +495,8 @@ class FakeStore final : public ShadowStore {
   }
   uint64_t seq_at(int64_t) const override { return 0; }
   int64_t time_of(uint64_t) const override { return 0; }
+  void pin(int64_t) override {}
+  void unpin(int64_t) override {}
   Result<SegmentAt> reconstruct_at(uint64_t, uint64_t) override { return Status::not_supported("fake"); }
   uint32_t source_of(uint64_t, uint64_t) const override { return kFromPrimary; }
   std::vector<uint64_t> segments_changed_after(uint64_t) const override { return {}; }
