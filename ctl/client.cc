@@ -40,7 +40,8 @@ ControlError unreachable(const std::string& path, int err) {
   return ControlError{"unreachable", "cannot connect to " + path + ": " + why};
 }
 
-std::variant<int, ControlError> connect_to(const std::string& path, Fd& sock) {
+std::variant<int, ControlError> connect_to(const std::string& path, Fd& sock,
+                                           int timeout_seconds) {
   sockaddr_un sa{};
   if (path.empty() || path.size() >= sizeof sa.sun_path) {
     return ControlError{"unreachable", "control socket path empty or too long: '" + path + "'"};
@@ -53,7 +54,7 @@ std::variant<int, ControlError> connect_to(const std::string& path, Fd& sock) {
   if (::connect(sock.fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) != 0) {
     return unreachable(path, errno);
   }
-  timeval tv{kReplyTimeoutSeconds, 0};
+  timeval tv{timeout_seconds, 0};
   ::setsockopt(sock.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   ::setsockopt(sock.fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
   return sock.fd;
@@ -72,7 +73,7 @@ std::optional<ControlError> send_all(int fd, const std::string& data) {
 }
 
 // One line, without its '\n'.
-std::variant<std::string, ControlError> read_line(int fd) {
+std::variant<std::string, ControlError> read_line(int fd, int timeout_seconds) {
   std::string line;
   char buf[64 * 1024];
   for (;;) {
@@ -80,7 +81,7 @@ std::variant<std::string, ControlError> read_line(int fd) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
       return ControlError{
-          "io", "no reply from shadowd within " + std::to_string(kReplyTimeoutSeconds) + " s"};
+          "io", "no reply from shadowd within " + std::to_string(timeout_seconds) + " s"};
     }
     if (n < 0) return ControlError{"io", std::string("reading the reply: ") + std::strerror(errno)};
     if (n == 0) return ControlError{"protocol", "shadowd closed the connection without a reply"};
@@ -103,12 +104,13 @@ std::string socket_path(const std::string& flag) {
   return kDefaultSocketPath;
 }
 
-std::variant<json, ControlError> call(const std::string& path, const json& request) {
+std::variant<json, ControlError> call(const std::string& path, const json& request,
+                                      int reply_timeout_seconds) {
   Fd sock;
-  auto fd = connect_to(path, sock);
+  auto fd = connect_to(path, sock, reply_timeout_seconds);
   if (auto* e = std::get_if<ControlError>(&fd)) return *e;
   if (auto e = send_all(sock.fd, encode_line(request))) return *e;
-  auto line = read_line(sock.fd);
+  auto line = read_line(sock.fd, reply_timeout_seconds);
   if (auto* e = std::get_if<ControlError>(&line)) return *e;
   json reply = json::parse(std::get<std::string>(line), nullptr, /*allow_exceptions=*/false);
   if (reply.is_discarded()) return ControlError{"protocol", "the reply is not valid JSON"};
