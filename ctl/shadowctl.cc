@@ -1332,6 +1332,7 @@ class RestoreRun {
   ctl::RestoreState state_;
   bool incomplete_ = false;  // the state file marks the output incomplete
   std::vector<uint64_t> hot_;
+  json replay_;  // the temporary export's replay cost, read before it goes
   uint64_t hot_segment_bytes_ = 0;
   uint64_t size_ = 0;
   uint64_t chunk_ = ctl::kRestoreChunkBytes;
@@ -1635,6 +1636,18 @@ int RestoreRun::finish() {
   // Disconnect first: the daemon need not wait for a reader to go.
   nbd_shutdown(nbd_.get(), 0);
   nbd_.reset();
+  // What reconstructing cost the daemon (the copy and, with --verify, the
+  // second read): from the temporary export's counters.
+  if (auto r = ctl::call(ctl::socket_path(g_.socket), ctl::make_request("exports", json::object()));
+      std::holds_alternative<json>(r) && !ctl::check_reply(std::get<json>(r))) {
+    for (const json& e : std::get<json>(r).value("exports", json::array())) {
+      if (e.value("name", "") != export_.name()) continue;
+      for (const char* k : {"segments_reconstructed", "segments_from_primary", "versions_decoded",
+                            "records_applied", "cache_hits"}) {
+        replay_[k] = e.value(k, uint64_t{0});
+      }
+    }
+  }
   export_.release();
   if (g_.json) return print_json(ctl::ok_reply(summary_json()));
   print_summary();
@@ -1658,6 +1671,7 @@ json RestoreRun::summary_json() const {
             {"seconds", copy_s_},
             {"rate_bytes_per_s", copy_s_ > 0 ? static_cast<double>(run_bytes_) / copy_s_ : 0.0},
             {"verified", o_.verify}};
+  if (replay_.is_object()) j["replay"] = replay_;
   if (o_.verify) {
     j["verified_bytes"] = verified_bytes_;
     j["verify_seconds"] = verify_s_;
@@ -1690,6 +1704,13 @@ void RestoreRun::print_summary() const {
   }
   if (!hot_.empty()) {
     t.add({"order", "the " + count(hot_.size()) + " hottest segments first, then by offset"});
+  }
+  if (replay_.is_object()) {
+    t.add({"replay", count(replay_.value("segments_reconstructed", uint64_t{0})) + " segments reconstructed (" +
+                         count(replay_.value("segments_from_primary", uint64_t{0})) + " from the backing, " +
+                         count(replay_.value("cache_hits", uint64_t{0})) + " from the cache), " +
+                         count(replay_.value("versions_decoded", uint64_t{0})) + " versions decoded, " +
+                         count(replay_.value("records_applied", uint64_t{0})) + " journal records applied"});
   }
   if (o_.verify) {
     char vs[64];

@@ -214,6 +214,9 @@ def test():
                              "--no-progress")
                 with open(out_file, "rb") as f:
                     expect_image(f.read(), img_t2, "restored image at T2")
+                rp = r["replay"]
+                expect(rp["segments_reconstructed"] >= SIZE // SEG, f"replay cost: {rp}")
+                expect(rp["versions_decoded"] > 0 and rp["records_applied"] > 0, f"replay cost: {rp}")
                 expect(not os.path.exists(out_file + ".shadowd-restore"),
                        "no restore state file left after a finished restore")
                 expect_eq([x["name"] for x in ctl.json("exports")["exports"]], ["disk"],
