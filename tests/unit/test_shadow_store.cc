@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/memory_backend.h"
+#include "core/monitor.h"
 #include "core/shadow_store.h"
 #include "core/gate_backend.h"
 #include "core/reconstructor.h"
@@ -71,11 +72,22 @@ struct Model {
 };
 
 struct Rig {
-  explicit Rig(uint64_t seed, uint64_t primary_bytes = 8 * kSeg, uint64_t pool_bytes = (1u << 20) + 12 * (4u << 20))
+  // tiers == 2: a second (slow) pool device and a monitor that ranks no
+  // segment hot, so background versions go to tier 1 while the journal and
+  // the copy-on-first-write versions stay on tier 0.
+  explicit Rig(uint64_t seed, uint64_t primary_bytes = 8 * kSeg, uint64_t pool_bytes = (1u << 20) + 12 * (4u << 20),
+               int tiers = 1)
       : seed(seed), rng(seed), clock(1'790'000'000LL * kSec) {
     loop = test::make_loop();
     primary = std::make_shared<MemoryBackend>(primary_bytes, seed);
     pool = std::make_shared<MemoryBackend>(pool_bytes, seed ^ 0x5eed);
+    if (tiers == 2) {
+      pool2 = std::make_shared<MemoryBackend>(pool_bytes, seed ^ 0x7ee2);
+      MonitorConfig mc;
+      mc.device_bytes = primary_bytes;
+      mc.segment_bytes = kSeg;
+      monitor = std::make_unique<Monitor>(mc, clock);
+    }
     // Some initial content, durable.
     std::vector<uint8_t> init(primary_bytes);
     for (size_t i = 0; i < init.size(); i += 512) init[i] = static_cast<uint8_t>(rng());
@@ -86,7 +98,7 @@ struct Rig {
     fo.primary_bytes = primary_bytes;
     fo.segment_bytes = kSeg;
     fo.zone_bytes = 4u << 20;
-    REQUIRE(ShadowStore::format({PoolDevice{"pool", pool}}, fo, clock));
+    REQUIRE(ShadowStore::format(devices(), fo, clock));
     clock.advance_ns(kSec);
     model.init(init, clock.now_ns() - 1);
     opts.primary_id = "/test/primary";
@@ -102,8 +114,13 @@ struct Rig {
   ~Rig() {
     if (store) store->abandon();
   }
+  std::vector<PoolDevice> devices() const {
+    std::vector<PoolDevice> d{PoolDevice{"pool", pool}};
+    if (pool2) d.push_back(PoolDevice{"pool2", pool2});
+    return d;
+  }
   void open() {
-    auto s = ShadowStore::open({PoolDevice{"pool", pool}}, primary, opts, clock, nullptr);
+    auto s = ShadowStore::open(devices(), primary, opts, clock, monitor.get());
     if (!s) FAIL("open: " << s.status().to_string());
     store = std::move(*s);
     store->start();
@@ -201,7 +218,8 @@ struct Rig {
   std::mt19937_64 rng;
   ManualClock clock;
   std::unique_ptr<EventLoop> loop;
-  std::shared_ptr<MemoryBackend> primary, pool;
+  std::shared_ptr<MemoryBackend> primary, pool, pool2;
+  std::unique_ptr<Monitor> monitor;
   StoreOptions opts;
   std::unique_ptr<ShadowStore> store;
   Model model;
@@ -458,13 +476,13 @@ TEST_CASE("store: retention shrinks when the pool fills, serving goes on", "[sto
 // shadowing, pruning, checkpoints and crashes (unflushed pool writes
 // dropped or torn, unflushed primary writes dropped), recovery, and the
 // history checked against the model throughout.
-TEST_CASE("store: seeded simulation with crashes matches the model", "[store][sim]") {
+void run_sim(int tiers) {
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
   // 24 zones of 4 MiB: small enough that retention shrinks for space now
   // and then, large enough that history never has to restart (a restart
   // is tested above; here it would make the model's sequence numbers wrong).
-  Rig rig(seed, 8 * kSeg, (1u << 20) + 24 * (4u << 20));
+  Rig rig(seed, 8 * kSeg, (1u << 20) + 24 * (4u << 20), tiers);
   auto& rng = rig.rng;
   const uint64_t dev = rig.primary->size_bytes();
   uint64_t flushed_seq = 0;
@@ -535,6 +553,7 @@ TEST_CASE("store: seeded simulation with crashes matches the model", "[store][si
       rig.store->abandon();
       rig.store.reset();
       rig.pool->crash(rng() % 2 == 0);
+      if (rig.pool2) rig.pool2->crash(rng() % 2 == 0);
       rig.primary->crash(false);
       rig.open();
       const StoreStats st = rig.store->stats();
@@ -591,7 +610,19 @@ TEST_CASE("store: seeded simulation with crashes matches the model", "[store][si
   rig.clock.advance_ns(kMs);
   rig.check_history(20);
   rig.check_restore(10);
+  if (tiers == 2) {
+    uint64_t on_slow = 0;
+    for (const SegmentHistory& h : rig.store->segments()) {
+      for (const VersionInfo& v : h.versions) on_slow += v.tier == 1;
+    }
+    INFO("versions on tier 1");
+    REQUIRE(on_slow > 0);
+  }
 }
+
+TEST_CASE("store: seeded simulation with crashes matches the model", "[store][sim]") { run_sim(1); }
+
+TEST_CASE("store: seeded simulation over two tiers matches the model", "[store][sim]") { run_sim(2); }
 
 TEST_CASE("restore: the gate holds new requests and waits for those in flight", "[restore]") {
   auto loop = test::make_loop();
