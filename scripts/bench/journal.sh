@@ -361,30 +361,8 @@ import json, os, sys
 manifest, header, out_json, stamp = sys.argv[1:5]
 jobs, passes, datasets = sys.argv[5].split(), sys.argv[6].split(), sys.argv[7].split()
 data_bytes, settle = int(sys.argv[8]), int(sys.argv[9])
-tck = os.sysconf("SC_CLK_TCK")
 labels = {"randwrite": "4k randwrite qd32 (IOPS)", "seqwrite": "1M seq write qd8  (MB/s)"}
 anomalies = []
-
-
-def secs(t):  # "1m2.345s" -> 62.345
-    m, rest = t.rstrip("s").split("m")
-    return int(m) * 60 + float(rest)
-
-
-def cpu_usage(path):
-    """CPU during a job in % of one core: the server, fio, everything else."""
-    try:
-        a, b = [l.split() for l in open(path).read().splitlines()[:2]]
-    except (OSError, ValueError):
-        return None
-    wall = float(b[0]) - float(a[0])
-    if wall <= 0:
-        return None
-    busy = (int(b[1]) - int(a[1])) / tck
-    srv = (int(b[2]) - int(a[2])) / tck
-    fio = secs(b[3]) + secs(b[4]) - secs(a[3]) - secs(a[4])
-    return {"server": 100 * srv / wall, "fio": 100 * fio / wall,
-            "other": max(0.0, 100 * (busy - srv - fio) / wall), "wall_s": wall}
 
 
 def load(path):

@@ -233,6 +233,31 @@ bench_py() {
 bench_py_helpers() {
   cat <<'PY'
 import json
+import os
+
+tck = os.sysconf("SC_CLK_TCK")
+
+
+def secs(t):  # bash `times` output "1m2.345s" -> 62.345
+    m, rest = t.rstrip("s").split("m")
+    return int(m) * 60 + float(rest)
+
+
+def cpu_usage(path):
+    """CPU during a job in % of one core: the server, fio, everything else,
+    from the two cpu_mark lines in PATH (before and after)."""
+    try:
+        a, b = [l.split() for l in open(path).read().splitlines()[:2]]
+    except (OSError, ValueError):
+        return None
+    wall = float(b[0]) - float(a[0])
+    if wall <= 0:
+        return None
+    busy = (int(b[1]) - int(a[1])) / tck
+    srv = (int(b[2]) - int(a[2])) / tck
+    fio = secs(b[3]) + secs(b[4]) - secs(a[3]) - secs(a[4])
+    return {"server": 100 * srv / wall, "fio": 100 * fio / wall,
+            "other": max(0.0, 100 * (busy - srv - fio) / wall), "wall_s": wall}
 
 
 def fio_figures(path, job, keys):

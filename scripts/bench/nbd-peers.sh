@@ -64,16 +64,6 @@ fi
 file_bytes=$("$py" -c 'import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_END))' "$file")
 (( file_bytes >= 64 * 1024 * 1024 )) || die "backing file too small ($file_bytes bytes)"
 
-# Drop the backing file's pages from the page cache so no server starts warm.
-drop_file_cache() {
-  "$py" - "$file" <<'PY'
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-os.fsync(fd)
-os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-os.close(fd)
-PY
-}
 
 if [[ $prefill == 1 ]]; then
   log "prefilling $file_bytes bytes with random data"
@@ -85,7 +75,7 @@ fi
 log "warming the device below the page cache (one O_DIRECT pass)"
 dd if="$file" of=/dev/null bs=4M iflag=direct status=none 2>/dev/null ||
   dd if="$file" of=/dev/null bs=4M status=none
-drop_file_cache
+drop_page_cache "$file"
 
 # --- servers ----------------------------------------------------------------
 server_cmd() {  # server socket -> prints nothing, sets cmd=()
@@ -179,7 +169,7 @@ for s in "${servers[@]}"; do
   sock=$sockdir/$s.sock
   uri="nbd+unix:///?socket=$sock"
   slog=$work/$s.log
-  drop_file_cache
+  drop_page_cache "$file"
   log "starting $s"
   if ! start_server "$s" "$sock" "$slog"; then
     log "$s failed to start; log:"; tail -n 20 "$slog" >&2 || true
@@ -223,26 +213,7 @@ servers, jobs = sys.argv[5].split(), sys.argv[6].split()
 labels = {"randread": "4k randread  qd32 (IOPS)", "randwrite": "4k randwrite qd32 (IOPS)",
           "seqread": "1M seq read  qd8  (MB/s)", "seqwrite": "1M seq write qd8  (MB/s)"}
 results = {s: {} for s in servers}
-tck = os.sysconf("SC_CLK_TCK")
 
-def secs(t):  # "1m2.345s" -> 62.345
-    m, rest = t.rstrip("s").split("m")
-    return int(m) * 60 + float(rest)
-
-def cpu_usage(path):
-    """CPU used during a job, in % of one core: server, fio, everything else."""
-    try:
-        a, b = [l.split() for l in open(path).read().splitlines()[:2]]
-    except (OSError, ValueError):
-        return None
-    wall = float(b[0]) - float(a[0])
-    busy = (int(b[1]) - int(a[1])) / tck
-    srv = (int(b[2]) - int(a[2])) / tck
-    fio = secs(b[3]) + secs(b[4]) - secs(a[3]) - secs(a[4])
-    if wall <= 0:
-        return None
-    return {"server": 100 * srv / wall, "fio": 100 * fio / wall,
-            "other": max(0.0, 100 * (busy - srv - fio) / wall), "wall_s": wall}
 notes = {s: {} for s in servers}
 anomalies = []
 for line in open(manifest):
