@@ -1399,10 +1399,16 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
     if (attempt >= 50) return Status::error(Status::Code::kBusy, "segment kept changing during the copy", EAGAIN);
     std::this_thread::sleep_for(std::chrono::microseconds(200));  // let the racing writes finish
   }
-  // What the copy saw must be durable before the version is: the journal,
-  // then the primary.
-  Status st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
-  if (st) st = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+  // The journal records the copy saw must not be less durable than the
+  // version. On tier 0 they are on the same device, written before it, and
+  // the flush after the version covers both; a version on another tier
+  // needs tier 0 flushed first. The primary needs no flush: whatever of it
+  // a crash loses is redone from the journal at start-up (records after the
+  // checkpoint's applied_through), and pruning flushes it before it drops
+  // records.
+  const uint8_t tier = is_hot(seg) ? 0 : static_cast<uint8_t>(tiers_.size() - 1);
+  Status st;
+  if (tier != 0) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
   if (!st) {
     enter_degraded("flush before a version failed: " + st.message());
     return st;
@@ -1418,7 +1424,6 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
       proto.base_seq = prev.back().seq;
     }
   }
-  const uint8_t tier = is_hot(seg) ? 0 : static_cast<uint8_t>(tiers_.size() - 1);
   VEntry v;
   st = write_version(tier, seg, proto, content, basep, v);
   if (st) st = sync_io(device(tier), BlockOpKind::kFlush, 0, 0, nullptr);
