@@ -43,7 +43,7 @@ void Reconstructor::worker() {
   }
 }
 
-std::shared_ptr<const std::vector<uint8_t>> Reconstructor::cached(const Key& k) {
+Reconstructor::Segment Reconstructor::cached(const Key& k) {
   std::lock_guard<std::mutex> lock(cache_mu_);
   auto f = index_.find(k);
   if (f == index_.end()) return nullptr;
@@ -51,7 +51,7 @@ std::shared_ptr<const std::vector<uint8_t>> Reconstructor::cached(const Key& k) 
   return f->second->second;
 }
 
-void Reconstructor::remember(const Key& k, std::shared_ptr<const std::vector<uint8_t>> v) {
+void Reconstructor::remember(const Key& k, Segment v) {
   if (cache_limit_ == 0 || v->size() > cache_limit_) return;
   std::lock_guard<std::mutex> lock(cache_mu_);
   if (index_.count(k) != 0) return;
@@ -78,20 +78,21 @@ void Reconstructor::drop(uint64_t seq) {
   }
 }
 
-Result<std::vector<uint8_t>> Reconstructor::segment(uint64_t seq, uint64_t seg, ReplayCost* cost,
-                                                    bool use_cache) {
+Result<Reconstructor::Segment> Reconstructor::segment(uint64_t seq, uint64_t seg, ReplayCost* cost,
+                                                     bool use_cache) {
   ReplayCost c;
   c.segments = 1;
   const Key k{seq, seg};
   if (use_cache) {
-    if (auto hit = cached(k)) {
+    if (Segment hit = cached(k)) {
       c.cache_hits = 1;
       if (cost != nullptr) cost->add(c);
-      return *hit;
+      return hit;
     }
   }
   auto r = store_.reconstruct_at(seg, seq);
   if (!r) return r.status();
+  auto data = std::make_shared<const std::vector<uint8_t>>(std::move(r->data));
   if (r->source == ShadowStore::kFromPrimary) {
     // The primary's current content: valid only until the next write, so
     // it is not cached.
@@ -99,10 +100,10 @@ Result<std::vector<uint8_t>> Reconstructor::segment(uint64_t seq, uint64_t seg, 
   } else {
     c.versions_decoded = r->versions_decoded;
     c.records_applied = r->records_applied;
-    if (use_cache) remember(k, std::make_shared<const std::vector<uint8_t>>(r->data));
+    if (use_cache) remember(k, data);
   }
   if (cost != nullptr) cost->add(c);
-  return std::move(r->data);
+  return data;
 }
 
 namespace {
@@ -140,10 +141,10 @@ void Reconstructor::read_async(uint64_t seq, uint64_t offset, uint64_t length, u
       Status st;
       if (!data) {
         st = data.status();
-      } else if (data->size() < to - seg_start) {
+      } else if ((*data)->size() < to - seg_start) {
         st = Status::error(Status::Code::kCorruption, "reconstructed segment is short", EIO);
       } else {
-        std::memcpy(out + (from - offset), data->data() + (from - seg_start), to - from);
+        std::memcpy(out + (from - offset), (*data)->data() + (from - seg_start), to - from);
       }
       bool last_one;
       {

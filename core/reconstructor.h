@@ -59,9 +59,10 @@ class Reconstructor {
   // The same without blocking: `done` runs on a worker thread.
   void read_async(uint64_t seq, uint64_t offset, uint64_t length, uint8_t* out,
                   std::function<void(Status, const ReplayCost&)> done);
-  // One whole segment at `seq` (the last segment may be short).
-  Result<std::vector<uint8_t>> segment(uint64_t seq, uint64_t segment, ReplayCost* cost = nullptr,
-                                       bool use_cache = true);
+  // One whole segment at `seq` (the last segment may be short). Shared with
+  // the cache, so neither a hit nor an insertion copies it.
+  using Segment = std::shared_ptr<const std::vector<uint8_t>>;
+  Result<Segment> segment(uint64_t seq, uint64_t segment, ReplayCost* cost = nullptr, bool use_cache = true);
   // Forget cached segments of `seq` (an export of it went away).
   void drop(uint64_t seq);
 
@@ -77,10 +78,10 @@ class Reconstructor {
   struct KeyHash {
     size_t operator()(const Key& k) const { return std::hash<uint64_t>()(k.seq * 0x9E3779B97F4A7C15ull ^ k.segment); }
   };
-  using Lru = std::list<std::pair<Key, std::shared_ptr<const std::vector<uint8_t>>>>;
+  using Lru = std::list<std::pair<Key, Segment>>;
 
-  std::shared_ptr<const std::vector<uint8_t>> cached(const Key& k);
-  void remember(const Key& k, std::shared_ptr<const std::vector<uint8_t>> v);
+  Segment cached(const Key& k);
+  void remember(const Key& k, Segment v);
   void post(std::function<void()> job);
   void worker();
 

@@ -1181,9 +1181,10 @@ json cmd_rollback(DaemonContext& ctx, const json& req) {
       break;
     }
     const uint64_t len = std::min<uint64_t>(seg_bytes, size - s * seg_bytes);
-    const bool zero = std::all_of(data->begin(), data->begin() + static_cast<ptrdiff_t>(len),
+    const std::vector<uint8_t>& content = **data;
+    const bool zero = std::all_of(content.begin(), content.begin() + static_cast<ptrdiff_t>(len),
                                   [](uint8_t b) { return b == 0; });
-    std::memcpy(buf.get(), data->data(), len);
+    std::memcpy(buf.get(), content.data(), len);
     st = run_sync(*ctx.journal, zero ? BlockOpKind::kWriteZeroes : BlockOpKind::kWrite, s * seg_bytes, len,
                   zero ? nullptr : buf.get(), zero ? uint32_t{kNoHole} : 0u);
     if (st) ++rewritten;
