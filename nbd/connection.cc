@@ -350,12 +350,15 @@ void Connection::take_payload() {
   in_begin_ += n;
   payload_got_ += n;
   const uint64_t left = r->hdr.length - payload_got_;
+  // Decided afresh on every call: a recv into the input buffer that was
+  // already pending when this payload began (armed before back-pressure
+  // lifted) can complete it, and a stale flag would aim the next recv at a
+  // request that is gone.
+  payload_direct_ = left >= kDirectRecvMin;
   if (left == 0) {
     payload_req_ = nullptr;
     dispatch(r);
-    return;
   }
-  if (left >= kDirectRecvMin) payload_direct_ = true;
 }
 
 // ---------------------------------------------------------------- requests

@@ -4,6 +4,8 @@
 // errors from source_at(). The point-in-time backend is a scripted stand-in.
 #include "nbd/connection.h"
 
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -17,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/gate_backend.h"
 #include "core/memory_backend.h"
 #include "tests/unit/source_backend.h"
 #include "tests/unit/test_util.h"
@@ -113,11 +116,12 @@ std::pair<uint32_t, std::vector<Descriptor>> parse_status(const Chunk& c) {
 // loop whenever it waits for bytes.
 class Peer {
  public:
-  explicit Peer(const ExportRegistry& reg) : loop_(test::make_loop()) {
+  explicit Peer(const ExportRegistry& reg, ConnectionLimits limits = {})
+      : loop_(test::make_loop()) {
     int sv[2];
     REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0);
     client_ = sv[1];
-    auto* c = new Connection(*loop_, sv[0], "test", reg, ConnectionLimits{}, &stats_,
+    auto* c = new Connection(*loop_, sv[0], "test", reg, limits, &stats_,
                              [this](Connection* done) {
                                delete done;
                                closed_ = true;
@@ -176,6 +180,18 @@ class Peer {
     REQUIRE(get32(h.data()) == kStructuredReplyMagic);
     return {get16(h.data() + 4), get16(h.data() + 6), get64(h.data() + 8),
             recv(get32(h.data() + 16))};
+  }
+  // Run the loop until it has nothing left to do and the server has read
+  // everything sent to it.
+  void settle() {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    for (;;) {
+      int unread = 0;
+      REQUIRE(::ioctl(client_, SIOCOUTQ, &unread) == 0);
+      if (loop_->run_once(false) == 0 && unread == 0) return;
+      REQUIRE(std::chrono::steady_clock::now() < deadline);
+      if (unread > 0) std::this_thread::sleep_for(std::chrono::microseconds(100));
+    }
   }
   // Every chunk of the reply to `cookie`, up to the one with DONE.
   std::vector<Chunk> reply(uint64_t cookie) {
@@ -319,6 +335,49 @@ TEST_CASE("connection: shadowd:source asked for where it is not offered: no cont
   const Chunk c = only_chunk(p, 1, 0, 8192);
   CHECK(c.type == kReplyTypeError);
   CHECK(get32(c.payload.data()) == kEinval);
+}
+
+// Back-pressure lifted while a recv into the input buffer is pending: the
+// next WRITE's payload starts in the buffer, the rest arrives through that
+// recv and completes it. The recv after it must go to the input buffer, not
+// into the finished request (a crash in CI with --max-inflight-per-connection).
+TEST_CASE("connection: a payload completed by a recv armed before back-pressure lifted",
+          "[connection]") {
+  ExportRegistry reg;
+  auto gate = std::make_shared<GateBackend>(std::make_shared<MemoryBackend>(kSize, /*seed=*/1));
+  auto disk = std::make_shared<Export>();
+  disk->name = "disk";
+  disk->backend = gate;
+  REQUIRE(reg.add(disk).is_ok());
+  ConnectionLimits limits;
+  limits.max_inflight = 1;
+  Peer p(reg, limits);
+  p.handshake(meta_option("disk", {"base:allocation"}), "disk");
+
+  const Bytes a(128 * 1024, 0xa1);
+  Bytes b(64 * 1024 + 1, 0xb2);
+  b[0] = 0x0b;
+  gate->pause();
+  Bytes msg = request(kCmdWrite, 1, 0, static_cast<uint32_t>(a.size()));
+  msg.insert(msg.end(), a.begin(), a.end());
+  p.send(msg);
+  p.settle();
+  REQUIRE(gate->held() == 1);  // A is in flight: the connection is at its limit
+  // B's header and first byte: read, then left in the buffer; a recv is armed.
+  msg = request(kCmdWrite, 2, 256 * 1024, static_cast<uint32_t>(b.size()));
+  msg.push_back(b[0]);
+  p.send(msg);
+  p.settle();
+  gate->resume();  // A completes; B starts with 64 KiB of payload missing
+  CHECK(p.reply(1).back().type == kReplyTypeNone);
+  p.send(Bytes(b.begin() + 1, b.end()));
+  CHECK(p.reply(2).back().type == kReplyTypeNone);
+  // The connection still parses requests: read B back.
+  p.send(request(kCmdRead, 3, 256 * 1024, static_cast<uint32_t>(b.size())));
+  const std::vector<Chunk> r = p.reply(3);
+  REQUIRE(r.size() == 1);
+  REQUIRE(r[0].type == kReplyTypeOffsetData);
+  CHECK(Bytes(r[0].payload.begin() + 8, r[0].payload.end()) == b);
 }
 
 }  // namespace
