@@ -169,6 +169,7 @@ const std::map<std::string, Setter>& setters() {
       {"pool_max_bytes", u64(&Config::pool_max_bytes)},
       {"max_versions_per_segment", u32(&Config::max_versions_per_segment)},
       {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s)},
+      {"shadow_budget_busy_bytes_per_s", u64(&Config::shadow_budget_busy_bytes_per_s)},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
   };
   return m;

@@ -32,18 +32,81 @@ MemoryBackend::MemoryBackend(uint64_t size_bytes, uint64_t seed, bool read_only)
   info_.can_extents = false;  // extent_at() reports everything as data
 }
 
+namespace {
+
+// A completion passed along the loop's deferred list `left` more times.
+class Delayed final : public IoCompletion {
+ public:
+  Delayed(EventLoop& loop, BlockOp* op, unsigned left) : loop_(loop), op_(op), left_(left) {}
+  void on_complete(int res, uint32_t flags) override {
+    if (--left_ > 0) {
+      loop_.defer(this, res);
+      return;
+    }
+    IoCompletion* op = op_;
+    delete this;
+    op->on_complete(res, flags);
+  }
+
+ private:
+  EventLoop& loop_;
+  BlockOp* op_;
+  unsigned left_;
+};
+
+}  // namespace
+
 void MemoryBackend::submit(EventLoop& loop, BlockOp* op) {
   int res;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    res = apply(*op);
-  }
+  unsigned extra = 0;
   op->backend_ = this;
   op->loop_ = &loop;
   op->progress_ = 0;
   op->retries_ = 0;
   op->stage_ = BlockOp::kStageDone;
-  loop.defer(op, res);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    res = apply(*op);
+    if (hold_) {
+      held_.push_back({&loop, op, res});
+      return;
+    }
+    if (delay_max_ > 0) extra = static_cast<unsigned>(rng_() % (delay_max_ + 1));
+  }
+  if (extra == 0) {
+    loop.defer(op, res);
+  } else {
+    loop.defer(new Delayed(loop, op, extra + 1), res);
+  }
+}
+
+void MemoryBackend::hold_completions() {
+  std::lock_guard<std::mutex> lock(mu_);
+  hold_ = true;
+}
+
+void MemoryBackend::release_completions() {
+  std::vector<Held> held;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    hold_ = false;
+    held.swap(held_);
+  }
+  for (const Held& h : held) {
+    BlockOp* op = h.op;
+    const int res = h.res;
+    h.loop->post([op, res] { static_cast<IoCompletion*>(op)->on_complete(res, 0); });
+  }
+}
+
+size_t MemoryBackend::held_completions() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return held_.size();
+}
+
+void MemoryBackend::delay_completions(unsigned max_iterations) {
+  std::lock_guard<std::mutex> lock(mu_);
+  delay_max_ = max_iterations;
 }
 
 void MemoryBackend::on_cqe(BlockOp& op, int res) {

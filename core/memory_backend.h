@@ -41,6 +41,16 @@ class MemoryBackend final : public IoBackend {
   void enospc_after(uint64_t bytes);
   // Remove every fault.
   void clear_faults();
+  // Deliver each completion after 0..max_iterations extra loop iterations,
+  // drawn from the seeded generator: ops submitted together then complete
+  // out of order, as on a real device (0, the default: next iteration).
+  void delay_completions(unsigned max_iterations);
+  // While held, ops are applied at once but their completions are kept
+  // until release_completions(), which delivers each on its loop (posted):
+  // a test can keep writes in flight as long as it needs to.
+  void hold_completions();
+  void release_completions();
+  size_t held_completions() const;
 
   // ---- crash model ----
   // Drop every write not yet made durable (by a flush or kFua). With
@@ -92,6 +102,14 @@ class MemoryBackend final : public IoBackend {
     uint64_t completed = 0;
   };
   KindFaults faults_[6];
+  unsigned delay_max_ = 0;
+  bool hold_ = false;
+  struct Held {
+    EventLoop* loop;
+    BlockOp* op;
+    int res;
+  };
+  std::vector<Held> held_;
   bool enospc_armed_ = false;
   uint64_t enospc_left_ = 0;
 };

@@ -3,10 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <set>
@@ -217,8 +219,28 @@ class Appender {
   // Write what was added (padded to 4 KiB). Bookkeeping is committed by
   // commit() under the store lock, together with the index entries.
   Status write_out();
+  // The asynchronous form (the journal's pipeline): what was added, padded,
+  // in a buffer for one write at *dev_off; the appender moves on as if it
+  // were written. Its zone bookkeeping goes with take_pending() into the
+  // batch, committed when the write is known to have landed in order; a
+  // failed write must be followed by reset_locked() once none is in flight.
+  ABuf seal(uint64_t* dev_off, size_t* len);
+  struct Pending {
+    std::vector<std::pair<uint32_t, uint64_t>> used;  // (zone, used)
+    std::vector<uint32_t> closed;
+  };
+  Pending take_pending() {
+    Pending p{std::move(used_), std::move(closed_)};
+    used_.clear();
+    closed_.clear();
+    return p;
+  }
   // REQUIRES: store lock held.
   void commit_locked();
+  void commit_locked(const Pending& p);
+  // Called before a full zone is flushed and closed: the pipeline waits
+  // there for its writes in flight, which the flush must cover.
+  std::function<void()> before_close;
   // Forget the open zone (after an error): the next add opens a new one.
   void reset_locked();
   uint64_t pending_bytes() const { return buf_.size(); }
@@ -243,6 +265,37 @@ class Appender {
   std::vector<std::pair<uint32_t, uint64_t>> used_;  // (zone, used) not yet committed
   std::vector<uint32_t> closed_;                     // zones filled, not yet committed
 };
+
+// One group commit of the journal: encoded by the pool thread, written
+// asynchronously (up to kBatchesInFlight at a time, so that the next batch
+// is on its way while one completes), retired strictly in order. Only a
+// retired batch's records enter the index and only then do its requests
+// go on to the primary, so every write the primary sees was preceded by
+// its record and every record before it: as if the batches were written
+// one after another.
+struct Batch final : public BlockOp {
+  void on_done(Status s) override {
+    write_status = std::move(s);
+    done = true;
+  }
+  std::vector<Item*> items;
+  std::vector<std::pair<uint64_t, VEntry>> versions;
+  std::vector<std::pair<uint64_t, REntry>> records;
+  uint64_t cows = 0;
+  bool need_flush = false;
+  bool degraded = false;  // encoded while history was degraded: nothing journaled
+  Status st;              // encoding failed
+  Appender::Pending pending;
+  ABuf data;
+  bool done = true;  // no write in flight
+  bool overlapped = false;  // written while an earlier batch's write was in flight
+  Status write_status;
+  bool failed() const { return !st || !write_status; }
+};
+
+constexpr size_t kBatchesInFlight = 4;
+constexpr uint64_t kBusyWindowNs = 200'000'000;  // clients active: a request this recent
+constexpr double kUrgentScore = 1e18;
 
 class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
  public:
@@ -452,7 +505,9 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
 
   // pool thread
   void pool_main();
-  void process(std::vector<Item*>& items);
+  std::unique_ptr<Batch> encode(std::vector<Item*>& items, EventLoop& loop);
+  void retire(Batch& b, bool& broken);
+  void enqueue(Item* it);
   // shadow thread and engine operations (op_mu_ held)
   void shadow_main();
   void tick();
@@ -516,6 +571,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   uint64_t bypass_inflight_ = 0;
   bool retention_shrunk_ = false;
   uint64_t budget_ = 0;
+  std::atomic<uint64_t> fg_requests_{0};  // client requests seen (any thread)
+  std::atomic<bool> fg_busy_{false};      // as of the last shadowing round
   std::set<uint64_t> urgent_;
   uint64_t checkpoint_id_ = 0;
   uint64_t sb_generation_ = 0;
@@ -525,7 +582,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // counters
   uint64_t client_bytes_ = 0, cow_stalls_ = 0, versions_made_ = 0, versions_folded_ = 0,
            versions_dropped_ = 0, records_pruned_ = 0, zones_reclaimed_ = 0, retention_shrinks_ = 0,
-           checkpoints_ = 0, group_commits_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
+           checkpoints_ = 0, group_commits_ = 0, group_commits_overlapped_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
            shadow_bytes_read_ = 0, recovered_records_ = 0, redo_records_ = 0;
   bool checkpoint_due_ = false;
 
@@ -538,6 +595,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   std::mutex qmu_;
   std::condition_variable qcv_;
   std::vector<Item*> queue_;
+  EventLoop* pool_loop_ = nullptr;  // the pool thread's ring, while it runs
+  bool pool_waiting_ = false;       // the pool thread waits on its ring, not on qcv_
   bool pool_stop_ = false;
   bool pool_abandon_ = false;
   std::thread pool_thread_;
@@ -549,7 +608,10 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   bool shadow_stop_ = false;
   std::thread shadow_thread_;
   double tokens_ = 0;
+  double busy_tokens_ = 0;
   uint64_t last_refill_ns_ = 0;
+  uint64_t last_fg_requests_ = 0;
+  uint64_t last_fg_ns_ = 0;
   int64_t last_restart_try_ns_ = 0;
 
   std::mutex hist_mu_;
@@ -563,6 +625,7 @@ template <typename Fn>
 Result<Loc> Appender::add(size_t bytes, Fn fn) {
   if (zone_ < 0 || pos_ + buf_.size() + bytes + 2 * kB > s_.zone_bytes()) {
     if (zone_ >= 0) {
+      if (before_close) before_close();
       if (!buf_.empty()) {
         Status st = write_out();
         if (!st) return st;
@@ -606,6 +669,23 @@ Status Appender::open_zone() {
   return Status::ok();
 }
 
+ABuf Appender::seal(uint64_t* dev_off, size_t* len) {
+  if (buf_.empty() || zone_ < 0) return nullptr;
+  pool::pad_to_block(buf_, gen_);
+  ABuf a = aligned_buf(buf_.size());
+  std::memcpy(a.get(), buf_.data(), buf_.size());
+  *dev_off = s_.zone_offset(static_cast<uint32_t>(zone_)) + pos_;
+  *len = buf_.size();
+  pos_ += buf_.size();
+  {
+    std::lock_guard<std::mutex> lock(s_.mu_);  // the byte counter only
+    s_.pool_bytes_written_ += buf_.size();
+  }
+  buf_.clear();
+  used_.emplace_back(static_cast<uint32_t>(zone_), pos_);
+  return a;
+}
+
 Status Appender::write_out() {
   if (buf_.empty() || zone_ < 0) return Status::ok();
   pool::pad_to_block(buf_, gen_);
@@ -625,13 +705,15 @@ Status Appender::write_out() {
 }
 
 void Appender::commit_locked() {
-  for (auto [z, used] : used_) {
+  commit_locked(take_pending());
+}
+
+void Appender::commit_locked(const Pending& p) {
+  for (auto [z, used] : p.used) {
     Zone& zone = s_.tiers_[tier_].zones[z];
     zone.used = std::max(zone.used, used);
   }
-  used_.clear();
-  for (uint32_t z : closed_) s_.tiers_[tier_].zones[z].open = false;
-  closed_.clear();
+  for (uint32_t z : p.closed) s_.tiers_[tier_].zones[z].open = false;
 }
 
 void Appender::reset_locked() {
@@ -735,16 +817,14 @@ void StoreImpl::enter_degraded(const std::string& why) {
 // data path
 
 void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
+  fg_requests_.fetch_add(1, std::memory_order_relaxed);
   if (op->kind == BlockOpKind::kRead || op->kind == BlockOpKind::kCache ||
       (op->length == 0 && op->kind != BlockOpKind::kFlush)) {
     primary_->submit(loop, op);
     return;
   }
   if (op->kind == BlockOpKind::kFlush) {
-    auto* it = new Item(this, &loop, op, Item::Type::kFlush);
-    std::lock_guard<std::mutex> q(qmu_);
-    queue_.push_back(it);
-    qcv_.notify_one();
+    enqueue(new Item(this, &loop, op, Item::Type::kFlush));
     return;
   }
   auto* it = new Item(this, &loop, op, Item::Type::kWrite);
@@ -804,8 +884,17 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
     it->pieces.push_back(std::move(p));
     pos = piece_end;
   }
+  enqueue(it);
+}
+
+void StoreImpl::enqueue(Item* it) {
   std::lock_guard<std::mutex> q(qmu_);
   queue_.push_back(it);
+  if (pool_waiting_) {
+    // The pool thread sleeps on its ring for a batch write: wake it there.
+    pool_waiting_ = false;
+    pool_loop_->post([] {});
+  }
   qcv_.notify_one();
 }
 
@@ -909,19 +998,65 @@ void StoreImpl::item_done(Item& it, const Status& st) {
 }
 
 void StoreImpl::pool_main() {
+  EventLoop& loop = thread_loop();
+  {
+    std::lock_guard<std::mutex> q(qmu_);
+    pool_loop_ = &loop;
+  }
+  std::deque<std::unique_ptr<Batch>> inflight;
+  auto writes_done = [&] {
+    return std::all_of(inflight.begin(), inflight.end(), [](const auto& b) { return b->done; });
+  };
+  // A full zone is flushed before the journal moves on: the flush must
+  // cover every write to it, so wait for those in flight first.
+  journal_.before_close = [&] {
+    while (!writes_done()) loop.run_once(true);
+  };
+  bool broken = false;  // a batch failed: the ones after it are past a hole
   for (;;) {
+    // No new batch while one in flight has failed: the journal forgets its
+    // zone once they are all retired, and starts again from there.
+    const bool hold = broken || std::any_of(inflight.begin(), inflight.end(), [](const auto& b) {
+                        return b->failed() && b->done;
+                      });
     std::vector<Item*> items;
+    bool leave = false;
     {
       std::unique_lock<std::mutex> q(qmu_);
-      qcv_.wait(q, [&] { return !queue_.empty() || pool_stop_; });
-      if (pool_abandon_ || (pool_stop_ && queue_.empty())) return;
-      items.swap(queue_);
+      if (inflight.empty()) qcv_.wait(q, [&] { return !queue_.empty() || pool_stop_; });
+      leave = pool_abandon_ || (pool_stop_ && queue_.empty() && inflight.empty());
+      if (!leave && !hold && inflight.size() < kBatchesInFlight) items.swap(queue_);
+      pool_waiting_ = !leave && items.empty() && !inflight.empty();
     }
-    process(items);
+    if (leave) break;
+    if (!items.empty()) {
+      const bool overlapped = !writes_done();
+      inflight.push_back(encode(items, loop));
+      inflight.back()->overlapped = overlapped && !inflight.back()->done;
+      loop.run_once(false);  // submit it; reap what is done
+    } else {
+      loop.run_once(true);  // a write completes, or enqueue() wakes us
+    }
+    while (!inflight.empty() && inflight.front()->done) {
+      retire(*inflight.front(), broken);
+      inflight.pop_front();
+    }
+    if (broken && inflight.empty()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      journal_.reset_locked();
+      broken = false;
+    }
   }
+  journal_.before_close();  // abandoned: the writes still point at our buffers
+  journal_.before_close = nullptr;
+  std::lock_guard<std::mutex> q(qmu_);
+  pool_loop_ = nullptr;
+  pool_waiting_ = false;
 }
 
-void StoreImpl::process(std::vector<Item*>& items) {
+std::unique_ptr<Batch> StoreImpl::encode(std::vector<Item*>& items, EventLoop& loop) {
+  auto b = std::make_unique<Batch>();
+  b->items.swap(items);
   bool degraded;
   uint64_t cow_seq;
   int64_t cow_ts;
@@ -931,17 +1066,14 @@ void StoreImpl::process(std::vector<Item*>& items) {
     cow_seq = window_seq_;
     cow_ts = retention_start_;
   }
-  std::vector<std::pair<uint64_t, VEntry>> versions;
-  std::vector<std::pair<uint64_t, REntry>> records;
-  bool need_flush = false;
-  Status st;
-  uint64_t cows = 0;
-  for (Item* it : items) {
+  b->degraded = degraded;
+  Status& st = b->st;
+  for (Item* it : b->items) {
     if (it->type == Item::Type::kFlush) {
-      need_flush = true;
+      b->need_flush = true;
       continue;
     }
-    if (it->client->flags & kFua) need_flush = true;
+    if (it->client->flags & kFua) b->need_flush = true;
     if (degraded || !st) continue;
     for (uint64_t seg : it->cow_segs) {
       // Copy-on-first-write: the before-image goes into the journal stream
@@ -951,7 +1083,7 @@ void StoreImpl::process(std::vector<Item*>& items) {
         st = content.status();
         break;
       }
-      ++cows;
+      ++b->cows;
       std::vector<uint8_t> payload = zstd_compress(*content, opts_.journal_zstd_level);
       pool::VersionRecord vr;
       vr.segment = seg;
@@ -976,7 +1108,7 @@ void StoreImpl::process(std::vector<Item*>& items) {
       v.xxh = vr.content_xxh;
       v.raw = vr.segment_bytes;
       v.cow = true;
-      versions.emplace_back(seg, v);
+      b->versions.emplace_back(seg, v);
     }
     if (!st) continue;
     for (Item::Piece& p : it->pieces) {
@@ -996,28 +1128,51 @@ void StoreImpl::process(std::vector<Item*>& items) {
       r.op = p.rec.op;
       r.off = static_cast<uint32_t>(p.rec.offset - (p.segment << shift_));
       r.len = p.rec.length;
-      records.emplace_back(p.segment, r);
+      b->records.emplace_back(p.segment, r);
     }
   }
-  if (!degraded && st) st = journal_.write_out();
-  if (!degraded && st && need_flush) st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
-  if (!degraded && !st) enter_degraded("journal append failed: " + st.message());
+  if (degraded || !b->st) return b;
+  uint64_t off = 0;
+  size_t len = 0;
+  b->data = journal_.seal(&off, &len);
+  b->pending = journal_.take_pending();
+  if (b->data) {
+    b->kind = BlockOpKind::kWrite;
+    b->offset = off;
+    b->length = len;
+    b->buf = b->data.get();
+    b->flags = 0;
+    b->done = false;
+    device(0).submit(loop, b.get());
+  }
+  return b;
+}
+
+void StoreImpl::retire(Batch& b, bool& broken) {
+  Status st = !b.st ? b.st : b.write_status;
+  if (!b.degraded && !broken && st && b.need_flush) {
+    st = sync_io(device(0), BlockOpKind::kFlush, 0, 0, nullptr);
+  }
+  if (!b.degraded && !broken && !st) {
+    broken = true;
+    enter_degraded("journal append failed: " + st.message());
+  }
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (st && !degraded && !degraded_) {
-      journal_.commit_locked();
-      for (auto& [seg, v] : versions) add_version_locked(seg, v);
-      for (auto& [seg, r] : records) add_record_locked(seg, r);
-      cow_stalls_ += cows;
+    if (!b.degraded && !broken && degraded_) broken = true;  // degraded elsewhere meanwhile
+    if (!b.degraded && !broken) {
+      journal_.commit_locked(b.pending);
+      for (auto& [seg, v] : b.versions) add_version_locked(seg, v);
+      for (auto& [seg, r] : b.records) add_record_locked(seg, r);
+      cow_stalls_ += b.cows;
       ++group_commits_;
-    } else if (!degraded) {
-      journal_.reset_locked();
+      group_commits_overlapped_ += b.overlapped;
     }
-    for (Item* it : items) {
+    for (Item* it : b.items) {
       for (uint64_t seg : it->cow_segs) segs_[seg].cow_pending = false;
     }
   }
-  for (Item* it : items) {
+  for (Item* it : b.items) {
     it->loop->post([it] { it->proceed(); });
   }
 }
@@ -1446,6 +1601,7 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
 Status StoreImpl::enforce_max_versions(uint64_t seg) {
   for (;;) {
     std::vector<VEntry> vs;
+    size_t base = 0;  // the version the window's replay starts from
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto f = segs_.find(seg);
@@ -1453,23 +1609,31 @@ Status StoreImpl::enforce_max_versions(uint64_t seg) {
         return Status::ok();
       }
       vs = f->second.versions;
+      for (size_t i = 0; i < vs.size(); ++i) {
+        if (vs[i].ts <= retention_start_) base = i;
+      }
     }
-    // Drop the second-oldest version: the oldest starts the window's replay,
-    // and every record after it is kept, so no time loses its answer. A
-    // version that was a delta on it is rewritten as a full image first.
-    const VEntry victim = vs[1];
-    if (vs[2].depth > 0 && vs[2].base_seq == victim.seq) {
-      auto c = version_content(vs, 2);
+    // Drop a version no time of the window needs: one older than the
+    // window's base version if there is one (kept as the base of a delta,
+    // or brought back by a restart: versions dropped after the last
+    // checkpoint are found again), else the one after the base. Never the
+    // base itself: the window's replay starts there, and the records before
+    // it are gone. A version that was a delta on the victim is rewritten as
+    // a full image first.
+    const VEntry victim = vs[base > 0 ? 0 : 1];
+    for (size_t i = 0; i < vs.size(); ++i) {
+      if (vs[i].depth == 0 || vs[i].base_seq != victim.seq) continue;
+      auto c = version_content(vs, i);
       if (!c) return c.status();
       VEntry full;
-      Status st = write_version(vs[2].loc.tier, seg, vs[2], *c, nullptr, full);
-      if (st) st = sync_io(device(vs[2].loc.tier), BlockOpKind::kFlush, 0, 0, nullptr);
+      Status st = write_version(vs[i].loc.tier, seg, vs[i], *c, nullptr, full);
+      if (st) st = sync_io(device(vs[i].loc.tier), BlockOpKind::kFlush, 0, 0, nullptr);
       if (!st) {
         enter_degraded("version rewrite failed: " + st.message());
         return st;
       }
       std::lock_guard<std::mutex> lock(mu_);
-      versions_[vs[2].loc.tier]->commit_locked();
+      versions_[vs[i].loc.tier]->commit_locked();
       add_version_locked(seg, full);  // replaces by seq
       // Later deltas keep pointing at the same seq: same content.
     }
@@ -2060,16 +2224,28 @@ void StoreImpl::round_locked() {
     budget = budget_;
     if (degraded_) return;
   }
+  // Clients active: the busy budget for all but urgent segments.
+  const uint64_t fg = fg_requests_.load(std::memory_order_relaxed);
+  if (fg != last_fg_requests_) {
+    last_fg_requests_ = fg;
+    last_fg_ns_ = now;
+  }
+  const bool busy = last_fg_ns_ != 0 && now - last_fg_ns_ < kBusyWindowNs;
+  fg_busy_.store(busy, std::memory_order_relaxed);
+  const uint64_t busy_budget = std::min(budget, opts_.shadow_busy_budget_bytes_per_s);
   if (last_refill_ns_ == 0) last_refill_ns_ = now;
-  tokens_ += static_cast<double>(budget) * static_cast<double>(now - last_refill_ns_) / 1e9;
+  const double dt = static_cast<double>(now - last_refill_ns_) / 1e9;
+  tokens_ += static_cast<double>(budget) * dt;
   tokens_ = std::min(tokens_, std::max<double>(static_cast<double>(budget), 2.0 * seg_bytes_));
+  busy_tokens_ += static_cast<double>(busy_budget) * dt;
+  busy_tokens_ = std::min(busy_tokens_, std::max<double>(static_cast<double>(busy_budget), 2.0 * seg_bytes_));
   last_refill_ns_ = now;
   // Candidates: segments whose newest version is stale (many records since),
   // urgent ones (too many records), and hot segments without a base.
   std::vector<std::pair<double, uint64_t>> cand;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (uint64_t s : urgent_) cand.emplace_back(1e18, s);
+    for (uint64_t s : urgent_) cand.emplace_back(kUrgentScore, s);
     for (const auto& [id, s] : segs_) {
       if (s.versions.empty() || s.records.empty()) continue;
       const uint64_t vseq = s.versions.back().seq;
@@ -2099,9 +2275,13 @@ void StoreImpl::round_locked() {
   size_t done = 0;
   for (auto& [score, seg] : cand) {
     if (tokens_ < seg_bytes_) break;
+    const bool urgent = score >= kUrgentScore;  // sorted first
+    if (busy && !urgent && busy_tokens_ < seg_bytes_) break;
     if ((seg << shift_) >= primary_->size_bytes()) continue;
     Status st = make_version(seg, false);
     tokens_ -= seg_bytes_;
+    // Urgent work counts against the busy budget too (it may go below zero).
+    busy_tokens_ = std::max(busy_tokens_ - seg_bytes_, -static_cast<double>(budget));
     ++done;
     if (!st && st.code() != Status::Code::kBusy) break;
   }
@@ -2240,9 +2420,12 @@ StoreStats StoreImpl::stats() const {
   s.retention_shrinks = retention_shrinks_;
   s.checkpoints = checkpoints_;
   s.group_commits = group_commits_;
+  s.group_commits_overlapped = group_commits_overlapped_;
   s.pool_errors = pool_errors_;
   s.primary_write_errors = primary_write_errors_;
   s.shadow_budget_bytes_per_s = budget_;
+  s.shadow_busy_budget_bytes_per_s = std::min(budget_, opts_.shadow_busy_budget_bytes_per_s);
+  s.foreground_busy = fg_busy_.load(std::memory_order_relaxed);
   s.shadow_queue = shadow_queue_;
   s.shadow_bytes_read = shadow_bytes_read_;
   s.degraded = degraded_;
@@ -2723,6 +2906,20 @@ Status StoreImpl::recover() {
     if (!st) return st;
   }
   if (monitor_ && !hist.empty()) monitor_->restore_history(hist);
+  // A checkpoint before the first append. A zone opened since the last
+  // checkpoint whose header a crash lost is invisible to the scan, but may
+  // hold later batches under the generation it was opened with; next_gen_
+  // skips every generation that could have been handed out since that
+  // checkpoint, and this checkpoint makes the skip durable. Without it a
+  // second crash before the next checkpoint would compute the same
+  // next_gen_ again, a zone could be reopened under a generation it has
+  // already used, and a scan would bring that zone's stale batches back.
+  // If it fails, history is degraded (checkpoint_locked says why) and the
+  // export still starts: history restarts once the pool takes writes.
+  {
+    std::lock_guard<std::mutex> g(op_mu_);
+    (void)checkpoint_locked();
+  }
   last_checkpoint_ns_ = clock_.now_ns();
   return Status::ok();
 }

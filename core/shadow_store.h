@@ -60,6 +60,12 @@ struct StoreOptions {
   uint32_t max_versions_per_segment = 8;
   uint32_t full_every = 4;                  // a full image at least every N versions
   uint64_t shadow_budget_bytes_per_s = 64ull << 20;
+  // While clients are doing I/O (a request within the last 200 ms), segments
+  // that are merely stale or forecast are shadowed at no more than this, so
+  // that background reads and pool writes leave the devices to the clients
+  // (as md's resync speed_limit_min/max); urgent segments (too many records)
+  // still go at the full budget.
+  uint64_t shadow_busy_budget_bytes_per_s = 4ull << 20;
   uint32_t checkpoint_interval_s = 60;
   int journal_zstd_level = 1;
   int version_zstd_level = 3;
@@ -109,10 +115,13 @@ struct StoreStats {
   uint64_t retention_shrinks = 0;      // the window was cut short for space
   uint64_t checkpoints = 0;
   uint64_t group_commits = 0;          // pool appends of the journal
+  uint64_t group_commits_overlapped = 0;  // of which started while another was in flight
   uint64_t pool_errors = 0;
   uint64_t primary_write_errors = 0;
   // shadowing
   uint64_t shadow_budget_bytes_per_s = 0;
+  uint64_t shadow_busy_budget_bytes_per_s = 0;
+  bool foreground_busy = false;        // clients did I/O in the last 200 ms
   uint64_t shadow_queue = 0;           // segments waiting for a version
   uint64_t shadow_bytes_read = 0;
   // state

@@ -229,8 +229,11 @@ void print_status(const json& r) {
     for (const auto& p : sh["pool"]) pool += (pool.empty() ? "" : ", ") + str(p);
     t.add({"pool", pool});
     const uint64_t budget = u64(sh["budget_bytes_per_s"]);
+    const uint64_t busy = u64(sh["busy_budget_bytes_per_s"]);
     t.add({"shadowing", (budget == 0 ? std::string("budget 0 (no background shadowing)")
-                                     : "budget " + ctl::format_bytes(budget) + "/s") +
+                                     : "budget " + ctl::format_bytes(budget) + "/s, " +
+                                           ctl::format_bytes(busy) + "/s while clients are busy" +
+                                           (sh.value("foreground_busy", false) ? " (now)" : "")) +
                             ", " + count(u64(sh["queue"])) + " segments queued, " +
                             ctl::format_bytes(u64(sh["bytes_read"])) + " read, " +
                             count(u64(sh["versions_made"])) + " versions made"});
@@ -660,7 +663,8 @@ int cmd_pool(const Globals& g, bool zones) {
   t.add({"pool writes", amp + " pool bytes per client byte written (" +
                             ctl::format_bytes(u64(p["pool_bytes_written"])) + " for " +
                             ctl::format_bytes(u64(p["client_bytes_written"])) + " since start, " +
-                            count(u64(p["group_commits"])) + " group commits)"});
+                            count(u64(p["group_commits"])) + " group commits, " +
+                            count(u64(p["group_commits_overlapped"])) + " overlapping another)"});
   t.add({"reclaim", count(u64(p["zones_reclaimed"])) + " zones reclaimed, " +
                         count(u64(p["records_pruned"])) + " records pruned, " +
                         count(u64(p["versions_folded"])) + " versions folded, " +

@@ -205,6 +205,7 @@ json config_json(const Config& c) {
       {"pool_max_bytes", c.pool_max_bytes},
       {"max_versions_per_segment", c.max_versions_per_segment},
       {"shadow_budget_bytes_per_s", c.shadow_budget_bytes_per_s},
+      {"shadow_budget_busy_bytes_per_s", c.shadow_budget_busy_bytes_per_s},
       {"checkpoint_interval_s", c.checkpoint_interval_s},
   };
 }
@@ -358,6 +359,8 @@ json shadow_status(const DaemonContext& ctx, const Config& cfg) {
   return json{{"enabled", true},
               {"pool", std::move(pool)},
               {"budget_bytes_per_s", st.shadow_budget_bytes_per_s},
+              {"busy_budget_bytes_per_s", st.shadow_busy_budget_bytes_per_s},
+              {"foreground_busy", st.foreground_busy},
               {"queue", st.shadow_queue},
               {"bytes_read", st.shadow_bytes_read},
               {"versions_made", st.versions_made},
@@ -742,6 +745,7 @@ json cmd_pool(DaemonContext& ctx, const json& req) {
       {"client_bytes_written", st.client_bytes_written},
       {"pool_bytes_per_client_byte", ratio(st.pool_bytes_written, st.client_bytes_written)},
       {"group_commits", st.group_commits},
+      {"group_commits_overlapped", st.group_commits_overlapped},
       {"zones_reclaimed", st.zones_reclaimed},
       {"records_pruned", st.records_pruned},
       {"versions_dropped", st.versions_dropped},

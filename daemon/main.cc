@@ -223,6 +223,13 @@ void build_cli(CLI::App& app, Cli& cli) {
              "64M). 0 shadows nothing in the background: every first write to a segment then "
              "copies it on the write path. Changeable at run time")
       ->group(pool_group);
+  parsed_opt(app, cli, "--shadow-budget-busy", &Config::shadow_budget_busy_bytes_per_s,
+             parse_bytes, "BYTES_PER_S",
+             "Background shadowing budget while clients are doing I/O (a request in the last "
+             "200 ms), at most --shadow-budget (default 4M): stale and forecast segments wait "
+             "for quieter moments, so that shadowing leaves the devices to the clients; "
+             "segments with too many journal records are still shadowed at the full budget")
+      ->group(pool_group);
   opt(app, cli, "--checkpoint-interval", &Config::checkpoint_interval_s,
       "Seconds between checkpoints of the pool's index, 1..86400 (default 60): shorter "
       "means less journal to scan after a crash, more pool writes")
@@ -596,6 +603,7 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   so.pool_max_bytes = cfg.pool_max_bytes;
   so.max_versions_per_segment = cfg.max_versions_per_segment;
   so.shadow_budget_bytes_per_s = cfg.shadow_budget_bytes_per_s;
+  so.shadow_busy_budget_bytes_per_s = cfg.shadow_budget_busy_bytes_per_s;
   so.checkpoint_interval_s = cfg.checkpoint_interval_s;
   auto store = ShadowStore::open(std::move(devices), primary, so, clock, monitor);
   if (!store) {

@@ -188,6 +188,12 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
     out.push_back(scalar("shadowd_shadow_budget_bytes_per_second",
                          "I/O budget of background shadowing (0: none)", G,
                          d(st.shadow_budget_bytes_per_s)));
+    out.push_back(scalar("shadowd_shadow_busy_budget_bytes_per_second",
+                         "Background shadowing budget while clients are doing I/O", G,
+                         d(st.shadow_busy_budget_bytes_per_s)));
+    out.push_back(scalar("shadowd_foreground_busy",
+                         "1 while clients are doing I/O (shadowing at the busy budget)", G,
+                         st.foreground_busy ? 1.0 : 0.0));
     out.push_back(scalar("shadowd_checkpoints_total", "Index checkpoints written since start", C,
                          d(st.checkpoints)));
     out.push_back(scalar("shadowd_pool_errors_total", "Shadow pool I/O errors since start", C,

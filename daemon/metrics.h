@@ -37,6 +37,8 @@
 //   shadowd_pool_zones{tier,state}        gauge    zones, state "free" or "used"
 //   shadowd_shadow_queue                  gauge    segments waiting for a version
 //   shadowd_shadow_budget_bytes_per_second gauge   background shadowing budget (0: none)
+//   shadowd_shadow_busy_budget_bytes_per_second gauge  that budget while clients do I/O
+//   shadowd_foreground_busy               gauge   1 while clients are doing I/O
 //   shadowd_checkpoints_total             counter  index checkpoints written
 //   shadowd_pool_errors_total             counter  pool I/O errors
 //

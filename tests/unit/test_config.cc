@@ -460,7 +460,8 @@ TEST_CASE("config: retention_seconds takes seconds or a duration", "[config]") {
 
 TEST_CASE("config: pool numeric keys refuse wrong types, naming the key", "[config]") {
   const char* u32_keys[] = {"zone_size_bytes", "max_versions_per_segment", "checkpoint_interval_s"};
-  const char* u64_keys[] = {"pool_max_bytes", "shadow_budget_bytes_per_s"};
+  const char* u64_keys[] = {"pool_max_bytes", "shadow_budget_bytes_per_s",
+                            "shadow_budget_busy_bytes_per_s"};
   std::vector<std::pair<std::string, std::string>> bad;
   for (const char* k : u32_keys) {
     for (const char* v : {"-1", "1.5", "\"16M\"", "true", "null", "[1]", "4294967296"}) {
