@@ -12,7 +12,7 @@ PACKAGES=(
   # libraries
   liburing-dev libnbd-dev libzstd-dev libspdlog-dev libcli11-dev
   nlohmann-json3-dev catch2 libxxhash-dev libeigen3-dev libsystemd-dev
-  libgnutls28-dev prometheus-cpp-dev
+  libgnutls28-dev prometheus-cpp-dev zlib1g-dev
   # NBD peers and test clients
   libnbd-bin python3-libnbd qemu-utils nbdkit fio nbd-client
   # filesystem test, systemd unit checks, process tools
