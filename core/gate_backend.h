@@ -15,17 +15,10 @@
 
 namespace shadowd {
 
-class GateBackend final : public IoBackend {
+class GateBackend final : public LayeredBackend {
  public:
-  explicit GateBackend(std::shared_ptr<IoBackend> inner) : inner_(std::move(inner)) {}
-  const BackendInfo& info() const override { return inner_->info(); }
+  explicit GateBackend(std::shared_ptr<IoBackend> inner) : LayeredBackend(std::move(inner)) {}
   void submit(EventLoop& loop, BlockOp* op) override;
-  Result<Extent> extent_at(uint64_t offset, uint64_t max_len) override {
-    return inner_->extent_at(offset, max_len);
-  }
-  Result<SourceExtent> source_at(uint64_t offset, uint64_t max_len) override {
-    return inner_->source_at(offset, max_len);
-  }
 
   // Hold new requests; return once none is in flight below the gate.
   // Called from a thread that is not an event loop of the export.
@@ -35,14 +28,10 @@ class GateBackend final : public IoBackend {
   bool paused() const { return paused_.load(); }
   uint64_t held() const;
 
- protected:
-  void on_cqe(BlockOp&, int) override {}
-
  private:
   class Pass;
   void finished();
 
-  std::shared_ptr<IoBackend> inner_;
   std::atomic<bool> paused_{false};
   std::atomic<uint64_t> active_{0};
   mutable std::mutex mu_;

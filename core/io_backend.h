@@ -111,6 +111,26 @@ class IoBackend {
   virtual void on_cqe(BlockOp& op, int res) = 0;
 };
 
+// A layer over another backend that sees every request on its way down:
+// everything but submit() is the inner backend's (info, extents, sources),
+// and completions go to the inner backend, which sets itself as
+// op->backend_.
+class LayeredBackend : public IoBackend {
+ public:
+  explicit LayeredBackend(std::shared_ptr<IoBackend> inner) : inner_(std::move(inner)) {}
+  const BackendInfo& info() const override { return inner_->info(); }
+  Result<Extent> extent_at(uint64_t offset, uint64_t max_len) override {
+    return inner_->extent_at(offset, max_len);
+  }
+  Result<SourceExtent> source_at(uint64_t offset, uint64_t max_len) override {
+    return inner_->source_at(offset, max_len);
+  }
+
+ protected:
+  void on_cqe(BlockOp&, int) override {}
+  std::shared_ptr<IoBackend> inner_;
+};
+
 // Synchronous helpers for tools and tests: run one op on a private loop.
 Status run_sync(IoBackend& backend, BlockOpKind kind, uint64_t offset, uint64_t length,
                 uint8_t* buf = nullptr, uint32_t flags = 0);

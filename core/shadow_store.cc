@@ -255,6 +255,10 @@ class Appender {
 
  private:
   Status open_zone();
+  // What was added, padded to 4 KiB, in an aligned buffer for one write at pos_.
+  ABuf pack();
+  // That write is issued (seal) or done (write_out): move past it.
+  void advance();
   StoreImpl& s_;
   uint8_t tier_;
   ZoneKind kind_;
@@ -531,6 +535,13 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   Result<std::vector<uint8_t>> read_record(const Loc& loc, pool::Record& rec);
   Result<std::vector<uint8_t>> version_content(const std::vector<VEntry>& versions, size_t idx);
   Status apply_record(const REntry& r, std::vector<uint8_t>& content);
+  // Over every segment's newest record at or before `bound` (a seq when
+  // by_seq, else a time): the largest seq and the largest time (0 if none).
+  struct Newest {
+    uint64_t seq = 0;
+    int64_t ts = 0;
+  };
+  Newest newest_records_locked(bool by_seq, int64_t bound) const;
   Result<std::vector<uint8_t>> reconstruct(uint64_t seg, bool by_seq, int64_t bound,
                                            SegmentAt* meta = nullptr);
   Result<std::vector<uint8_t>> read_primary(uint64_t seg);
@@ -571,8 +582,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   uint64_t bypass_inflight_ = 0;
   bool retention_shrunk_ = false;
   uint64_t budget_ = 0;
-  std::atomic<uint64_t> fg_requests_{0};  // client requests seen (any thread)
-  std::atomic<bool> fg_busy_{false};      // as of the last shadowing round
+  std::atomic<bool> fg_seen_{false};  // a client request since the last shadowing round
+  std::atomic<bool> fg_busy_{false};  // as of the last shadowing round
   std::set<uint64_t> urgent_;
   uint64_t checkpoint_id_ = 0;
   uint64_t sb_generation_ = 0;
@@ -610,7 +621,6 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   double tokens_ = 0;
   double busy_tokens_ = 0;
   uint64_t last_refill_ns_ = 0;
-  uint64_t last_fg_requests_ = 0;
   uint64_t last_fg_ns_ = 0;
   int64_t last_restart_try_ns_ = 0;
 
@@ -669,13 +679,14 @@ Status Appender::open_zone() {
   return Status::ok();
 }
 
-ABuf Appender::seal(uint64_t* dev_off, size_t* len) {
-  if (buf_.empty() || zone_ < 0) return nullptr;
+ABuf Appender::pack() {
   pool::pad_to_block(buf_, gen_);
   ABuf a = aligned_buf(buf_.size());
   std::memcpy(a.get(), buf_.data(), buf_.size());
-  *dev_off = s_.zone_offset(static_cast<uint32_t>(zone_)) + pos_;
-  *len = buf_.size();
+  return a;
+}
+
+void Appender::advance() {
   pos_ += buf_.size();
   {
     std::lock_guard<std::mutex> lock(s_.mu_);  // the byte counter only
@@ -683,24 +694,24 @@ ABuf Appender::seal(uint64_t* dev_off, size_t* len) {
   }
   buf_.clear();
   used_.emplace_back(static_cast<uint32_t>(zone_), pos_);
+}
+
+ABuf Appender::seal(uint64_t* dev_off, size_t* len) {
+  if (buf_.empty() || zone_ < 0) return nullptr;
+  ABuf a = pack();
+  *dev_off = s_.zone_offset(static_cast<uint32_t>(zone_)) + pos_;
+  *len = buf_.size();
+  advance();
   return a;
 }
 
 Status Appender::write_out() {
   if (buf_.empty() || zone_ < 0) return Status::ok();
-  pool::pad_to_block(buf_, gen_);
-  ABuf a = aligned_buf(buf_.size());
-  std::memcpy(a.get(), buf_.data(), buf_.size());
+  ABuf a = pack();
   Status st = sync_io(s_.device(tier_), BlockOpKind::kWrite, s_.zone_offset(static_cast<uint32_t>(zone_)) + pos_,
                       buf_.size(), a.get());
   if (!st) return st;
-  pos_ += buf_.size();
-  {
-    std::lock_guard<std::mutex> lock(s_.mu_);  // the byte counter only
-    s_.pool_bytes_written_ += buf_.size();
-  }
-  buf_.clear();
-  used_.emplace_back(static_cast<uint32_t>(zone_), pos_);
+  advance();
   return Status::ok();
 }
 
@@ -817,7 +828,9 @@ void StoreImpl::enter_degraded(const std::string& why) {
 // data path
 
 void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
-  fg_requests_.fetch_add(1, std::memory_order_relaxed);
+  // Read first: the flag's cache line is written once per shadowing round,
+  // not once per request.
+  if (!fg_seen_.load(std::memory_order_relaxed)) fg_seen_.store(true, std::memory_order_relaxed);
   if (op->kind == BlockOpKind::kRead || op->kind == BlockOpKind::kCache ||
       (op->length == 0 && op->kind != BlockOpKind::kFlush)) {
     primary_->submit(loop, op);
@@ -1426,35 +1439,30 @@ ShadowStore::VerifyReport StoreImpl::verify_pool() {
   return rep;
 }
 
+StoreImpl::Newest StoreImpl::newest_records_locked(bool by_seq, int64_t bound) const {
+  Newest n;
+  for (const auto& [id, sg] : segs_) {
+    for (auto it = sg.records.rbegin(); it != sg.records.rend(); ++it) {
+      if (by_seq ? it->seq <= static_cast<uint64_t>(bound) : it->ts <= bound) {
+        n.seq = std::max(n.seq, it->seq);
+        n.ts = std::max(n.ts, it->ts);
+        break;
+      }
+    }
+  }
+  return n;
+}
+
 int64_t StoreImpl::time_of(uint64_t seq) const {
   std::lock_guard<std::mutex> lock(mu_);
   if (seq >= last_seq_) return last_ts_;
-  int64_t best = retention_start_;
-  for (const auto& [id, sg] : segs_) {
-    for (auto it = sg.records.rbegin(); it != sg.records.rend(); ++it) {
-      if (it->seq <= seq) {
-        best = std::max(best, it->ts);
-        break;
-      }
-    }
-  }
-  return best;
+  return std::max(retention_start_, newest_records_locked(true, static_cast<int64_t>(seq)).ts);
 }
 
 uint64_t StoreImpl::seq_at(int64_t t) const {
-  auto& self = const_cast<StoreImpl&>(*this);
-  std::lock_guard<std::mutex> lock(self.mu_);
+  std::lock_guard<std::mutex> lock(mu_);
   if (t >= last_ts_) return last_seq_;
-  uint64_t best = t >= retention_start_ ? window_seq_ : 0;
-  for (const auto& [id, s] : segs_) {
-    for (auto it = s.records.rbegin(); it != s.records.rend(); ++it) {
-      if (it->ts <= t) {
-        best = std::max(best, it->seq);
-        break;
-      }
-    }
-  }
-  return best;
+  return std::max(t >= retention_start_ ? window_seq_ : uint64_t{0}, newest_records_locked(false, t).seq);
 }
 
 // ---------------------------------------------------------------------------
@@ -2225,11 +2233,7 @@ void StoreImpl::round_locked() {
     if (degraded_) return;
   }
   // Clients active: the busy budget for all but urgent segments.
-  const uint64_t fg = fg_requests_.load(std::memory_order_relaxed);
-  if (fg != last_fg_requests_) {
-    last_fg_requests_ = fg;
-    last_fg_ns_ = now;
-  }
+  if (fg_seen_.exchange(false, std::memory_order_relaxed)) last_fg_ns_ = now;
   const bool busy = last_fg_ns_ != 0 && now - last_fg_ns_ < kBusyWindowNs;
   fg_busy_.store(busy, std::memory_order_relaxed);
   const uint64_t busy_budget = std::min(budget, opts_.shadow_busy_budget_bytes_per_s);
