@@ -369,6 +369,50 @@ TEST_CASE("store: journal batches written several at a time land and retire in o
   }());
 }
 
+// While clients are busy (a request since the last round makes it so,
+// whatever the clock), stale segments wait for the busy budget; urgent ones
+// (too many records) are shadowed at the full budget all the same.
+TEST_CASE("store: the busy budget holds back stale segments, not urgent ones", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  for (const bool busy_budget_zero : {true, false}) {
+    INFO("busy budget " << (busy_budget_zero ? "0" : "= budget"));
+    Rig rig(seed);
+    rig.store->abandon();
+    rig.store.reset();
+    rig.opts.shadow_budget_bytes_per_s = 10'000'000'000'000ull;  // tokens for any segment at once
+    rig.opts.shadow_busy_budget_bytes_per_s = busy_budget_zero ? 0 : rig.opts.shadow_budget_bytes_per_s;
+    rig.opts.stale_records = 4;
+    rig.opts.max_records_per_segment = 12;
+    rig.open();
+    auto versions_of = [&](uint64_t seg) {
+      for (const SegmentHistory& h : rig.store->segments()) {
+        if (h.segment == seg) return h.versions.size();
+      }
+      return size_t{0};
+    };
+    // Segment 1 stale (6 records after its first version), segment 2 urgent
+    // (a write finds 12 records there already).
+    for (int i = 0; i < 6; ++i) {
+      auto d = rig.data(512);
+      REQUIRE(rig.io(BlockOpKind::kWrite, kSeg + i * 512, d.size(), d.data()));
+    }
+    for (int i = 0; i < 13; ++i) {
+      auto d = rig.data(512);
+      REQUIRE(rig.io(BlockOpKind::kWrite, 2 * kSeg + i * 512, d.size(), d.data()));
+    }
+    REQUIRE(versions_of(1) == 1);  // the copy-on-first-write
+    REQUIRE(versions_of(2) == 1);
+    rig.store->shadow_round();  // starts the token clock
+    std::vector<uint8_t> buf(4096);
+    REQUIRE(rig.io(BlockOpKind::kRead, 0, buf.size(), buf.data()));  // a client is busy
+    rig.store->shadow_round();
+    CHECK(rig.store->stats().foreground_busy);
+    CHECK(versions_of(2) == 2);  // urgent: shadowed although clients are busy
+    CHECK(versions_of(1) == (busy_budget_zero ? 1u : 2u));
+  }
+}
+
 TEST_CASE("store: versions are consistent, differential and bounded", "[store]") {
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
