@@ -413,6 +413,58 @@ TEST_CASE("store: the busy budget holds back stale segments, not urgent ones", "
   }
 }
 
+// A restart finds again the versions dropped since the last checkpoint, so
+// a segment can hold versions older than its window's base version. Keeping
+// max_versions_per_segment must then drop those, never the base: the records
+// before the base are gone, and every time of the window replays from it.
+TEST_CASE("store: versions brought back by a restart never cost the window its base", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  Rig rig(seed);  // max_versions_per_segment 4, a full image every 3
+  auto write = [&](uint64_t off) {
+    rig.clock.advance_ns(kMs);
+    auto d = rig.data(4096);
+    REQUIRE(rig.io(BlockOpKind::kWrite, off, d.size(), d.data()));
+    rig.model.apply(++rig.seq, rig.clock.now_ns(), off, d.size(), d);
+    return rig.clock.now_ns();
+  };
+  auto shadow = [&] {
+    rig.clock.advance_ns(kMs);
+    REQUIRE(rig.store->shadow_segment(0));
+  };
+  write(0);  // seq 1; the copy-on-first-write version (seq 0)
+  REQUIRE(rig.store->checkpoint());
+  const int64_t t2 = write(4096);  // seq 2
+  write(8192);                     // seq 3
+  shadow();                        // v3, a delta on v0
+  write(12288);
+  shadow();  // v4, a delta on v3
+  write(16384);
+  shadow();  // v5, full
+  write(20480);
+  shadow();  // v6: five versions, so v3 goes (v4 rewritten in full)
+  REQUIRE(rig.store->prune(t2));  // folds record 2: the window's base is v2
+  // A restart with no checkpoint since the first one: v0 and v3 are in the
+  // index again, v0 older than the base v2 and kept as v3's base.
+  rig.store->abandon();
+  rig.store.reset();
+  rig.open();
+  {
+    std::vector<uint64_t> seqs;
+    for (const SegmentHistory& h : rig.store->segments()) {
+      if (h.segment != 0) continue;
+      for (const VersionInfo& v : h.versions) seqs.push_back(v.seq);
+    }
+    REQUIRE(seqs == std::vector<uint64_t>{0, 2, 3, 4, 5, 6});
+  }
+  write(24576);
+  shadow();  // past 4 versions again: v0 must go, not the base v2
+  rig.clock.advance_ns(kMs);
+  REQUIRE(rig.store->check_index());
+  rig.check_history(40);
+  rig.check_restore(10);
+}
+
 TEST_CASE("store: versions are consistent, differential and bounded", "[store]") {
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
