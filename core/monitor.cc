@@ -231,6 +231,14 @@ SegmentReport Monitor::segment(uint64_t id) const {
   return report(id, now);
 }
 
+double Monitor::priority(uint64_t id) const {
+  assert(id < nsegments_);
+  std::lock_guard<std::mutex> lock(mu_);
+  const int64_t now = now_s();
+  expire_windows(now);
+  return priority_of(id, window_stats(*find_window(prio_.scoring_window_seconds), id), now);
+}
+
 // Segments with accesses in window `w`: its aggregates plus the open bucket.
 std::vector<uint64_t> Monitor::candidates(const Window& w) const {
   std::vector<uint64_t> ids;

@@ -118,6 +118,8 @@ class Monitor {
   // Rebuild the priority ranking (outside the I/O path; readers keep the
   // previous ranking until the new one is swapped in).
   void rescore();
+  // The priority of one segment now (the formula above). REQUIRES: id < segment_count().
+  double priority(uint64_t id) const;
   // The k highest-priority segment ids of the last rescore, best first.
   std::vector<uint64_t> top_k(size_t k) const;
 

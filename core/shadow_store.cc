@@ -14,6 +14,7 @@
 #include <set>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "core/zstd_codec.h"
 
@@ -315,6 +316,9 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     retention_start_ = epoch_ns_;
     last_ts_ = epoch_ns_;
     budget_ = o.shadow_budget_bytes_per_s;
+    auto pol = make_policy(o.policy, o.policy_params, monitor);
+    if (!pol) pol = make_policy(PolicyKind::kLru, o.policy_params, monitor);  // open() checked it
+    policy_ = std::move(*pol);
     for (size_t t = 0; t < tiers_.size(); ++t) {
       versions_.push_back(std::make_unique<Appender>(*this, static_cast<uint8_t>(t), ZoneKind::kVersions));
     }
@@ -621,11 +625,34 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   double tokens_ = 0;
   double busy_tokens_ = 0;
   uint64_t last_refill_ns_ = 0;
+  int64_t last_refill_clock_ns_ = 0;
   uint64_t last_fg_ns_ = 0;
   int64_t last_restart_try_ns_ = 0;
 
   std::mutex hist_mu_;
   std::vector<HistoryRecord> hist_;
+
+  // The shadowing policy (shadow thread and op_mu_ only: not thread-safe)
+  // and the accesses it has yet to see, queued by the I/O path.
+  std::unique_ptr<ShadowPolicy> policy_;
+  struct Access {
+    uint64_t seg;
+    int64_t t_ns;
+    predict::Op op;
+  };
+  static constexpr size_t kMaxQueuedAccesses = 1 << 16;
+  static constexpr uint64_t kMaxAccessSegments = 64;  // per request
+  std::mutex feed_mu_;
+  std::vector<Access> feed_;
+  uint64_t feed_dropped_ = 0;
+  std::atomic<uint64_t> policy_mem_{0};
+  void feed(predict::Op op, uint64_t first, uint64_t last);
+  // Give up speculative bases, lowest value first, until about `bytes` of
+  // stored versions are released (op_mu_ held).
+  void drop_speculative_locked(uint64_t bytes);
+  // guarded by mu_
+  std::unordered_set<uint64_t> ahead_;  // copied ahead, not yet written
+  uint64_t copies_ahead_ = 0, copies_ahead_used_ = 0, spec_hits_ = 0, spec_dropped_ = 0, bases_freed_ = 0;
 };
 
 // ---------------------------------------------------------------------------
@@ -833,6 +860,7 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
   if (!fg_seen_.load(std::memory_order_relaxed)) fg_seen_.store(true, std::memory_order_relaxed);
   if (op->kind == BlockOpKind::kRead || op->kind == BlockOpKind::kCache ||
       (op->length == 0 && op->kind != BlockOpKind::kFlush)) {
+    if (op->length > 0) feed(predict::Op::kRead, op->offset >> shift_, (op->offset + op->length - 1) >> shift_);
     primary_->submit(loop, op);
     return;
   }
@@ -854,6 +882,10 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
       inflight_seqs_[it->seq] = it->ts;
       for (uint64_t s = it->first_seg; s <= it->last_seg; ++s) {
         Seg& st = segs_[s];
+        if (!st.versions.empty() && st.records.empty() && st.inflight == 0) {
+          ++spec_hits_;  // a speculative base saved this write a copy
+          if (ahead_.erase(s)) ++copies_ahead_used_;
+        }
         ++st.inflight;
         if (st.versions.empty() && !st.cow_pending) {
           st.cow_pending = true;
@@ -864,6 +896,7 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
       if (op->kind == BlockOpKind::kWrite) client_bytes_ += op->length;
     }
   }
+  feed(predict::Op::kWrite, it->first_seg, it->last_seg);
   if (it->bypass) {
     it->proceed();
     return;
@@ -898,6 +931,17 @@ void StoreImpl::submit(EventLoop& loop, BlockOp* op) {
     pos = piece_end;
   }
   enqueue(it);
+}
+
+void StoreImpl::feed(predict::Op op, uint64_t first, uint64_t last) {
+  const int64_t t = clock_.now_ns();
+  last = std::min(last, first + kMaxAccessSegments - 1);
+  std::lock_guard<std::mutex> lock(feed_mu_);
+  if (feed_.size() + (last - first + 1) > kMaxQueuedAccesses) {
+    feed_dropped_ += last - first + 1;
+    return;
+  }
+  for (uint64_t s = first; s <= last; ++s) feed_.push_back(Access{s, t, op});
 }
 
 void StoreImpl::enqueue(Item* it) {
@@ -1674,6 +1718,7 @@ Status StoreImpl::prune_locked(int64_t w) {
   }
   uint64_t new_window_seq = 0;
   uint64_t folded = 0, pruned = 0, dropped = 0;
+  const bool keeps_bases = policy_->keeps_bases();
   struct Plan {
     uint64_t seg;
     VEntry start;
@@ -1800,6 +1845,16 @@ Status StoreImpl::prune_locked(int64_t w) {
         unref_locked(s.records.front().loc);
         s.records.pop_front();
         ++pruned;
+      }
+      // Its last record left the window: a policy that keeps no speculative
+      // bases frees the base (the segment's content is the primary's).
+      if (s.records.empty() && s.inflight == 0 && !s.cow_pending && !keeps_bases) {
+        for (const VEntry& v : s.versions) {
+          unref_locked(v.loc);
+          ++dropped;
+        }
+        s.versions.clear();
+        ++bases_freed_;
       }
     }
   }
@@ -2074,6 +2129,28 @@ Status StoreImpl::shrink_locked() {
       for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
     }
     if (!low) return Status::ok();
+    // Then speculative bases, lowest value first: the window comes first.
+    {
+      uint64_t need = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (size_t t = 0; t < tiers_.size(); ++t) {
+          const uint32_t f = free_zones_locked(static_cast<uint8_t>(t)), lw = low_water_locked(static_cast<uint8_t>(t));
+          if (f < lw) need += uint64_t{lw - f} * zone_bytes_;
+        }
+      }
+      const uint64_t before = spec_dropped_;
+      drop_speculative_locked(2 * need);
+      if (spec_dropped_ != before) {
+        st = compact_locked();
+        if (st) st = checkpoint_locked();
+        if (!st) return st;
+        std::lock_guard<std::mutex> lock(mu_);
+        low = free_zones_locked(0) < low_water_locked(0);
+        for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+      }
+    }
+    if (!low) return Status::ok();
     if (w > 0) {
       int64_t before;
       {
@@ -2226,10 +2303,24 @@ Status StoreImpl::try_restart_locked() {
 
 void StoreImpl::round_locked() {
   const uint64_t now = monotonic_ns();
+  const int64_t now_clock = clock_.now_ns();
   uint64_t budget;
   {
     std::lock_guard<std::mutex> lock(mu_);
     budget = budget_;
+  }
+  // The policy sees the accesses since the last round, in order.
+  std::vector<Access> ev;
+  {
+    std::lock_guard<std::mutex> lock(feed_mu_);
+    ev.swap(feed_);
+    feed_.reserve(std::min<size_t>(ev.size() * 2 + 64, kMaxQueuedAccesses));
+  }
+  for (const Access& a : ev) policy_->observe(a.op, a.seg, a.t_ns);
+  policy_->tick(now_clock);
+  policy_mem_.store(policy_->memory_bytes(), std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
     if (degraded_) return;
   }
   // Clients active: the busy budget for all but urgent segments.
@@ -2237,60 +2328,122 @@ void StoreImpl::round_locked() {
   const bool busy = last_fg_ns_ != 0 && now - last_fg_ns_ < kBusyWindowNs;
   fg_busy_.store(busy, std::memory_order_relaxed);
   const uint64_t busy_budget = std::min(budget, opts_.shadow_busy_budget_bytes_per_s);
-  if (last_refill_ns_ == 0) last_refill_ns_ = now;
-  const double dt = static_cast<double>(now - last_refill_ns_) / 1e9;
+  // The bucket fills with time: the store's clock or, if more, the real
+  // time since the last round (a virtual clock in tests moves it as it moves
+  // retention; one standing still does not stop the copies).
+  if (last_refill_ns_ == 0) {
+    last_refill_ns_ = now;
+    last_refill_clock_ns_ = now_clock;
+  }
+  const double dt = std::max(static_cast<double>(now - last_refill_ns_),
+                             static_cast<double>(now_clock - last_refill_clock_ns_)) / 1e9;
   tokens_ += static_cast<double>(budget) * dt;
   tokens_ = std::min(tokens_, std::max<double>(static_cast<double>(budget), 2.0 * seg_bytes_));
   busy_tokens_ += static_cast<double>(busy_budget) * dt;
   busy_tokens_ = std::min(busy_tokens_, std::max<double>(static_cast<double>(busy_budget), 2.0 * seg_bytes_));
   last_refill_ns_ = now;
-  // Candidates: segments whose newest version is stale (many records since),
-  // urgent ones (too many records), and hot segments without a base.
-  std::vector<std::pair<double, uint64_t>> cand;
+  last_refill_clock_ns_ = now_clock;
+  // Work, in order: urgent segments (too many records), copies ahead of need
+  // (what keeps writes from stalling), then versions of stale segments.
+  std::vector<uint64_t> urgent, ahead, stale;
+  std::vector<std::pair<double, uint64_t>> stale_scored;
+  bool room = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    for (uint64_t s : urgent_) cand.emplace_back(kUrgentScore, s);
+    urgent.assign(urgent_.begin(), urgent_.end());
     for (const auto& [id, s] : segs_) {
       if (s.versions.empty() || s.records.empty()) continue;
       const uint64_t vseq = s.versions.back().seq;
       uint64_t since = 0;
       for (auto it = s.records.rbegin(); it != s.records.rend() && it->seq > vseq; ++it) ++since;
-      if (since >= opts_.stale_records) cand.emplace_back(static_cast<double>(since), id);
+      if (since >= opts_.stale_records) stale_scored.emplace_back(static_cast<double>(since), id);
+    }
+    // Copies ahead only into free space: the pool's room is the window's first.
+    for (size_t t = 0; t < tiers_.size(); ++t) {
+      room = room && free_zones_locked(static_cast<uint8_t>(t)) > low_water_locked(static_cast<uint8_t>(t)) + 1;
     }
   }
-  if (monitor_) {
-    auto top = monitor_->top_k(256);
+  if (room && policy_->copies_ahead()) {
+    std::vector<std::pair<double, uint64_t>> cand;
+    const uint64_t nseg = (primary_->size_bytes() + seg_bytes_ - 1) >> shift_;
     std::lock_guard<std::mutex> lock(mu_);
-    double rank = 256;
-    for (uint64_t s : top) {
-      auto f = segs_.find(s);
-      if (f == segs_.end() || f->second.versions.empty()) cand.emplace_back(rank, s);
-      rank -= 1;
+    policy_->candidates(now_clock, opts_.policy_params.max_candidates,
+                        [&](uint64_t seg) {
+                          if (seg >= nseg) return true;
+                          auto f = segs_.find(seg);
+                          return f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending);
+                        },
+                        cand);
+    for (const auto& [v, seg] : cand) {
+      if (seg >= nseg) continue;
+      auto f = segs_.find(seg);
+      if (f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending)) continue;
+      ahead.push_back(seg);
     }
   }
-  std::sort(cand.begin(), cand.end(), std::greater<>());
-  cand.erase(std::unique(cand.begin(), cand.end(),
-                         [](const auto& a, const auto& b) { return a.second == b.second; }),
-             cand.end());
+  std::sort(stale_scored.begin(), stale_scored.end(), std::greater<>());
+  for (const auto& [sc, id] : stale_scored) stale.push_back(id);
   {
     std::lock_guard<std::mutex> lock(mu_);
-    shadow_queue_ = cand.size();
+    shadow_queue_ = urgent.size() + ahead.size() + stale.size();
   }
   size_t done = 0;
-  for (auto& [score, seg] : cand) {
-    if (tokens_ < seg_bytes_) break;
-    const bool urgent = score >= kUrgentScore;  // sorted first
-    if (busy && !urgent && busy_tokens_ < seg_bytes_) break;
-    if ((seg << shift_) >= primary_->size_bytes()) continue;
-    Status st = make_version(seg, false);
-    tokens_ -= seg_bytes_;
-    // Urgent work counts against the busy budget too (it may go below zero).
-    busy_tokens_ = std::max(busy_tokens_ - seg_bytes_, -static_cast<double>(budget));
-    ++done;
-    if (!st && st.code() != Status::Code::kBusy) break;
-  }
+  auto run = [&](const std::vector<uint64_t>& list, bool is_urgent, bool is_ahead) {
+    for (uint64_t seg : list) {
+      if (tokens_ < seg_bytes_) return false;
+      if (busy && !is_urgent && busy_tokens_ < seg_bytes_) return false;
+      if ((seg << shift_) >= primary_->size_bytes()) continue;
+      Status st = make_version(seg, false);
+      tokens_ -= seg_bytes_;
+      // Urgent work counts against the busy budget too (it may go below zero).
+      busy_tokens_ = std::max(busy_tokens_ - seg_bytes_, -static_cast<double>(budget));
+      ++done;
+      if (st && is_ahead) {
+        std::lock_guard<std::mutex> lock(mu_);
+        auto f = segs_.find(seg);
+        if (f != segs_.end() && !f->second.versions.empty() && f->second.records.empty()) {
+          ahead_.insert(seg);
+          ++copies_ahead_;
+        }
+      }
+      if (!st && st.code() != Status::Code::kBusy) return false;
+    }
+    return true;
+  };
+  if (run(urgent, true, false) && run(ahead, false, true)) run(stale, false, false);
   std::lock_guard<std::mutex> lock(mu_);
-  shadow_queue_ = cand.size() - done;
+  shadow_queue_ -= std::min<uint64_t>(shadow_queue_, done);
+}
+
+void StoreImpl::drop_speculative_locked(uint64_t bytes) {
+  const int64_t now = clock_.now_ns();
+  std::vector<std::pair<double, uint64_t>> spec;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, s] : segs_) {
+      if (!s.versions.empty() && s.records.empty() && s.inflight == 0 && !s.cow_pending) spec.emplace_back(0, id);
+    }
+  }
+  for (auto& [v, id] : spec) v = policy_->value(id, now);
+  std::sort(spec.begin(), spec.end());
+  uint64_t freed = 0;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (const auto& [v, id] : spec) {
+    if (freed >= bytes) break;
+    auto f = segs_.find(id);
+    if (f == segs_.end()) continue;
+    Seg& s = f->second;
+    if (s.versions.empty() || !s.records.empty() || s.inflight != 0 || s.cow_pending) continue;
+    for (const VEntry& ve : s.versions) {
+      freed += ve.loc.bytes;
+      unref_locked(ve.loc);
+      ++versions_dropped_;
+    }
+    s.versions.clear();
+    ahead_.erase(id);
+    ++spec_dropped_;
+    if (s.empty()) segs_.erase(f);
+  }
 }
 
 void StoreImpl::tick() {
@@ -2408,6 +2561,7 @@ StoreStats StoreImpl::stats() const {
       if (r.op == JournalOp::kWrite) s.journal_raw_bytes += r.len;
     }
     s.versions += sg.versions.size();
+    if (!sg.versions.empty()) ++(sg.records.empty() ? s.bases_speculative : s.bases_pinned);
     for (const VEntry& v : sg.versions) {
       s.version_bytes += v.loc.bytes;
       s.version_raw_bytes += v.raw;
@@ -2432,6 +2586,18 @@ StoreStats StoreImpl::stats() const {
   s.foreground_busy = fg_busy_.load(std::memory_order_relaxed);
   s.shadow_queue = shadow_queue_;
   s.shadow_bytes_read = shadow_bytes_read_;
+  s.policy = std::string(policy_name(opts_.policy));
+  s.copies_ahead = copies_ahead_;
+  s.copies_ahead_bytes = copies_ahead_ * seg_bytes_;
+  s.copies_ahead_used = copies_ahead_used_;
+  s.speculative_hits = spec_hits_;
+  s.speculative_dropped = spec_dropped_;
+  s.bases_freed = bases_freed_;
+  s.policy_memory_bytes = policy_mem_.load(std::memory_order_relaxed);
+  {
+    std::lock_guard<std::mutex> fl(self.feed_mu_);
+    s.access_events_dropped = feed_dropped_;
+  }
   s.degraded = degraded_;
   s.degraded_reason = degraded_reason_;
   s.retention_shrunk = retention_shrunk_;
@@ -3022,6 +3188,7 @@ Result<std::unique_ptr<ShadowStore>> ShadowStore::open(std::vector<PoolDevice> d
                                                        std::shared_ptr<IoBackend> primary, const StoreOptions& o,
                                                        const Clock& clock, Monitor* monitor) {
   if (devices.empty() || devices.size() > 2) return Status::invalid("a pool has one or two devices");
+  if (auto p = make_policy(o.policy, o.policy_params, monitor); !p) return p.status();
   std::vector<Tier> tiers(devices.size());
   for (size_t i = 0; i < devices.size(); ++i) {
     auto sb = read_sb(*devices[i].backend);

@@ -34,6 +34,7 @@
 #include "core/clock.h"
 #include "core/io_backend.h"
 #include "core/monitor.h"
+#include "core/policy.h"
 #include "core/pool_format.h"
 #include "core/status.h"
 
@@ -73,6 +74,10 @@ struct StoreOptions {
   uint32_t stale_records = 16;              // records since the newest version that make it stale
   uint32_t history_zones = 4;               // zones kept for the access history
   bool shadow_thread = true;                // false in tests that drive shadowing by hand
+  // Which bases are kept when their segment leaves the window, and what is
+  // copied ahead of need (core/policy.h). kOracle is refused.
+  PolicyKind policy = PolicyKind::kAuto;
+  PolicyParams policy_params;
 };
 
 // Figures for `shadowctl history`, `pool`, `status` and the metrics.
@@ -124,6 +129,18 @@ struct StoreStats {
   bool foreground_busy = false;        // clients did I/O in the last 200 ms
   uint64_t shadow_queue = 0;           // segments waiting for a version
   uint64_t shadow_bytes_read = 0;
+  // the shadowing policy
+  std::string policy;
+  uint64_t copies_ahead = 0;           // segments given a base ahead of need
+  uint64_t copies_ahead_bytes = 0;
+  uint64_t copies_ahead_used = 0;      // of which later written (the copy saved a stall)
+  uint64_t speculative_hits = 0;       // writes that found a speculative base
+  uint64_t speculative_dropped = 0;    // speculative bases given up for room
+  uint64_t bases_freed = 0;            // bases freed as their segment left the window
+  uint64_t bases_pinned = 0;           // segments with a base and journal records
+  uint64_t bases_speculative = 0;      // segments with a base and no journal record
+  uint64_t access_events_dropped = 0;  // accesses the policy did not see (queue full)
+  uint64_t policy_memory_bytes = 0;
   // state
   bool degraded = false;
   std::string degraded_reason;

@@ -33,6 +33,7 @@
 #include "ctl/format.h"
 #include "ctl/protocol.h"
 #include "ctl/restore.h"
+#include "ctl/simulate.h"
 #include "ctl/timespec.h"
 #include "version.h"
 
@@ -1801,6 +1802,7 @@ struct Cli {
   std::string verify_at;
   std::optional<uint64_t> verify_sample;
   bool verify_all = false;
+  ctl::SimulateOptions simulate;
 };
 
 // The forms `--at T` takes, for every command's help.
@@ -2156,6 +2158,7 @@ int dispatch(CLI::App& app, Cli& c) {
   if (app.got_subcommand("verify")) {
     return cmd_verify(g, c.verify_at, c.verify_all ? std::optional<uint64_t>(0) : c.verify_sample);
   }
+  if (app.got_subcommand("simulate")) return ctl::cmd_simulate(c.simulate, g.json);
   if (app.got_subcommand("debug")) return cmd_debug_advance(g, c.advance_seconds);
   return kExitUsage;
 }
@@ -2178,6 +2181,7 @@ int main(int argc, char** argv) {
   add_export(app, c);
   add_restore(app, c);
   add_rollback_verify(app, c);
+  ctl::add_simulate(app, c.simulate);
   app.add_subcommand("version", "Print shadowctl's version");
   try {
     app.parse(argc, argv);

@@ -1,0 +1,464 @@
+// The ewma and sequential predictors, the ensemble, and the factory (see
+// predict.h; Holt-Winters and AR are in predict_models.cc).
+#include "core/predict.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <unordered_map>
+
+namespace shadowd::predict {
+namespace {
+
+constexpr double kNs = 1e9;
+
+double seconds(int64_t ns) { return static_cast<double>(ns) / kNs; }
+
+// Keep the `max` best of `v` (by score, then lower id), best first.
+void keep_best(std::vector<std::pair<double, uint64_t>>& v, size_t max) {
+  auto better = [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  };
+  if (v.size() > max) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(max), v.end(), better);
+    v.resize(max);
+  }
+  std::sort(v.begin(), v.end(), better);
+}
+
+// Drop the least recently seen entries of `m` beyond `max`, and those not
+// seen since `cutoff_ns`. T has an int64_t `last_ns`.
+template <typename Map>
+void expire(Map& m, int64_t cutoff_ns, uint64_t max) {
+  for (auto it = m.begin(); it != m.end();) {
+    it = it->second.last_ns < cutoff_ns ? m.erase(it) : std::next(it);
+  }
+  if (m.size() <= max) return;
+  std::vector<int64_t> times;
+  times.reserve(m.size());
+  for (const auto& [id, s] : m) times.push_back(s.last_ns);
+  const size_t drop = m.size() - max;
+  std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(drop - 1), times.end());
+  const int64_t limit = times[drop - 1];
+  size_t dropped = 0;
+  for (auto it = m.begin(); it != m.end() && dropped < drop;) {
+    if (it->second.last_ns <= limit) {
+      it = m.erase(it);
+      ++dropped;
+    } else {
+      ++it;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// ewma: per segment, write rates decayed with several time constants. The
+// forecast rate is the largest of them, so that a burst counts at once and a
+// steady writer is remembered for long.
+
+class Ewma final : public Predictor {
+ public:
+  explicit Ewma(const Params& p) : p_(p), ntau_(std::min<size_t>(p.ewma_tau_s.size(), kMaxTau)) {}
+  std::string_view name() const override { return "ewma"; }
+
+  void observe(uint64_t seg, Op op, int64_t t) override {
+    State& s = state_[seg];
+    if (op == Op::kWrite) {
+      const double dt = s.last_write_ns ? seconds(t - s.last_write_ns) : 0;
+      for (size_t i = 0; i < ntau_; ++i) {
+        const double tau = p_.ewma_tau_s[i];
+        s.rate[i] = static_cast<float>(s.rate[i] * std::exp(-dt / tau) + 1.0 / tau);
+      }
+      s.last_write_ns = t;
+    }
+    s.last_ns = t;
+  }
+
+  void tick(int64_t now) override {
+    if (now - last_expire_ns_ < static_cast<int64_t>(10 * kNs) && state_.size() <= p_.max_segments) return;
+    last_expire_ns_ = now;
+    expire(state_, now - static_cast<int64_t>(p_.memory_seconds) * 1'000'000'000, p_.max_segments);
+  }
+
+  double forecast(uint64_t seg, int64_t now, double horizon_s) const override {
+    auto f = state_.find(seg);
+    if (f == state_.end()) return 0;
+    return rate(f->second, now) * horizon_s;
+  }
+
+  void nominate(int64_t now, double horizon_s, size_t max, const Skip& skip,
+                std::vector<std::pair<double, uint64_t>>& out) const override {
+    // Rates move slowly: the ranking is recomputed once a second.
+    if (now - ranked_ns_ >= 1'000'000'000 || now < ranked_ns_ || horizon_s != ranked_h_) {
+      ranked_.clear();
+      for (const auto& [id, s] : state_) {
+        const double f = rate(s, now) * horizon_s;
+        if (f > 0.01) ranked_.emplace_back(f, id);
+      }
+      keep_best(ranked_, std::max<size_t>(4 * max, 1024));
+      ranked_ns_ = now;
+      ranked_h_ = horizon_s;
+    }
+    size_t n = 0;
+    for (const auto& e : ranked_) {
+      if (n >= max) break;
+      if (skip && skip(e.second)) continue;
+      out.push_back(e);
+      ++n;
+    }
+  }
+
+  uint64_t active_segments() const override { return state_.size(); }
+  uint64_t memory_bytes() const override {
+    // Entry plus the hash table's node and bucket overhead.
+    return state_.size() * (sizeof(State) + sizeof(uint64_t) + 3 * sizeof(void*));
+  }
+
+ private:
+  static constexpr size_t kMaxTau = 4;
+  struct State {
+    int64_t last_ns = 0;
+    int64_t last_write_ns = 0;
+    float rate[kMaxTau] = {};
+  };
+  double rate(const State& s, int64_t now) const {
+    if (!s.last_write_ns) return 0;
+    const double dt = std::max(0.0, seconds(now - s.last_write_ns));
+    double r = 0;
+    for (size_t i = 0; i < ntau_; ++i) r = std::max(r, s.rate[i] * std::exp(-dt / p_.ewma_tau_s[i]));
+    return r;
+  }
+
+  Params p_;
+  size_t ntau_;
+  std::unordered_map<uint64_t, State> state_;
+  int64_t last_expire_ns_ = 0;
+  mutable std::vector<std::pair<double, uint64_t>> ranked_;
+  mutable int64_t ranked_ns_ = std::numeric_limits<int64_t>::min() / 2;
+  mutable double ranked_h_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+// sequential / spatial: streams that write segment after segment, segments
+// read shortly before they are written (read-modify-write), and the
+// allocation frontier.
+//
+// A write to segment s continues a stream whose head is s - 1 (or s) if that
+// head was written within seq_gap_s; a live stream nominates s + 1 ..
+// s + seq_ahead with a confidence that grows with its length and falls with
+// the distance; a stream of two segments or more that went quiet stays
+// dormant for seq_dormant_s and nominates the same with a third of it. A
+// read nominates its segment with the learned probability that a read is
+// followed by a write within the gap. The frontier is one past the highest
+// segment ever written (a bitmap of written segments: one bit per segment
+// of the device); segments past it are nominated with the learned share of
+// first writes that land within frontier_ahead of it.
+
+class Sequential final : public Predictor {
+ public:
+  explicit Sequential(const Params& p)
+      : p_(p),
+        gap_ns_(static_cast<int64_t>(p.seq_gap_s * kNs)),
+        dormant_ns_(static_cast<int64_t>(std::max(p.seq_gap_s, p.seq_dormant_s) * kNs)) {}
+  std::string_view name() const override { return "sequential"; }
+
+  void observe(uint64_t seg, Op op, int64_t t) override {
+    now_ = t;
+    if (op == Op::kRead) {
+      reads_[seg].last_ns = t;
+      ++reads_seen_;
+      return;
+    }
+    // Read-then-write statistics.
+    if (auto r = reads_.find(seg); r != reads_.end()) {
+      if (t - r->second.last_ns <= gap_ns_) ++reads_written_;
+      reads_.erase(r);
+    }
+    // First writes: how many land just past the frontier.
+    if (!written(seg)) {
+      ++first_writes_;
+      if (seg >= frontier_ && seg < frontier_ + p_.frontier_ahead) ++frontier_hits_;
+      mark_written(seg);
+      frontier_ = std::max(frontier_, seg + 1);
+      if (first_writes_ > 8192) {
+        first_writes_ /= 2;
+        frontier_hits_ /= 2;
+      }
+    }
+    // Continue a stream whose head is seg - 1 or seg, or start one.
+    auto it = streams_.find(seg);
+    if (it == streams_.end() && seg > 0) it = streams_.find(seg - 1);
+    if (it != streams_.end() && t - it->second.last_ns <= gap_ns_) {
+      Stream s = it->second;
+      streams_.erase(it);
+      if (s.head != seg) ++s.length;
+      s.head = seg;
+      s.last_ns = t;
+      streams_[seg] = s;
+    } else if (it != streams_.end() && it->second.length >= 2 && it->second.head + 1 == seg) {
+      // A dormant stream taken up again.
+      Stream s = it->second;
+      streams_.erase(it);
+      ++s.length;
+      s.head = seg;
+      s.last_ns = t;
+      streams_[seg] = s;
+    } else {
+      if (it != streams_.end() && it->second.head == seg) streams_.erase(it);
+      streams_[seg] = Stream{seg, 1, t};
+    }
+  }
+
+  void tick(int64_t now) override {
+    now_ = std::max(now_, now);
+    if (now - last_expire_ns_ < static_cast<int64_t>(kNs) && streams_.size() <= p_.seq_max_streams) return;
+    last_expire_ns_ = now;
+    // Single writes are not streams once the gap has passed; streams go
+    // after their dormant time, and the oldest first beyond the bound.
+    const int64_t single_ns = std::min<int64_t>(gap_ns_, 1'000'000'000);
+    for (auto i = streams_.begin(); i != streams_.end();) {
+      const int64_t age = now - i->second.last_ns;
+      i = (age > dormant_ns_ || (i->second.length < 2 && age > single_ns)) ? streams_.erase(i) : std::next(i);
+    }
+    // Beyond the bound, single writes go before streams.
+    if (streams_.size() > p_.seq_max_streams) {
+      std::vector<std::pair<int64_t, uint64_t>> singles;
+      for (const auto& [h, st] : streams_) {
+        if (st.length < 2) singles.emplace_back(st.last_ns, h);
+      }
+      std::sort(singles.begin(), singles.end());
+      for (size_t i = 0; i < singles.size() && streams_.size() > p_.seq_max_streams; ++i) streams_.erase(singles[i].second);
+    }
+    expire(streams_, now - dormant_ns_, p_.seq_max_streams);
+    expire(reads_, now - gap_ns_, p_.max_segments);
+    // Forget old evidence slowly, so the read-then-write ratio follows the workload.
+    if (reads_seen_ > 100000) {
+      reads_seen_ /= 2;
+      reads_written_ /= 2;
+    }
+  }
+
+  double forecast(uint64_t seg, int64_t now, double horizon_s) const override {
+    double f = 0;
+    // The streams whose next segments include seg (heads in order).
+    for (auto it = streams_.lower_bound(seg - std::min<uint64_t>(seg, p_.seq_ahead));
+         it != streams_.end() && it->first < seg; ++it) {
+      f = std::max(f, stream_score(it->second, static_cast<uint32_t>(seg - it->first), now, horizon_s));
+    }
+    if (auto r = reads_.find(seg); r != reads_.end() && now - r->second.last_ns <= gap_ns_) {
+      f = std::max(f, read_write_ratio());
+    }
+    if (seg >= frontier_ && seg < frontier_ + p_.frontier_ahead) f = std::max(f, frontier_score(seg - frontier_));
+    return f;
+  }
+
+  void nominate(int64_t now, double horizon_s, size_t max, const Skip& skip,
+                std::vector<std::pair<double, uint64_t>>& out) const override {
+    std::vector<std::pair<double, uint64_t>> v;
+    // Live streams, and the longest dormant ones (a few big sequential jobs
+    // matter; the many short runs of a checkpoint do not).
+    std::vector<const Stream*> dormant;
+    for (const auto& [head, s] : streams_) {
+      if (s.length >= 2 && now - s.last_ns > gap_ns_) dormant.push_back(&s);
+    }
+    if (dormant.size() > kDormantOffered) {
+      std::nth_element(dormant.begin(), dormant.begin() + kDormantOffered, dormant.end(),
+                       [](const Stream* a, const Stream* b) { return a->length > b->length; });
+      dormant.resize(kDormantOffered);
+    }
+    std::sort(dormant.begin(), dormant.end());
+    const size_t per_stream = std::min<size_t>(max, kOfferedPerStream);
+    for (const auto& [head, s] : streams_) {
+      if (s.length >= 2 && now - s.last_ns > gap_ns_ && !std::binary_search(dormant.begin(), dormant.end(), &s)) continue;
+      // Each stream offers its first segments not covered yet. Where
+      // the covered ones end is remembered for a while (bases seldom go),
+      // so a stream running through covered ground costs one look a round.
+      if (now - s.scan_ns > kRescanNs) {
+        s.scan_from = 1;
+        s.scan_ns = now;
+      }
+      size_t n = 0;
+      bool gapless = true;
+      for (uint32_t d = s.scan_from; d <= p_.seq_ahead && n < per_stream; ++d) {
+        const double f = stream_score(s, d, now, horizon_s);
+        if (f <= 0) break;
+        if (skip && skip(head + d)) {
+          if (gapless) s.scan_from = d + 1;
+          continue;
+        }
+        gapless = false;
+        v.emplace_back(f, head + d);
+        ++n;
+      }
+    }
+    const double rw = read_write_ratio();
+    if (rw > 0.01) {
+      for (const auto& [id, r] : reads_) {
+        if (now - r.last_ns <= gap_ns_ && !(skip && skip(id))) v.emplace_back(rw, id);
+      }
+    }
+    if (frontier_ > 0 && frontier_score(0) > 0.01) {
+      if (frontier_ != frontier_scan_base_ || now - frontier_scan_ns_ > kRescanNs) {
+        frontier_scan_base_ = frontier_;
+        frontier_scan_from_ = 0;
+        frontier_scan_ns_ = now;
+      }
+      size_t n = 0;
+      bool gapless = true;
+      for (uint32_t d = frontier_scan_from_; d < p_.frontier_ahead && n < max; ++d) {
+        if (skip && skip(frontier_ + d)) {
+          if (gapless) frontier_scan_from_ = d + 1;
+          continue;
+        }
+        gapless = false;
+        v.emplace_back(frontier_score(d), frontier_ + d);
+        ++n;
+      }
+    }
+    // The same segment may come from two sources: keep its best score.
+    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+      return a.second != b.second ? a.second < b.second : a.first > b.first;
+    });
+    v.erase(std::unique(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second == b.second; }),
+            v.end());
+    keep_best(v, max);
+    out.insert(out.end(), v.begin(), v.end());
+  }
+
+  uint64_t active_segments() const override { return streams_.size() + reads_.size(); }
+  uint64_t memory_bytes() const override {
+    return streams_.size() * (sizeof(Stream) + sizeof(uint64_t) + 3 * sizeof(void*)) +
+           reads_.size() * (sizeof(Read) + sizeof(uint64_t) + 3 * sizeof(void*)) +
+           written_.capacity() * sizeof(uint64_t);
+  }
+
+ private:
+  static constexpr int64_t kRescanNs = 10'000'000'000;
+  static constexpr size_t kDormantOffered = 16;
+  static constexpr size_t kOfferedPerStream = 64;
+  struct Stream {
+    uint64_t head;
+    uint32_t length;  // segments written in order
+    int64_t last_ns;
+    // nominate()'s memo: the segments head + 1 .. head + scan_from - 1 were
+    // covered when it looked at scan_ns.
+    mutable uint32_t scan_from = 1;
+    mutable int64_t scan_ns = 0;
+  };
+  struct Read {
+    int64_t last_ns = 0;
+  };
+  double stream_score(const Stream& s, uint32_t d, int64_t now, double horizon_s) const {
+    (void)horizon_s;
+    const int64_t age = now - s.last_ns;
+    double conf;
+    if (age <= gap_ns_) {
+      conf = 1.0 - 0.5 / s.length;  // 0.5 for a single write, towards 1 as it grows
+    } else if (s.length >= 2 && age <= dormant_ns_) {
+      conf = 0.3 * (1.0 - 1.0 / s.length);
+    } else {
+      return 0;
+    }
+    return conf / (1.0 + (d - 1) / 16.0);
+  }
+  double frontier_score(uint64_t d) const {
+    if (first_writes_ < 16) return 0;
+    const double share = static_cast<double>(frontier_hits_) / static_cast<double>(first_writes_);
+    return 0.5 * share / (1.0 + static_cast<double>(d) / 256.0);
+  }
+  double read_write_ratio() const {
+    return reads_seen_ < 64 ? 0 : static_cast<double>(reads_written_) / static_cast<double>(reads_seen_);
+  }
+  bool written(uint64_t seg) const {
+    return seg / 64 < written_.size() && (written_[seg / 64] >> (seg % 64)) & 1;
+  }
+  void mark_written(uint64_t seg) {
+    if (seg / 64 >= written_.size()) written_.resize(seg / 64 + 1 + written_.size() / 2, 0);
+    written_[seg / 64] |= uint64_t{1} << (seg % 64);
+  }
+
+  Params p_;
+  int64_t gap_ns_;
+  int64_t dormant_ns_;
+  int64_t now_ = 0;
+  int64_t last_expire_ns_ = 0;
+  std::map<uint64_t, Stream> streams_;  // by head segment, in order
+  std::unordered_map<uint64_t, Read> reads_;
+  uint64_t reads_seen_ = 0, reads_written_ = 0;
+  std::vector<uint64_t> written_;  // one bit per segment ever written
+  uint64_t frontier_ = 0;
+  uint64_t first_writes_ = 0, frontier_hits_ = 0;
+  mutable uint64_t frontier_scan_base_ = 0;
+  mutable uint32_t frontier_scan_from_ = 0;
+  mutable int64_t frontier_scan_ns_ = 0;
+};
+
+// ---------------------------------------------------------------------------
+
+class Ensemble final : public Predictor {
+ public:
+  explicit Ensemble(std::vector<std::unique_ptr<Predictor>> parts) : parts_(std::move(parts)) {}
+  std::string_view name() const override { return "auto"; }
+  void observe(uint64_t seg, Op op, int64_t t) override {
+    for (auto& p : parts_) p->observe(seg, op, t);
+  }
+  void tick(int64_t now) override {
+    for (auto& p : parts_) p->tick(now);
+  }
+  double forecast(uint64_t seg, int64_t now, double horizon_s) const override {
+    double f = 0;
+    for (const auto& p : parts_) f = std::max(f, p->forecast(seg, now, horizon_s));
+    return f;
+  }
+  void nominate(int64_t now, double horizon_s, size_t max, const Skip& skip,
+                std::vector<std::pair<double, uint64_t>>& out) const override {
+    std::vector<std::pair<double, uint64_t>> v;
+    for (const auto& p : parts_) p->nominate(now, horizon_s, max, skip, v);
+    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+      return a.second != b.second ? a.second < b.second : a.first > b.first;
+    });
+    v.erase(std::unique(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second == b.second; }),
+            v.end());
+    keep_best(v, max);
+    out.insert(out.end(), v.begin(), v.end());
+  }
+  uint64_t active_segments() const override {
+    uint64_t n = 0;
+    for (const auto& p : parts_) n = std::max(n, p->active_segments());
+    return n;
+  }
+  uint64_t memory_bytes() const override {
+    uint64_t n = 0;
+    for (const auto& p : parts_) n += p->memory_bytes();
+    return n;
+  }
+
+ private:
+  std::vector<std::unique_ptr<Predictor>> parts_;
+};
+
+}  // namespace
+
+std::unique_ptr<Predictor> make_ewma(const Params& p) { return std::make_unique<Ewma>(p); }
+std::unique_ptr<Predictor> make_sequential(const Params& p) { return std::make_unique<Sequential>(p); }
+std::unique_ptr<Predictor> make_ensemble(std::vector<std::unique_ptr<Predictor>> parts) {
+  return std::make_unique<Ensemble>(std::move(parts));
+}
+
+Result<std::unique_ptr<Predictor>> make(std::string_view name, const Params& p) {
+  if (name == "ewma") return make_ewma(p);
+  if (name == "holt-winters") return make_holt_winters(p);
+  if (name == "arima") return make_arima(p);
+  if (name == "sequential") return make_sequential(p);
+  if (name == "auto") {
+    std::vector<std::unique_ptr<Predictor>> parts;
+    parts.push_back(make_sequential(p));
+    parts.push_back(make_ewma(p));
+    return make_ensemble(std::move(parts));
+  }
+  return Status::invalid("unknown predictor '" + std::string(name) +
+                         "' (ewma, holt-winters, arima, sequential, auto)");
+}
+
+}  // namespace shadowd::predict

@@ -1,0 +1,194 @@
+// The shadowing simulator (core/simulator.h) against brute-force counting on
+// generated traces, and the limits it must keep.
+#include "core/simulator.h"
+
+#include <catch2/catch.hpp>
+#include <map>
+#include <random>
+
+namespace shadowd::sim {
+namespace {
+
+constexpr uint32_t kSeg = 64 * 1024;
+constexpr int64_t kSec = 1'000'000'000;
+
+// A mix of what block traces hold: a hot set rewritten often, sequential
+// streams into fresh areas, random cold writes, reads, and idle gaps longer
+// than the retention.
+std::vector<trace::Request> generate(uint64_t seed, uint64_t nsegs, size_t n, int64_t retention_s) {
+  std::mt19937_64 rng(seed);
+  std::vector<trace::Request> out;
+  int64_t t = 1'700'000'000 * kSec;
+  uint64_t stream = rng() % nsegs;
+  for (size_t i = 0; i < n; ++i) {
+    const uint64_t pick = rng() % 100;
+    t += static_cast<int64_t>(rng() % (kSec / 5));
+    if (rng() % 500 == 0) t += (retention_s + static_cast<int64_t>(rng() % 3)) * kSec;
+    if (rng() % 50 == 0) continue;  // same time as the previous request
+    trace::Request q;
+    q.time_ns = t;
+    q.op = trace::Op::kWrite;
+    if (pick < 40) {
+      q.offset = (rng() % 8) * kSeg + (rng() % 16) * 4096;
+      q.length = 4096;
+    } else if (pick < 70) {
+      q.offset = stream * kSeg;
+      q.length = kSeg * (1 + rng() % 2);
+      stream = (stream + q.length / kSeg) % (nsegs - 2);
+    } else if (pick < 85) {
+      q.offset = (rng() % nsegs) * kSeg + kSeg - 4096;
+      q.length = 8192;  // may span two segments
+      if (q.offset + q.length > nsegs * kSeg) q.length = 4096;
+    } else {
+      q.op = trace::Op::kRead;
+      q.offset = (rng() % nsegs) * kSeg;
+      q.length = 65536;
+    }
+    out.push_back(q);
+  }
+  return out;
+}
+
+// A segment-write stalls exactly when no earlier segment-write to that
+// segment has a time in [t - R, t] (docs/SIMULATION.md).
+uint64_t brute_force_none(const std::vector<trace::Request>& reqs, int64_t retention_s) {
+  std::map<uint64_t, int64_t> last;
+  uint64_t stalls = 0;
+  for (const auto& q : reqs) {
+    if (q.op != trace::Op::kWrite) continue;
+    for (uint64_t s = q.offset / kSeg; s <= (q.offset + q.length - 1) / kSeg; ++s) {
+      auto f = last.find(s);
+      if (f == last.end() || f->second < q.time_ns - retention_s * kSec) ++stalls;
+      last[s] = q.time_ns;
+    }
+  }
+  return stalls;
+}
+
+Options base_options(int64_t retention_s) {
+  Options o;
+  o.segment_bytes = kSeg;
+  o.retention_s = static_cast<uint64_t>(retention_s);
+  o.budget_bytes_per_s = 4 * kSeg;
+  o.restore_samples = 20;
+  return o;
+}
+
+TEST_CASE("simulate none: stalls are exactly the writes with no write to their segment in the window",
+          "[simulator]") {
+  for (uint64_t seed = 1; seed <= 6; ++seed) {
+    const int64_t retention = 2 + static_cast<int64_t>(seed % 4) * 3;
+    auto reqs = generate(seed, 200, 4000, retention);
+    Options o = base_options(retention);
+    o.policy = PolicyKind::kNone;
+    o.pool_capacity_pct = 1000;  // enough: no shrink
+    auto r = run(reqs, o);
+    INFO("seed " << seed);
+    REQUIRE(r);
+    CHECK(r->history_shrinks == 0);
+    CHECK(r->stalls == brute_force_none(reqs, retention));
+    CHECK(r->copied_bytes == r->versions_made * kSeg);
+    CHECK(r->copies == 0);
+    CHECK(r->stall_bytes == r->stalls * kSeg);
+  }
+}
+
+TEST_CASE("simulate: the oracle stalls no more than none, lru and heat; capacity and budget are kept",
+          "[simulator]") {
+  for (uint64_t seed = 11; seed <= 16; ++seed) {
+    const int64_t retention = 3 + static_cast<int64_t>(seed % 3) * 4;
+    auto reqs = generate(seed, 300, 5000, retention);
+    for (double pct : {5.0, 20.0, 200.0}) {
+      for (uint64_t budget : {uint64_t{2} * kSeg, uint64_t{20} * kSeg}) {
+        std::map<PolicyKind, Result> res;
+        for (PolicyKind k : {PolicyKind::kNone, PolicyKind::kLru, PolicyKind::kHeat, PolicyKind::kOracle,
+                             PolicyKind::kAuto, PolicyKind::kSequential, PolicyKind::kEwma,
+                             PolicyKind::kPriority}) {
+          Options o = base_options(retention);
+          o.policy = k;
+          o.pool_capacity_pct = pct;
+          o.budget_bytes_per_s = budget;
+          auto r = run(reqs, o);
+          INFO("seed " << seed << " capacity " << pct << "% budget " << budget << " policy "
+                       << policy_name(k));
+          REQUIRE(r);
+          CHECK(r->pool_peak_bytes <= r->pool_capacity_bytes);
+          // The budget: a token bucket of at most max(B, 2 segments).
+          const double allowed = static_cast<double>(budget) * r->trace_seconds +
+                                 std::max<double>(static_cast<double>(budget), 2.0 * kSeg) + 1;
+          CHECK(static_cast<double>(r->copied_bytes) <= allowed);
+          CHECK(r->segment_writes == r->stalls + (r->segment_writes - r->stalls));
+          res[k] = *r;
+        }
+        INFO("seed " << seed << " capacity " << pct << "% budget " << budget);
+        const uint64_t oracle = res[PolicyKind::kOracle].stalls;
+        CHECK(oracle <= res[PolicyKind::kNone].stalls);
+        CHECK(oracle <= res[PolicyKind::kLru].stalls);
+        CHECK(oracle <= res[PolicyKind::kHeat].stalls);
+        // Keeping bases never costs stalls against freeing them.
+        CHECK(res[PolicyKind::kLru].stalls <= res[PolicyKind::kNone].stalls);
+      }
+    }
+  }
+}
+
+TEST_CASE("simulate: a sequential stream into fresh areas stalls on every segment without copies ahead, "
+          "and hardly at all with the sequential model",
+          "[simulator]") {
+  std::vector<trace::Request> reqs;
+  int64_t t = 1000 * kSec;
+  for (uint64_t s = 0; s < 2000; ++s) {
+    for (int k = 0; k < 4; ++k) {
+      trace::Request q;
+      q.time_ns = t;
+      q.op = trace::Op::kWrite;
+      q.offset = s * kSeg + static_cast<uint64_t>(k) * (kSeg / 4);
+      q.length = kSeg / 4;
+      reqs.push_back(q);
+      t += kSec / 100;  // 25 segments per second
+    }
+  }
+  Options o = base_options(3600);
+  o.budget_bytes_per_s = 64 * kSeg;
+  o.pool_capacity_pct = 400;  // the whole stream's journal and bases fit
+  o.policy = PolicyKind::kLru;
+  auto lru = run(reqs, o);
+  REQUIRE(lru);
+  CHECK(lru->stalls == 2000);
+  o.policy = PolicyKind::kSequential;
+  auto seq = run(reqs, o);
+  REQUIRE(seq);
+  CHECK(seq->stalls < 20);
+  CHECK(seq->copies_used >= 1980);
+  o.policy = PolicyKind::kAuto;
+  auto au = run(reqs, o);
+  REQUIRE(au);
+  CHECK(au->stalls < 20);
+  o.policy = PolicyKind::kOracle;
+  auto orc = run(reqs, o);
+  REQUIRE(orc);
+  CHECK(orc->stalls <= 5);  // the bucket starts empty
+}
+
+TEST_CASE("simulate: bad options are refused", "[simulator]") {
+  std::vector<trace::Request> reqs(1);
+  reqs[0].op = trace::Op::kWrite;
+  reqs[0].offset = 10 * kSeg;
+  reqs[0].length = 4096;
+  Options o = base_options(60);
+  o.device_bytes = 4 * kSeg;
+  auto r = run(reqs, o);
+  REQUIRE_FALSE(r);
+  CHECK(r.status().message().find("past the device size") != std::string::npos);
+  o.device_bytes = 0;
+  o.segment_bytes = 3000;
+  CHECK_FALSE(run(reqs, o));
+  o.segment_bytes = kSeg;
+  o.pool_capacity_bytes = kSeg;
+  r = run(reqs, o);
+  REQUIRE_FALSE(r);
+  CHECK(r.status().message().find("four segments") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace shadowd::sim
