@@ -1,5 +1,7 @@
 #include "config/config.h"
 
+#include "core/policy.h"
+
 #include <cctype>
 #include <cmath>
 #include <fstream>
@@ -171,6 +173,7 @@ const std::map<std::string, Setter>& setters() {
       {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s)},
       {"shadow_budget_busy_bytes_per_s", u64(&Config::shadow_budget_busy_bytes_per_s)},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
+      {"shadow_policy", str(&Config::shadow_policy)},
   };
   return m;
 }
@@ -230,6 +233,9 @@ Status Config::validate() const {
     return Status::invalid("direct_io must be auto|on|off");
   }
   if (io_threads < 1 || io_threads > 64) return Status::invalid("io_threads must be 1..64");
+  if (auto p = parse_policy(shadow_policy); !p || *p == PolicyKind::kOracle) {
+    return Status::invalid("shadow_policy must be none|lru|heat|priority|ewma|holt-winters|arima|sequential|auto");
+  }
   if (max_payload_bytes < 4096 || max_payload_bytes > (32u << 20)) {
     return Status::invalid("max_payload_bytes must be 4096..33554432");
   }

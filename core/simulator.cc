@@ -321,6 +321,7 @@ class Sim {
         if (tokens_ < S_) break;
         if (s >= nsegs_ || base_[s]) continue;
         if (used_ + S_ > C_) {
+          if (!o_.displace) break;
           const uint64_t low = lowest(t);
           if (low >= nsegs_ || !(policy_->value(low, t) < v)) break;
           evict_one(t);

@@ -207,6 +207,7 @@ json config_json(const Config& c) {
       {"shadow_budget_bytes_per_s", c.shadow_budget_bytes_per_s},
       {"shadow_budget_busy_bytes_per_s", c.shadow_budget_busy_bytes_per_s},
       {"checkpoint_interval_s", c.checkpoint_interval_s},
+      {"shadow_policy", c.shadow_policy},
   };
 }
 
@@ -365,6 +366,17 @@ json shadow_status(const DaemonContext& ctx, const Config& cfg) {
               {"bytes_read", st.shadow_bytes_read},
               {"versions_made", st.versions_made},
               {"cow_stalls", st.cow_stalls},
+              {"policy", st.policy},
+              {"copies_ahead", st.copies_ahead},
+              {"copies_ahead_bytes", st.copies_ahead_bytes},
+              {"copies_ahead_used", st.copies_ahead_used},
+              {"speculative_hits", st.speculative_hits},
+              {"speculative_dropped", st.speculative_dropped},
+              {"bases_freed", st.bases_freed},
+              {"bases_pinned", st.bases_pinned},
+              {"bases_speculative", st.bases_speculative},
+              {"access_events_dropped", st.access_events_dropped},
+              {"policy_memory_bytes", st.policy_memory_bytes},
               {"degraded", st.degraded},
               {"degraded_reason", st.degraded_reason},
               {"from_ns", st.retention_start_ns},

@@ -230,6 +230,14 @@ void build_cli(CLI::App& app, Cli& cli) {
              "for quieter moments, so that shadowing leaves the devices to the clients; "
              "segments with too many journal records are still shadowed at the full budget")
       ->group(pool_group);
+  opt(app, cli, "--shadow-policy", &Config::shadow_policy,
+      "Which segments hold a base version ahead of need (docs/SIMULATION.md): auto "
+      "(default: sequential streams, the allocation frontier, write rates and the priority "
+      "formula), sequential, ewma, holt-winters, arima, priority, lru, heat (keep bases of "
+      "segments leaving the window, copy nothing ahead) or none (free them). Compare them "
+      "on your own trace with `shadowctl simulate`")
+      ->type_name("POLICY")
+      ->group(pool_group);
   opt(app, cli, "--checkpoint-interval", &Config::checkpoint_interval_s,
       "Seconds between checkpoints of the pool's index, 1..86400 (default 60): shorter "
       "means less journal to scan after a crash, more pool writes")
@@ -605,6 +613,7 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   so.shadow_budget_bytes_per_s = cfg.shadow_budget_bytes_per_s;
   so.shadow_busy_budget_bytes_per_s = cfg.shadow_budget_busy_bytes_per_s;
   so.checkpoint_interval_s = cfg.checkpoint_interval_s;
+  so.policy = *parse_policy(cfg.shadow_policy);  // validated with the config
   auto store = ShadowStore::open(std::move(devices), primary, so, clock, monitor);
   if (!store) {
     const Status::Code code = store.status().code();

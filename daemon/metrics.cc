@@ -183,6 +183,31 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                                     {{"tier", tier}, {"state", "used"}}));
     }
     out.push_back(std::move(zones));
+    out.push_back(scalar("shadowd_copies_ahead_total", "Segments given a base ahead of need", C,
+                         d(st.copies_ahead)));
+    out.push_back(scalar("shadowd_copies_ahead_bytes_total", "Bytes copied ahead of need", C,
+                         d(st.copies_ahead_bytes)));
+    out.push_back(scalar("shadowd_copies_ahead_used_total",
+                         "Copies ahead of need later written (each saved a stall)", C,
+                         d(st.copies_ahead_used)));
+    out.push_back(scalar("shadowd_speculative_hits_total",
+                         "Writes that found a speculative base (no copy on the write path)", C,
+                         d(st.speculative_hits)));
+    out.push_back(scalar("shadowd_speculative_misses_total",
+                         "Writes that found no base and copied on the write path (= COW stalls)", C,
+                         d(st.cow_stalls)));
+    {
+      MetricFamily bases = family("shadowd_bases", "Segments holding a base version, by kind", G);
+      bases.metric.push_back(sample(G, d(st.bases_pinned), {{"kind", "pinned"}}));
+      bases.metric.push_back(sample(G, d(st.bases_speculative), {{"kind", "speculative"}}));
+      out.push_back(std::move(bases));
+    }
+    out.push_back(scalar("shadowd_bases_freed_total", "Bases freed as their segment left the window", C,
+                         d(st.bases_freed)));
+    out.push_back(scalar("shadowd_speculative_dropped_total",
+                         "Speculative bases given up for pool room", C, d(st.speculative_dropped)));
+    out.push_back(scalar("shadowd_policy_memory_bytes", "State held by the shadowing policy", G,
+                         d(st.policy_memory_bytes)));
     out.push_back(scalar("shadowd_shadow_queue", "Segments waiting for a shadow version", G,
                          d(st.shadow_queue)));
     out.push_back(scalar("shadowd_shadow_budget_bytes_per_second",

@@ -587,5 +587,22 @@ TEST_CASE("config: a missing file is an error naming it", "[config]") {
   CHECK(same(c, nondefault()));
 }
 
+TEST_CASE("config: shadow_policy takes the daemon's policies, not the simulator's oracle", "[config]") {
+  for (const char* p : {"none", "lru", "heat", "priority", "ewma", "holt-winters", "arima", "sequential", "auto"}) {
+    Config c;
+    REQUIRE(merge_config_json(std::string("{\"shadow_policy\": \"") + p + "\"}", c).is_ok());
+    CHECK(c.shadow_policy == p);
+    CHECK(c.validate().is_ok());
+  }
+  for (const char* p : {"oracle", "belady", ""}) {
+    Config c;
+    CAPTURE(p);
+    REQUIRE(merge_config_json(std::string("{\"shadow_policy\": \"") + p + "\"}", c).is_ok());
+    Status st = c.validate();
+    CHECK_FALSE(st.is_ok());
+    CHECK(st.message().find("shadow_policy") != std::string::npos);
+  }
+}
+
 }  // namespace
 }  // namespace shadowd

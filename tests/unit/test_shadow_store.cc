@@ -413,6 +413,97 @@ TEST_CASE("store: the busy budget holds back stale segments, not urgent ones", "
   }
 }
 
+// The shadowing policy decides what happens to a base when its segment's
+// last record leaves the window: `none` frees it (the next write copies the
+// segment again, and the window still restores it, from the primary), the
+// others keep it as a speculative base (the next write finds it).
+TEST_CASE("store: a base leaving the window is freed under none, kept under lru", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  for (const PolicyKind kind : {PolicyKind::kNone, PolicyKind::kLru}) {
+    INFO("policy " << policy_name(kind));
+    Rig rig(seed);
+    rig.store->abandon();
+    rig.store.reset();
+    rig.opts.policy = kind;
+    rig.opts.retention_seconds = 10;
+    rig.open();
+    auto d1 = rig.data(4096);
+    REQUIRE(rig.io(BlockOpKind::kWrite, kSeg + 4096, d1.size(), d1.data()));
+    const std::vector<uint8_t> seg1 = [&] {
+      std::vector<uint8_t> b(kSeg);
+      REQUIRE(rig.io(BlockOpKind::kRead, kSeg, kSeg, b.data()));
+      return b;
+    }();
+    CHECK(rig.store->stats().cow_stalls == 1);
+    // 20 s later another segment is written; the window moves past segment 1's record.
+    rig.clock.advance_ns(20 * kSec);
+    auto d2 = rig.data(4096);
+    REQUIRE(rig.io(BlockOpKind::kWrite, 3 * kSeg, d2.size(), d2.data()));
+    rig.clock.advance_ns(kSec);
+    rig.store->shadow_round();
+    const StoreStats st = rig.store->stats();
+    CHECK(st.records_pruned >= 1);
+    if (kind == PolicyKind::kNone) {
+      CHECK(st.bases_freed == 1);
+      CHECK_FALSE(rig.store->segment(1).has_value());
+      CHECK(st.bases_speculative == 0);
+    } else {
+      CHECK(st.bases_freed == 0);
+      REQUIRE(rig.store->segment(1).has_value());
+      CHECK(st.bases_speculative == 1);
+    }
+    // Inside the window segment 1 is what it was, wherever it comes from.
+    auto at = rig.store->reconstruct_time(1, rig.clock.now_ns() - kSec / 2);
+    REQUIRE(at);
+    CHECK(*at == seg1);
+    // Its next write: a copy on the write path under none, a speculative hit under lru.
+    auto d3 = rig.data(4096);
+    REQUIRE(rig.io(BlockOpKind::kWrite, kSeg, d3.size(), d3.data()));
+    const StoreStats after = rig.store->stats();
+    CHECK(after.cow_stalls == (kind == PolicyKind::kNone ? 3u : 2u));
+    CHECK(after.speculative_hits == (kind == PolicyKind::kNone ? 0u : 1u));
+    REQUIRE(rig.store->check_index());
+  }
+}
+
+// A sequential stream makes the policy copy the segments after it ahead of
+// need, so that the stream's next write finds a base.
+TEST_CASE("store: the sequential policy copies a stream's next segments ahead of need", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  Rig rig(seed);
+  rig.store->abandon();
+  rig.store.reset();
+  rig.opts.policy = PolicyKind::kSequential;
+  rig.opts.shadow_budget_bytes_per_s = 1ull << 40;
+  rig.opts.shadow_busy_budget_bytes_per_s = 1ull << 40;
+  rig.open();
+  for (uint64_t s = 0; s < 3; ++s) {
+    auto d = rig.data(kSeg);
+    REQUIRE(rig.io(BlockOpKind::kWrite, s * kSeg, d.size(), d.data()));
+    rig.clock.advance_ns(kSec / 10);
+  }
+  CHECK(rig.store->stats().cow_stalls == 3);
+  rig.store->shadow_round();  // the policy sees the stream; the bucket starts
+  rig.clock.advance_ns(kSec);
+  rig.store->shadow_round();  // copies ahead
+  StoreStats st = rig.store->stats();
+  CHECK(st.copies_ahead >= 1);
+  REQUIRE(rig.store->segment(3).has_value());
+  CHECK(rig.store->segment(3)->versions.size() == 1);
+  auto d = rig.data(kSeg);
+  REQUIRE(rig.io(BlockOpKind::kWrite, 3 * kSeg, d.size(), d.data()));
+  st = rig.store->stats();
+  CHECK(st.cow_stalls == 3);  // no copy on the write path
+  CHECK(st.copies_ahead_used == 1);
+  CHECK(st.speculative_hits == 1);
+  // What the copy holds is the segment before the write.
+  auto before = rig.store->reconstruct_time(3, rig.clock.now_ns() - kSec / 2);
+  REQUIRE(before);
+  REQUIRE(rig.store->check_index());
+}
+
 // A restart finds again the versions dropped since the last checkpoint, so
 // a segment can hold versions older than its window's base version. Keeping
 // max_versions_per_segment must then drop those, never the base: the records
@@ -642,13 +733,31 @@ TEST_CASE("store: retention shrinks when the pool fills, serving goes on", "[sto
 // shadowing, pruning, checkpoints and crashes (unflushed pool writes
 // dropped or torn, unflushed primary writes dropped), recovery, and the
 // history checked against the model throughout.
-void run_sim(int tiers) {
+struct SimPolicy {
+  PolicyKind policy = PolicyKind::kAuto;
+  uint64_t budget = 0;          // bytes per second of background copies
+  uint64_t retention_s = 0;     // 0: the Rig's (long)
+};
+
+void run_sim(int tiers, SimPolicy sp = {}) {
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
   // 24 zones of 4 MiB: small enough that retention shrinks for space now
   // and then, large enough that history never has to restart (a restart
   // is tested above; here it would make the model's sequence numbers wrong).
-  Rig rig(seed, 8 * kSeg, (1u << 20) + 24 * (4u << 20), tiers);
+  // The policy variants use a larger device: segments go unwritten long
+  // enough to leave the window, and there is ground to copy ahead.
+  const bool policy_sim = sp.policy != PolicyKind::kAuto || sp.budget || sp.retention_s;
+  Rig rig(seed, (policy_sim ? 64 : 8) * kSeg, (1u << 20) + 24 * (4u << 20), tiers);
+  if (sp.policy != PolicyKind::kAuto || sp.budget || sp.retention_s) {
+    rig.store->abandon();
+    rig.store.reset();
+    rig.opts.policy = sp.policy;
+    rig.opts.shadow_budget_bytes_per_s = sp.budget;
+    rig.opts.shadow_busy_budget_bytes_per_s = sp.budget;
+    if (sp.retention_s) rig.opts.retention_seconds = sp.retention_s;
+    rig.open();
+  }
   auto& rng = rig.rng;
   // Completions out of order, as on a real device: journal batches are
   // written several at a time and must still be retired in order.
@@ -658,6 +767,7 @@ void run_sim(int tiers) {
   const uint64_t dev = rig.primary->size_bytes();
   uint64_t flushed_seq = 0;
   int crashes = 0;
+  uint64_t last_freed = 0, total_freed = 0, last_ahead = 0, total_ahead = 0;
   const int steps = 1500;
   for (int step = 0; step < steps; ++step) {
     INFO("step " << step);
@@ -769,6 +879,14 @@ void run_sim(int tiers) {
     if (step % 10 == 9 || low) {
       rig.store->shadow_round();  // relieves the pool when it runs full
       rig.clock.advance_ns(kMs);
+      // The policy's work, summed over restarts (counters start at 0 again).
+      const StoreStats ps = rig.store->stats();
+      auto add = [](uint64_t now, uint64_t& last, uint64_t& total) {
+        total += now >= last ? now - last : now;
+        last = now;
+      };
+      add(ps.bases_freed, last_freed, total_freed);
+      add(ps.copies_ahead, last_ahead, total_ahead);
     }
     {
       const StoreStats sst = rig.store->stats();
@@ -790,6 +908,9 @@ void run_sim(int tiers) {
   }
   INFO("crashes " << crashes);
   REQUIRE(crashes > 0);
+  INFO("bases freed " << total_freed << ", copies ahead " << total_ahead);
+  if (sp.policy == PolicyKind::kNone) REQUIRE(total_freed > 0);
+  if (sp.budget > 0) REQUIRE(total_ahead > 0);
   uint64_t overlapped = 0;  // since the last restart: the pipeline was exercised
   overlapped = rig.store->stats().group_commits_overlapped;
   INFO("group commits overlapping another since the last restart: " << overlapped);
@@ -809,6 +930,14 @@ void run_sim(int tiers) {
 TEST_CASE("store: seeded simulation with crashes matches the model", "[store][sim]") { run_sim(1); }
 
 TEST_CASE("store: seeded simulation over two tiers matches the model", "[store][sim]") { run_sim(2); }
+// Bases freed as segments leave a short window, and bases copied ahead of
+// need by the policy, crashes included: every time still restores exactly.
+TEST_CASE("store: seeded simulation with policy none and a short window matches the model", "[store][sim]") {
+  run_sim(1, SimPolicy{PolicyKind::kNone, 0, 1});
+}
+TEST_CASE("store: seeded simulation with copies ahead of need matches the model", "[store][sim]") {
+  run_sim(1, SimPolicy{PolicyKind::kSequential, 64 * kSeg, 1});
+}
 
 TEST_CASE("restore: the gate holds new requests and waits for those in flight", "[restore]") {
   auto loop = test::make_loop();
