@@ -174,6 +174,7 @@ const std::map<std::string, Setter>& setters() {
       {"shadow_budget_busy_bytes_per_s", u64(&Config::shadow_budget_busy_bytes_per_s)},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
       {"shadow_policy", str(&Config::shadow_policy)},
+      {"tune_interval_s", u32(&Config::tune_interval_s)},
   };
   return m;
 }

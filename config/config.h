@@ -61,6 +61,7 @@ struct Config {
   uint64_t shadow_budget_busy_bytes_per_s = 4ull << 20;  // while clients do I/O (not urgent work)
   uint32_t checkpoint_interval_s = 60;    // 1..86400
   std::string shadow_policy = "auto";     // core/policy.h names, but not "oracle"
+  uint32_t tune_interval_s = 3600;        // auto-tuning period; 0 = off
 
   // Check ranges and enumerations; the message names the offending key.
   Status validate() const;

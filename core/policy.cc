@@ -79,6 +79,7 @@ class PriorityPolicy final : public ShadowPolicy {
     }
   }
   uint64_t memory_bytes() const override { return 0; }  // the monitor's, counted there
+  void set_params(const PolicyParams& p) override { p_ = p; }
 
  private:
   PolicyParams p_;
@@ -115,6 +116,10 @@ class PredictivePolicy final : public ShadowPolicy {
   }
   const predict::Predictor* predictor() const override { return pred_.get(); }
   uint64_t memory_bytes() const override { return pred_->memory_bytes(); }
+  void set_params(const PolicyParams& p) override {
+    p_ = p;
+    pred_->set_params(p.predict);
+  }
 
  private:
   PolicyKind kind_;

@@ -73,6 +73,9 @@ class ShadowPolicy {
   // leaving out those `covered` says hold a base already.
   virtual void candidates(int64_t now_ns, size_t max, const predict::Skip& covered,
                           std::vector<std::pair<double, uint64_t>>& out) const = 0;
+  // New tunables (horizon, min_value, priority weight, max_candidates); the
+  // models' own structure and what they learnt stay.
+  virtual void set_params(const PolicyParams& p) { (void)p; }
   // The forecaster behind the values (null for the reactive policies).
   virtual const predict::Predictor* predictor() const { return nullptr; }
   virtual uint64_t memory_bytes() const = 0;

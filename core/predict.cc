@@ -326,6 +326,10 @@ class Sequential final : public Predictor {
     out.insert(out.end(), v.begin(), v.end());
   }
 
+  void set_params(const Params& p) override {
+    p_.seq_ahead = p.seq_ahead;
+    p_.frontier_ahead = p.frontier_ahead;
+  }
   uint64_t active_segments() const override { return streams_.size() + reads_.size(); }
   uint64_t memory_bytes() const override {
     return streams_.size() * (sizeof(Stream) + sizeof(uint64_t) + 3 * sizeof(void*)) +
@@ -432,6 +436,9 @@ class Ensemble final : public Predictor {
     uint64_t n = 0;
     for (const auto& p : parts_) n += p->memory_bytes();
     return n;
+  }
+  void set_params(const Params& p) override {
+    for (auto& part : parts_) part->set_params(p);
   }
 
  private:

@@ -82,6 +82,9 @@ class Predictor {
                         std::vector<std::pair<double, uint64_t>>& out) const = 0;
   virtual uint64_t active_segments() const = 0;
   virtual uint64_t memory_bytes() const = 0;
+  // New parameters where a model can take them without losing what it has
+  // learnt (sequential: how far ahead; the others keep theirs).
+  virtual void set_params(const Params& p) { (void)p; }
 };
 
 // "ewma", "holt-winters", "arima", "sequential", "auto" (sequential and

@@ -350,6 +350,19 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     opts_.retention_seconds = seconds;
     wake_shadow();
   }
+  void set_policy_params(const PolicyParams& p) override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    opts_.policy_params = p;
+    policy_->set_params(p);
+  }
+  PolicyParams policy_params() const override {
+    std::lock_guard<std::mutex> g(const_cast<StoreImpl*>(this)->op_mu_);
+    return opts_.policy_params;
+  }
+  void set_max_versions(uint32_t n) override {
+    std::lock_guard<std::mutex> g(op_mu_);
+    opts_.max_versions_per_segment = std::clamp<uint32_t>(n, 2, 64);
+  }
   Status shadow_segment(uint64_t segment) override {
     std::lock_guard<std::mutex> g(op_mu_);
     return make_version(segment, true);

@@ -226,6 +226,10 @@ class ShadowStore {
   // Tunables that may change at run time.
   virtual void set_budget(uint64_t bytes_per_s) = 0;
   virtual void set_retention(uint64_t seconds) = 0;
+  // Auto-tuning's results (the policy keeps what it has learnt).
+  virtual void set_policy_params(const PolicyParams& p) = 0;
+  virtual PolicyParams policy_params() const = 0;
+  virtual void set_max_versions(uint32_t n) = 0;
 
   // ---- engine operations (the shadow thread runs them; tests call them) ----
   // Make a version of `segment` now (blocking; retries while writes race).

@@ -877,6 +877,41 @@ int cmd_rollback(const Globals& g, const std::string& at_text, bool yes) {
 
 // ---------------------------------------------------------------- verify
 
+// ------------------------------------------------------------ tune
+
+int cmd_tune(const Globals& g, const std::string& action) {
+  auto r = call(g, "tune." + action, json::object(), action == "run" ? 600 : ctl::kReplyTimeoutSeconds);
+  if (!r) return kExitError;
+  if (g.json) return print_json(*r);
+  const json& u = (*r)["in_use"];
+  std::printf("auto-tuning: %s, every %s; %llu runs%s\n", (*r)["enabled"].get<bool>() ? "on" : "off",
+              ctl::format_span(i64((*r)["interval_s"])).c_str(), static_cast<unsigned long long>(u64((*r)["runs"])),
+              (*r)["last_run"].is_string() ? (", last " + (*r)["last_run"].get<std::string>()).c_str() : "");
+  if (!(*r)["last_error"].get<std::string>().empty()) {
+    std::printf("last error: %s\n", (*r)["last_error"].get<std::string>().c_str());
+  }
+  ctl::Table t({"", ""});
+  for (const char* k : {"alpha", "beta", "gamma", "baseline", "min_value", "horizon_s", "seq_ahead", "frontier_ahead"}) {
+    if (u.contains(k)) t.add({k, ctl::format_number(num(u[k]))});
+  }
+  if (u.contains("max_versions_per_segment")) {
+    t.add({"max_versions_per_segment", std::to_string(u64(u["max_versions_per_segment"]))});
+  }
+  std::printf("in use:\n%s", t.render(false).c_str());
+  if (r->contains("last")) {
+    const json& l = (*r)["last"];
+    std::printf("last run: %llu requests replayed in %.2f s, %zu settings tried; stalls %llu -> %llu, "
+                "background bytes %s -> %s%s\n",
+                static_cast<unsigned long long>(u64(l["requests"])), num(l["seconds"]), l["trials"].size(),
+                static_cast<unsigned long long>(u64(l["stalls_before"])),
+                static_cast<unsigned long long>(u64(l["stalls_after"])),
+                ctl::format_bytes(u64(l["copied_bytes_before"])).c_str(),
+                ctl::format_bytes(u64(l["copied_bytes_after"])).c_str(),
+                l["changed"].get<bool>() ? "" : " (nothing better found: unchanged)");
+  }
+  return kExitOk;
+}
+
 int cmd_verify(const Globals& g, const std::string& at_text, std::optional<uint64_t> sample) {
   json args = json::object();
   if (!at_text.empty()) {
@@ -1803,6 +1838,7 @@ struct Cli {
   std::optional<uint64_t> verify_sample;
   bool verify_all = false;
   ctl::SimulateOptions simulate;
+  std::string tune_action = "status";
 };
 
 // The forms `--at T` takes, for every command's help.
@@ -2159,6 +2195,7 @@ int dispatch(CLI::App& app, Cli& c) {
     return cmd_verify(g, c.verify_at, c.verify_all ? std::optional<uint64_t>(0) : c.verify_sample);
   }
   if (app.got_subcommand("simulate")) return ctl::cmd_simulate(c.simulate, g.json);
+  if (app.got_subcommand("tune")) return cmd_tune(g, c.tune_action);
   if (app.got_subcommand("debug")) return cmd_debug_advance(g, c.advance_seconds);
   return kExitUsage;
 }
@@ -2182,6 +2219,22 @@ int main(int argc, char** argv) {
   add_restore(app, c);
   add_rollback_verify(app, c);
   ctl::add_simulate(app, c.simulate);
+  CLI::App* tune = app.add_subcommand("tune", "Show or control auto-tuning of the shadowing policy");
+  tune->add_option("action", c.tune_action, "status (default), run, on or off")
+      ->check(CLI::IsMember({"status", "run", "on", "off"}));
+  tune->footer(
+      "The daemon replays its own access history through the simulator (as `shadowctl\n"
+      "simulate` does) with the priority formula's alpha, beta, gamma and baseline and the\n"
+      "policy's min_value and horizon moved one at a time, and keeps what gives the fewest\n"
+      "copy-on-write stalls (then the fewest background bytes) at the configured budget,\n"
+      "retention and pool capacity; max_versions_per_segment follows the pool's capacity.\n"
+      "It runs every --tune-interval seconds while on.\n\n"
+      "  status   on/off, the last run and the values in use (also in `config get`)\n"
+      "  run      tune now and apply (needs --pool); prints the result\n"
+      "  on, off  periodic runs\n\n"
+      "Examples:\n"
+      "  shadowctl tune\n"
+      "  shadowctl --json tune run | jq .last");
   app.add_subcommand("version", "Print shadowctl's version");
   try {
     app.parse(argc, argv);

@@ -208,6 +208,7 @@ json config_json(const Config& c) {
       {"shadow_budget_busy_bytes_per_s", c.shadow_budget_busy_bytes_per_s},
       {"checkpoint_interval_s", c.checkpoint_interval_s},
       {"shadow_policy", c.shadow_policy},
+      {"tune_interval_s", c.tune_interval_s},
   };
 }
 
@@ -931,6 +932,155 @@ json cmd_history_export(DaemonContext& ctx, const json& req) {
   return ctl::ok_reply(std::move(result));
 }
 
+
+// ------------------------------------------------------------ auto-tuning
+
+json tune_values(const DaemonContext& ctx) {
+  const Config c = config_snapshot(ctx);
+  json v = {{"baseline", c.baseline},
+            {"alpha", c.alpha},
+            {"beta", c.beta},
+            {"gamma", c.gamma},
+            {"max_versions_per_segment", c.max_versions_per_segment}};
+  if (ctx.store != nullptr) {
+    const PolicyParams p = ctx.store->policy_params();
+    v["min_value"] = p.min_value;
+    v["horizon_s"] = p.horizon_s;
+    v["seq_ahead"] = p.predict.seq_ahead;
+    v["frontier_ahead"] = p.predict.frontier_ahead;
+  }
+  return v;
+}
+
+json tune_json(DaemonContext& ctx) {
+  std::lock_guard<std::mutex> lock(ctx.tune.mu);
+  const auto& t = ctx.tune;
+  json j = {{"enabled", t.enabled},
+            {"interval_s", t.interval_s},
+            {"runs", t.runs},
+            {"last_run_ns", t.last_run_ns},
+            {"last_run", t.last_run_ns ? json(iso_utc_ns(t.last_run_ns)) : json()},
+            {"last_error", t.last_error},
+            {"in_use", tune_values(ctx)}};
+  if (t.have_last) {
+    json trials = json::array();
+    for (const auto& tr : t.last.trials) {
+      trials.push_back({{"what", tr.what}, {"stalls", tr.stalls}, {"copied_bytes", tr.copied_bytes}});
+    }
+    j["last"] = {{"changed", t.last.changed},
+                 {"requests", t.last.requests},
+                 {"stalls_before", t.last.stalls_before},
+                 {"stalls_after", t.last.stalls_after},
+                 {"copied_bytes_before", t.last.copied_before},
+                 {"copied_bytes_after", t.last.copied_after},
+                 {"seconds", t.last.seconds},
+                 {"trials", std::move(trials)}};
+  }
+  return j;
+}
+
+}  // namespace
+
+Status run_tune(DaemonContext& ctx) {
+  if (ctx.store == nullptr || ctx.monitor == nullptr) {
+    return Status::error(Status::Code::kBusy, "auto-tuning needs a shadow pool and the access monitor");
+  }
+  std::lock_guard<std::mutex> run(ctx.tune.run_mu);
+  const Config cfg = config_snapshot(ctx);
+  const StoreStats st = ctx.store->stats();
+  tune::Input in;
+  in.history = ctx.monitor->history();
+  in.bucket_seconds = ctx.monitor->config().bucket_seconds;
+  in.sim.device_bytes = ctx.monitor->config().device_bytes;
+  in.sim.segment_bytes = ctx.monitor->segment_bytes();
+  for (const TierUse& t : st.tiers) in.pool_bytes += t.zones * t.zone_bytes;
+  in.sim.pool_capacity_bytes = std::max<uint64_t>(in.pool_bytes, 4ull * in.sim.segment_bytes);
+  in.sim.budget_bytes_per_s = st.shadow_budget_bytes_per_s;
+  in.sim.retention_s = std::max<uint64_t>(1, cfg.retention_seconds);
+  auto pol = parse_policy(cfg.shadow_policy);
+  in.sim.policy = pol ? *pol : PolicyKind::kAuto;
+  in.sim.monitor_bucket_s = in.bucket_seconds;
+  in.priority = ctx.monitor->priority();
+  in.policy = ctx.store->policy_params();
+  in.journal_bytes = st.journal_bytes;
+  in.mean_version_bytes = st.versions ? st.version_bytes / st.versions : 0;
+  in.segments_with_history = st.segments_with_history;
+  auto out = tune::run(in);
+  std::lock_guard<std::mutex> lock(ctx.tune.mu);
+  ctx.tune.last_run_ns = ctx.clock != nullptr ? ctx.clock->now_ns() : 0;
+  ++ctx.tune.runs;
+  if (!out) {
+    ctx.tune.last_error = out.status().message();
+    return out.status();
+  }
+  ctx.tune.last_error.clear();
+  // Apply: the monitor's formula, the policy's knobs, the versions kept.
+  PriorityParams pp = out->priority;
+  pp.scoring_window_seconds = in.priority.scoring_window_seconds;
+  Status set = ctx.monitor->set_priority(pp);
+  if (set) {
+    std::lock_guard<std::mutex> cl(ctx.config_mu);
+    ctx.config.baseline = pp.baseline;
+    ctx.config.alpha = pp.alpha;
+    ctx.config.beta = pp.beta;
+    ctx.config.gamma = pp.gamma;
+    ctx.config.max_versions_per_segment = out->max_versions_per_segment;
+  }
+  ctx.store->set_policy_params(out->policy);
+  ctx.store->set_max_versions(out->max_versions_per_segment);
+  ctx.tune.last = std::move(*out);
+  ctx.tune.have_last = true;
+  spdlog::info("auto-tuning: {} requests replayed, stalls {} -> {}, alpha {} beta {} gamma {} baseline {}, "
+               "max versions {}",
+               ctx.tune.last.requests, ctx.tune.last.stalls_before, ctx.tune.last.stalls_after, pp.alpha, pp.beta,
+               pp.gamma, pp.baseline, ctx.tune.last.max_versions_per_segment);
+  return Status::ok();
+}
+
+void maybe_tune(DaemonContext& ctx) {
+  {
+    std::lock_guard<std::mutex> lock(ctx.tune.mu);
+    if (!ctx.tune.enabled || ctx.clock == nullptr) return;
+    const int64_t now = ctx.clock->now_ns();
+    if (ctx.tune.last_run_ns == 0) {
+      ctx.tune.last_run_ns = now;  // the first run one interval after start
+      return;
+    }
+    if (now - ctx.tune.last_run_ns < int64_t{ctx.tune.interval_s} * 1'000'000'000) return;
+  }
+  Status st = run_tune(ctx);
+  if (!st) spdlog::warn("auto-tuning: {}", st.message());
+}
+
+namespace {
+
+json cmd_tune_status(DaemonContext& ctx, const json& req) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  return ctl::ok_reply(tune_json(ctx));
+}
+
+json cmd_tune_run(DaemonContext& ctx, const json& req) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  if (ctx.store == nullptr) return unavailable_pool();
+  Status st = run_tune(ctx);
+  if (!st) return ctl::error_reply(errc::kUnavailable, st.message());
+  return ctl::ok_reply(tune_json(ctx));
+}
+
+json cmd_tune_switch(DaemonContext& ctx, const json& req, bool on) {
+  Args a(req, {});
+  if (a.failed()) return a.error();
+  {
+    std::lock_guard<std::mutex> lock(ctx.tune.mu);
+    ctx.tune.enabled = on;
+  }
+  return ctl::ok_reply(tune_json(ctx));
+}
+json cmd_tune_on(DaemonContext& ctx, const json& req) { return cmd_tune_switch(ctx, req, true); }
+json cmd_tune_off(DaemonContext& ctx, const json& req) { return cmd_tune_switch(ctx, req, false); }
+
 json cmd_debug_advance(DaemonContext& ctx, const json& req) {
   Args a(req, {"seconds"});
   const uint64_t seconds = a.uint("seconds", 0, kAdvanceMaxSeconds, std::nullopt);
@@ -1305,6 +1455,10 @@ constexpr Command kCommands[] = {
     {"exports", false, cmd_exports},
     {"rollback", true, cmd_rollback},
     {"verify", false, cmd_verify},
+    {"tune.status", false, cmd_tune_status},
+    {"tune.run", true, cmd_tune_run},
+    {"tune.on", true, cmd_tune_on},
+    {"tune.off", true, cmd_tune_off},
     {"debug.advance", true, cmd_debug_advance},
 };
 

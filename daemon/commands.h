@@ -25,8 +25,12 @@
 //   pool [zones]                 zones per tier and kind, use, compression,
 //                                pool bytes per client byte, reclaim,
 //                                checkpoints; zones=true lists every zone
+//   tune.status                  auto-tuning: on/off, last run, values in use
+//   tune.run                     tune now (mutating; needs a pool)
+//   tune.on / tune.off           periodic tuning (mutating)
 //   debug.advance seconds        move the --test-clock (mutating; only with
-//                                a test clock, else an unknown command)
+//                                a test clock, else an unknown command), then
+//                                run one shadowing round
 // history, versions and pool need a shadow pool (--pool); without one they
 // fail with "unavailable". A request that fails changes nothing.
 #pragma once
@@ -54,6 +58,12 @@ bool is_mutating_command(std::string_view cmd);
 
 // The priority tunables of a configuration.
 PriorityParams priority_params(const Config& cfg);
+
+// Auto-tuning: replay the access history through the simulator and apply
+// the best settings found (see core/tune.h). maybe_tune() does so when the
+// periodic run is due (called from the roller thread).
+Status run_tune(DaemonContext& ctx);
+void maybe_tune(DaemonContext& ctx);
 
 // Apply the run-time tunables of a validated configuration (windows and
 // priority to the monitor; shadow_budget_bytes_per_s and retention_seconds

@@ -14,6 +14,7 @@
 #include "core/monitor.h"
 #include "core/reconstructor.h"
 #include "core/shadow_store.h"
+#include "core/tune.h"
 #include "nbd/export.h"
 #include "nbd/server.h"
 
@@ -49,6 +50,20 @@ struct DaemonContext {
   std::mutex pit_mu;
   std::map<std::string, PitExport> pit_exports;
   std::mutex rollback_mu;  // one rollback at a time
+
+  // Auto-tuning (`shadowctl tune`): periodic runs on the roller thread while
+  // enabled, or one on request. One run at a time (run_mu).
+  struct Tune {
+    std::mutex mu;                 // the fields below
+    bool enabled = true;
+    uint32_t interval_s = 3600;
+    int64_t last_run_ns = 0;       // the daemon's clock
+    uint64_t runs = 0;
+    bool have_last = false;
+    tune::Output last;
+    std::string last_error;
+    std::mutex run_mu;
+  } tune;
 };
 
 }  // namespace shadowd

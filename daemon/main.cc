@@ -238,6 +238,14 @@ void build_cli(CLI::App& app, Cli& cli) {
       "on your own trace with `shadowctl simulate`")
       ->type_name("POLICY")
       ->group(pool_group);
+  opt(app, cli, "--tune-interval", &Config::tune_interval_s,
+      "Seconds between auto-tuning runs (default 3600; 0 = off): the access history is "
+      "replayed through the simulator to refit alpha, beta, gamma, the baseline and the "
+      "policy's knobs for the fewest stalls at the configured budget, and "
+      "max_versions_per_segment follows the pool's capacity. `shadowctl tune` shows and "
+      "controls it")
+      ->type_name("SECONDS")
+      ->group(pool_group);
   opt(app, cli, "--checkpoint-interval", &Config::checkpoint_interval_s,
       "Seconds between checkpoints of the pool's index, 1..86400 (default 60): shorter "
       "means less journal to scan after a crash, more pool writes")
@@ -293,7 +301,9 @@ void report_ready(int ready_fd, char status) {
 // Rolls the monitor's buckets once a second and rescores after each roll.
 class Roller {
  public:
-  explicit Roller(Monitor& m) : m_(m), t_([this] { run(); }) {}
+  // `periodic` runs on this thread too, once a second (auto-tuning).
+  Roller(Monitor& m, std::function<void()> periodic)
+      : m_(m), periodic_(std::move(periodic)), t_([this] { run(); }) {}
   ~Roller() {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -311,10 +321,12 @@ class Roller {
       if (stop_) break;
       lock.unlock();
       if (m_.roll()) m_.rescore();
+      if (periodic_) periodic_();
       lock.lock();
     }
   }
   Monitor& m_;
+  std::function<void()> periodic_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool stop_ = false;
@@ -778,7 +790,12 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   }
   ctx.server = &server;
   std::unique_ptr<Roller> roller;
-  if (monitor) roller = std::make_unique<Roller>(*monitor);
+  {
+    std::lock_guard<std::mutex> lock(ctx.tune.mu);
+    ctx.tune.enabled = cfg.tune_interval_s > 0;
+    ctx.tune.interval_s = cfg.tune_interval_s > 0 ? cfg.tune_interval_s : 3600;
+  }
+  if (monitor) roller = std::make_unique<Roller>(*monitor, [&ctx] { maybe_tune(ctx); });
 
   const std::string control_path =
       cfg.control.empty() ? "/run/shadowd/" + cfg.export_name + ".sock" : cfg.control;

@@ -208,6 +208,24 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          "Speculative bases given up for pool room", C, d(st.speculative_dropped)));
     out.push_back(scalar("shadowd_policy_memory_bytes", "State held by the shadowing policy", G,
                          d(st.policy_memory_bytes)));
+    {
+      const Config c = [&] {
+        std::lock_guard<std::mutex> lock(ctx.config_mu);
+        return ctx.config;
+      }();
+      MetricFamily f = family("shadowd_tuned_value", "Values auto-tuning adjusts, as in use", G);
+      const PolicyParams pp = ctx.store->policy_params();
+      for (const auto& [k, v] : std::vector<std::pair<std::string, double>>{
+               {"alpha", c.alpha}, {"beta", c.beta}, {"gamma", c.gamma}, {"baseline", c.baseline},
+               {"min_value", pp.min_value}, {"horizon_s", pp.horizon_s},
+               {"max_versions_per_segment", static_cast<double>(c.max_versions_per_segment)}}) {
+        f.metric.push_back(sample(G, v, {{"name", k}}));
+      }
+      out.push_back(std::move(f));
+      auto& t = const_cast<DaemonContext&>(ctx).tune;
+      std::lock_guard<std::mutex> lock(t.mu);
+      out.push_back(scalar("shadowd_tune_runs_total", "Auto-tuning runs since start", C, d(t.runs)));
+    }
     out.push_back(scalar("shadowd_shadow_queue", "Segments waiting for a shadow version", G,
                          d(st.shadow_queue)));
     out.push_back(scalar("shadowd_shadow_budget_bytes_per_second",

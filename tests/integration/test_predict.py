@@ -14,7 +14,9 @@
   reactive policies here agree exactly) — for policies none and lru.
 * A workload that repeats (the same areas written at the same offset of each
   period, driven with the test clock) stalls less in later periods than in
-  the first, with the default policy.
+  the first, with the default policy; `tune run` then replays that history,
+  never ends worse than it started, and changes the values in use, which
+  `config get` shows; `tune off` stops periodic runs.
 
 Synchronisation: each request's reply; `debug advance` replies after its
 shadowing round. No sleeps.
@@ -227,6 +229,25 @@ def test():
             log(f"   stalls per period: {per_period}")
             expect(per_period[0] > 0, "the first period stalls")
             expect(max(per_period[1:]) < per_period[0], f"later periods stall less: {per_period}")
+
+            # Auto-tuning on the history this workload left.
+            t0 = ctl.json("tune", "status")
+            expect_eq((t0["enabled"], t0["runs"]), (True, 0), "tuning on, not run yet")
+            t1 = ctl.json("tune", "run")
+            log(f"   tune run: {t1['last']}")
+            expect_eq(t1["runs"], 1, "one run")
+            expect(t1["last"]["requests"] > 0, "the history was replayed")
+            expect(len(t1["last"]["trials"]) >= 5, "settings tried")
+            expect(t1["last"]["stalls_after"] <= t1["last"]["stalls_before"], "never worse")
+            changed = {k: (t0["in_use"][k], t1["in_use"][k]) for k in t0["in_use"]
+                       if t0["in_use"][k] != t1["in_use"][k]}
+            log(f"   changed: {changed}")
+            expect(changed, "auto-tuning changed the values in use")
+            cfg = ctl.json("config", "get")["config"]
+            for k in ("alpha", "beta", "gamma", "baseline", "max_versions_per_segment"):
+                expect_eq(cfg[k], t1["in_use"][k], f"config get {k}")
+            expect_eq(ctl.json("tune", "off")["enabled"], False, "tune off")
+            expect("auto-tuning: off" in ctl.text("tune"), "human form")
 
     checks.finish()
 

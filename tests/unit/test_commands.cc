@@ -482,6 +482,11 @@ class FakeStore final : public ShadowStore {
   }
   void set_budget(uint64_t b) override { budgets.push_back(b); }
   void set_retention(uint64_t s) override { retentions.push_back(s); }
+  void set_policy_params(const PolicyParams& p) override { policy = p; }
+  PolicyParams policy_params() const override { return policy; }
+  void set_max_versions(uint32_t n) override { max_versions = n; }
+  PolicyParams policy;
+  uint32_t max_versions = 0;
   Status shadow_segment(uint64_t) override { return Status::ok(); }
   Status prune(int64_t) override { return Status::ok(); }
   Status checkpoint() override { return Status::ok(); }

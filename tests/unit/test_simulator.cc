@@ -1,6 +1,7 @@
 // The shadowing simulator (core/simulator.h) against brute-force counting on
 // generated traces, and the limits it must keep.
 #include "core/simulator.h"
+#include "core/tune.h"
 
 #include <catch2/catch.hpp>
 #include <map>
@@ -188,6 +189,60 @@ TEST_CASE("simulate: bad options are refused", "[simulator]") {
   r = run(reqs, o);
   REQUIRE_FALSE(r);
   CHECK(r.status().message().find("four segments") != std::string::npos);
+}
+
+TEST_CASE("tune: history records become requests spread over their bucket", "[tune]") {
+  std::vector<HistoryRecord> h = {{600, 3, 2, 4, 8192, 16384}, {660, 5, 0, 1, 0, 100}};
+  auto reqs = tune::requests_of(h, 60, kSeg, 1000);
+  REQUIRE(reqs.size() == 7);
+  for (size_t i = 1; i < reqs.size(); ++i) CHECK(reqs[i - 1].time_ns <= reqs[i].time_ns);
+  size_t writes = 0;
+  for (const auto& q : reqs) {
+    if (q.op == trace::Op::kWrite) ++writes;
+    CHECK(q.time_ns >= 600 * kSec);
+    CHECK(q.time_ns < 720 * kSec);
+  }
+  CHECK(writes == 5);
+  CHECK(reqs.back().offset == 5 * kSeg);
+  CHECK(reqs.back().length == 100);
+  // The newest records first when there are too many.
+  auto newest = tune::requests_of(h, 60, kSeg, 1);
+  REQUIRE(newest.size() == 1);
+  CHECK(newest[0].offset == 5 * kSeg);
+}
+
+TEST_CASE("tune: max versions follow the pool's room; a run never ends worse and drops wasted copies",
+          "[tune]") {
+  tune::Input in;
+  in.sim.segment_bytes = kSeg;
+  in.pool_bytes = 1000ull * kSeg;
+  in.journal_bytes = 200ull * kSeg;
+  in.segments_with_history = 10;
+  in.mean_version_bytes = kSeg;
+  CHECK(tune::fit_max_versions(in) == 40);  // (1000 - 200) / 2 / 10
+  in.segments_with_history = 1000;
+  CHECK(tune::fit_max_versions(in) == 2);
+  // A stream of 40 segments every 10 minutes into the same area: copying far
+  // ahead of it only wastes bytes.
+  for (int period = 0; period < 6; ++period) {
+    for (uint64_t s = 0; s < 40; ++s) {
+      in.history.push_back({period * 600 + static_cast<int64_t>(s / 10) * 60, 100 + s, 0, 4, 0, 4 * kSeg / 4});
+    }
+  }
+  std::sort(in.history.begin(), in.history.end(),
+            [](const auto& a, const auto& b) { return a.bucket_start_s < b.bucket_start_s; });
+  in.sim.device_bytes = 1024ull * kSeg;
+  in.sim.pool_capacity_bytes = 4096ull * kSeg;
+  in.sim.budget_bytes_per_s = 64 * kSeg;
+  in.sim.retention_s = 300;
+  in.sim.policy = PolicyKind::kAuto;
+  auto out = tune::run(in);
+  REQUIRE(out);
+  CHECK(out->requests == 6 * 40 * 4);
+  CHECK(out->trials.size() > 8);
+  CHECK(out->stalls_after <= out->stalls_before);
+  CHECK(out->changed);
+  CHECK(out->copied_after < out->copied_before);
 }
 
 }  // namespace
