@@ -109,9 +109,27 @@ class PredictivePolicy final : public ShadowPolicy {
   void candidates(int64_t now, size_t max, const predict::Skip& covered,
                   std::vector<std::pair<double, uint64_t>>& out) const override {
     std::vector<std::pair<double, uint64_t>> v;
-    pred_->nominate(now, p_.horizon_s, std::min(max, p_.max_candidates), covered, v);
+    const size_t limit = std::min(max, p_.max_candidates);
+    pred_->nominate(now, p_.horizon_s, limit, covered, v);
+    size_t n = 0;
     for (const auto& [f, s] : v) {
-      if (f >= p_.min_value) out.emplace_back(f, s);
+      if (f >= p_.min_value) {
+        out.emplace_back(f, s);
+        ++n;
+      }
+    }
+    // auto: then the top of the priority formula's ranking (segments read or
+    // written much and lately), as the seed's shadowing loop does.
+    if (monitor_ && n < limit) {
+      for (uint64_t s : monitor_->top_k(16 * limit)) {
+        if (n >= limit) break;
+        if ((covered && covered(s)) ||
+            std::any_of(v.begin(), v.end(), [&](const auto& e) { return e.second == s; })) {
+          continue;
+        }
+        out.emplace_back(0, s);  // after every forecast
+        ++n;
+      }
     }
   }
   const predict::Predictor* predictor() const override { return pred_.get(); }

@@ -400,9 +400,12 @@ class Sequential final : public Predictor {
 
 // ---------------------------------------------------------------------------
 
+// The larger forecast of its parts; nominations come from the first
+// `nominators` parts only (the others rank what is kept).
 class Ensemble final : public Predictor {
  public:
-  explicit Ensemble(std::vector<std::unique_ptr<Predictor>> parts) : parts_(std::move(parts)) {}
+  Ensemble(std::vector<std::unique_ptr<Predictor>> parts, size_t nominators)
+      : parts_(std::move(parts)), nominators_(std::min(nominators, parts_.size())) {}
   std::string_view name() const override { return "auto"; }
   void observe(uint64_t seg, Op op, int64_t t) override {
     for (auto& p : parts_) p->observe(seg, op, t);
@@ -418,7 +421,7 @@ class Ensemble final : public Predictor {
   void nominate(int64_t now, double horizon_s, size_t max, const Skip& skip,
                 std::vector<std::pair<double, uint64_t>>& out) const override {
     std::vector<std::pair<double, uint64_t>> v;
-    for (const auto& p : parts_) p->nominate(now, horizon_s, max, skip, v);
+    for (size_t i = 0; i < nominators_; ++i) parts_[i]->nominate(now, horizon_s, max, skip, v);
     std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
       return a.second != b.second ? a.second < b.second : a.first > b.first;
     });
@@ -443,14 +446,15 @@ class Ensemble final : public Predictor {
 
  private:
   std::vector<std::unique_ptr<Predictor>> parts_;
+  size_t nominators_;
 };
 
 }  // namespace
 
 std::unique_ptr<Predictor> make_ewma(const Params& p) { return std::make_unique<Ewma>(p); }
 std::unique_ptr<Predictor> make_sequential(const Params& p) { return std::make_unique<Sequential>(p); }
-std::unique_ptr<Predictor> make_ensemble(std::vector<std::unique_ptr<Predictor>> parts) {
-  return std::make_unique<Ensemble>(std::move(parts));
+std::unique_ptr<Predictor> make_ensemble(std::vector<std::unique_ptr<Predictor>> parts, size_t nominators) {
+  return std::make_unique<Ensemble>(std::move(parts), nominators);
 }
 
 Result<std::unique_ptr<Predictor>> make(std::string_view name, const Params& p) {
@@ -462,7 +466,10 @@ Result<std::unique_ptr<Predictor>> make(std::string_view name, const Params& p) 
     std::vector<std::unique_ptr<Predictor>> parts;
     parts.push_back(make_sequential(p));
     parts.push_back(make_ewma(p));
-    return make_ensemble(std::move(parts));
+    // Copies ahead come from the sequential model: on the traces we have,
+    // copies of what ewma ranks high (segments written recently) are evicted
+    // again before their next write; its rates order what is kept.
+    return make_ensemble(std::move(parts), 1);
   }
   return Status::invalid("unknown predictor '" + std::string(name) +
                          "' (ewma, holt-winters, arima, sequential, auto)");

@@ -88,7 +88,8 @@ class Predictor {
 };
 
 // "ewma", "holt-winters", "arima", "sequential", "auto" (sequential and
-// ewma together: the larger forecast of the two).
+// ewma together: the larger forecast of the two; copies ahead from the
+// sequential model's nominations).
 Result<std::unique_ptr<Predictor>> make(std::string_view name, const Params& p);
 
 // Building blocks, exposed for tests.
@@ -96,7 +97,7 @@ std::unique_ptr<Predictor> make_ewma(const Params& p);
 std::unique_ptr<Predictor> make_holt_winters(const Params& p);
 std::unique_ptr<Predictor> make_arima(const Params& p);
 std::unique_ptr<Predictor> make_sequential(const Params& p);
-std::unique_ptr<Predictor> make_ensemble(std::vector<std::unique_ptr<Predictor>> parts);
+std::unique_ptr<Predictor> make_ensemble(std::vector<std::unique_ptr<Predictor>> parts, size_t nominators);
 
 // The period (in buckets) of a series of counts, by autocorrelation among
 // `candidates` (in buckets); 0 if none is clearly seasonal (acf < 0.3).

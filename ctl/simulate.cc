@@ -119,6 +119,8 @@ CLI::App* add_simulate(CLI::App& app, SimulateOptions& o) {
   s->add_option("--retention", o.retention, "The restorable window, e.g. 15min, 2h, 7d (default 7d)");
   s->add_option("--policy", o.policy, "The shadowing policy (default auto; see below)");
   s->add_option("--horizon", o.horizon, "Forecast horizon in seconds (default 60)");
+  s->add_option("--min-value", o.min_value,
+                "Copy ahead only segments forecast at least this (default 0.01)");
   s->add_option("--seed", o.seed, "Seed of the sampled restore times (default 1)");
   s->add_flag("--no-progress", o.no_progress, "No progress on stderr");
   return s;
@@ -165,6 +167,12 @@ int cmd_simulate(const SimulateOptions& o, bool as_json) {
     const double h = std::strtod(o.horizon.c_str(), &end);
     if (end != o.horizon.c_str() + o.horizon.size() || !(h > 0)) return fail("--horizon: seconds, positive");
     so.params.horizon_s = h;
+  }
+  if (!o.min_value.empty()) {
+    char* end = nullptr;
+    const double v = std::strtod(o.min_value.c_str(), &end);
+    if (end != o.min_value.c_str() + o.min_value.size() || !(v >= 0)) return fail("--min-value: a number, 0 or more");
+    so.params.min_value = v;
   }
   so.seed = o.seed;
   so.params.predict.hw_period_seconds = 0;

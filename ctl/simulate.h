@@ -20,6 +20,7 @@ struct SimulateOptions {
   std::string retention = "7d";
   std::string policy = "auto";
   std::string horizon;   // forecast horizon (seconds); default the policy's
+  std::string min_value; // forecast below which nothing is copied; default the policy's
   uint64_t seed = 1;
   bool no_progress = false;
 };
