@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 
 namespace shadowd {
 namespace {
@@ -97,12 +98,25 @@ class PredictivePolicy final : public ShadowPolicy {
   PolicyKind kind() const override { return kind_; }
   bool keeps_bases() const override { return true; }
   bool copies_ahead() const override { return true; }
-  void observe(predict::Op op, uint64_t seg, int64_t t) override { pred_->observe(seg, op, t); }
-  void tick(int64_t now) override { pred_->tick(now); }
+  void observe(predict::Op op, uint64_t seg, int64_t t) override {
+    pred_->observe(seg, op, t);
+    if (op == predict::Op::kWrite) {
+      if (auto f = checks_.find(seg); f != checks_.end()) ++f->second.actual;
+      last_written_[next_written_++ % last_written_.size()] = seg;
+    }
+  }
+  void tick(int64_t now) override {
+    pred_->tick(now);
+    check_forecasts(now);
+  }
+  std::vector<ForecastError> forecast_errors() const override { return errors_; }
   double value(uint64_t seg, int64_t now) const override {
     double v = pred_->forecast(seg, now, p_.horizon_s);
+    // The formula bounded to (-1, 1): it orders what no model expects, and
+    // its time-since-last-access term must not sink a segment a model does
+    // expect (one never accessed ages from the daemon's start).
     if (monitor_ && p_.priority_weight != 0 && seg < monitor_->segment_count()) {
-      v += p_.priority_weight * monitor_->priority(seg);
+      v += p_.priority_weight * std::tanh(monitor_->priority(seg));
     }
     return v;
   }
@@ -140,10 +154,60 @@ class PredictivePolicy final : public ShadowPolicy {
   }
 
  private:
+  // Every minute: score the forecasts made a minute ago against the writes
+  // that came, then forecast again for a sample (the top nominations and
+  // recently written segments).
+  void check_forecasts(int64_t now) {
+    constexpr int64_t kMinute = 60'000'000'000;
+    if (check_start_ns_ != 0 && now - check_start_ns_ < kMinute) return;
+    if (check_start_ns_ != 0 && !checks_.empty()) {
+      const auto parts = pred_->parts();
+      if (errors_.size() != parts.size()) {
+        errors_.assign(parts.size(), ForecastError{});
+        for (size_t i = 0; i < parts.size(); ++i) errors_[i].predictor = std::string(parts[i]->name());
+      }
+      for (const auto& [seg, c] : checks_) {
+        for (size_t i = 0; i < parts.size() && i < c.forecast.size(); ++i) {
+          ForecastError& e = errors_[i];
+          const double err = std::abs(c.forecast[i] - static_cast<double>(c.actual));
+          e.mae = (e.mae * static_cast<double>(e.samples) + err) / static_cast<double>(e.samples + 1);
+          e.samples = std::min<uint64_t>(e.samples + 1, 10000);  // a long, slowly moving mean
+        }
+      }
+    }
+    checks_.clear();
+    check_start_ns_ = now;
+    std::vector<std::pair<double, uint64_t>> v;
+    pred_->nominate(now, 60, 32, {}, v);
+    for (const auto& [f, seg] : v) checks_[seg];
+    for (uint64_t seg : last_written_) {
+      if (checks_.size() >= 64) break;
+      if (seg != kNoSeg) checks_[seg];
+    }
+    const auto parts = pred_->parts();
+    for (auto& [seg, c] : checks_) {
+      for (const auto* part : parts) c.forecast.push_back(part->forecast(seg, now, 60));
+    }
+  }
+
+  struct Check {
+    std::vector<double> forecast;  // per part
+    uint64_t actual = 0;
+  };
+  static constexpr uint64_t kNoSeg = ~0ull;
   PolicyKind kind_;
   PolicyParams p_;
   std::unique_ptr<predict::Predictor> pred_;
   const Monitor* monitor_;
+  std::unordered_map<uint64_t, Check> checks_;
+  int64_t check_start_ns_ = 0;
+  std::array<uint64_t, 32> last_written_ = [] {
+    std::array<uint64_t, 32> a;
+    a.fill(kNoSeg);
+    return a;
+  }();
+  size_t next_written_ = 0;
+  std::vector<ForecastError> errors_;
 };
 
 }  // namespace

@@ -79,6 +79,15 @@ class ShadowPolicy {
   // The forecaster behind the values (null for the reactive policies).
   virtual const predict::Predictor* predictor() const { return nullptr; }
   virtual uint64_t memory_bytes() const = 0;
+  // Mean absolute error of each model's forecast of writes per segment over
+  // one minute, checked on a sample of segments every minute (empty for the
+  // reactive policies or before the first check).
+  struct ForecastError {
+    std::string predictor;
+    double mae = 0;         // writes per segment-minute
+    uint64_t samples = 0;   // forecasts checked
+  };
+  virtual std::vector<ForecastError> forecast_errors() const { return {}; }
 };
 
 // Every policy but kOracle (the simulator builds that one from the trace).

@@ -443,6 +443,11 @@ class Ensemble final : public Predictor {
   void set_params(const Params& p) override {
     for (auto& part : parts_) part->set_params(p);
   }
+  std::vector<const Predictor*> parts() const override {
+    std::vector<const Predictor*> v;
+    for (const auto& p : parts_) v.push_back(p.get());
+    return v;
+  }
 
  private:
   std::vector<std::unique_ptr<Predictor>> parts_;

@@ -85,6 +85,8 @@ class Predictor {
   // New parameters where a model can take them without losing what it has
   // learnt (sequential: how far ahead; the others keep theirs).
   virtual void set_params(const Params& p) { (void)p; }
+  // The models inside (an ensemble's parts; else this one).
+  virtual std::vector<const Predictor*> parts() const { return {this}; }
 };
 
 // "ewma", "holt-winters", "arima", "sequential", "auto" (sequential and

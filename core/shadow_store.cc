@@ -659,6 +659,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   std::vector<Access> feed_;
   uint64_t feed_dropped_ = 0;
   std::atomic<uint64_t> policy_mem_{0};
+  std::vector<ShadowPolicy::ForecastError> forecast_errors_;  // feed_mu_
   void feed(predict::Op op, uint64_t first, uint64_t last);
   // Give up speculative bases, lowest value first, until about `bytes` of
   // stored versions are released (op_mu_ held).
@@ -2333,6 +2334,10 @@ void StoreImpl::round_locked() {
   policy_->tick(now_clock);
   policy_mem_.store(policy_->memory_bytes(), std::memory_order_relaxed);
   {
+    std::lock_guard<std::mutex> lock(feed_mu_);
+    forecast_errors_ = policy_->forecast_errors();
+  }
+  {
     std::lock_guard<std::mutex> lock(mu_);
     if (degraded_) return;
   }
@@ -2610,6 +2615,7 @@ StoreStats StoreImpl::stats() const {
   {
     std::lock_guard<std::mutex> fl(self.feed_mu_);
     s.access_events_dropped = feed_dropped_;
+    s.forecast_errors = forecast_errors_;
   }
   s.degraded = degraded_;
   s.degraded_reason = degraded_reason_;

@@ -141,6 +141,7 @@ struct StoreStats {
   uint64_t bases_speculative = 0;      // segments with a base and no journal record
   uint64_t access_events_dropped = 0;  // accesses the policy did not see (queue full)
   uint64_t policy_memory_bytes = 0;
+  std::vector<ShadowPolicy::ForecastError> forecast_errors;  // per predictor
   // state
   bool degraded = false;
   std::string degraded_reason;

@@ -378,6 +378,13 @@ json shadow_status(const DaemonContext& ctx, const Config& cfg) {
               {"bases_speculative", st.bases_speculative},
               {"access_events_dropped", st.access_events_dropped},
               {"policy_memory_bytes", st.policy_memory_bytes},
+              {"forecast_error", [&] {
+                 json e = json::object();
+                 for (const auto& f : st.forecast_errors) {
+                   e[f.predictor] = {{"mae_writes_per_minute", f.mae}, {"samples", f.samples}};
+                 }
+                 return e;
+               }()},
               {"degraded", st.degraded},
               {"degraded_reason", st.degraded_reason},
               {"from_ns", st.retention_start_ns},

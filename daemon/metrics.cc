@@ -209,6 +209,12 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
     out.push_back(scalar("shadowd_policy_memory_bytes", "State held by the shadowing policy", G,
                          d(st.policy_memory_bytes)));
     {
+      MetricFamily f = family("shadowd_forecast_error",
+                              "Mean absolute error of each predictor's writes-per-minute forecast", G);
+      for (const auto& e : st.forecast_errors) f.metric.push_back(sample(G, e.mae, {{"predictor", e.predictor}}));
+      out.push_back(std::move(f));
+    }
+    {
       const Config c = [&] {
         std::lock_guard<std::mutex> lock(ctx.config_mu);
         return ctx.config;

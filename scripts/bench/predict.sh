@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The predictive-shadowing benchmark: every trace in ../shared/traces (or
 # PREDICT_TRACES) replayed by `shadowctl simulate` with every policy, at pool
-# capacities of 10 % and 100 % of the device and copy budgets of 4 and
+# capacities of 10 %, 100 % and 300 % of the device and copy budgets of 4 and
 # 16 MiB/s (PREDICT_CAPACITIES, PREDICT_BUDGETS), with the daemon's default
 # retention (7 days) and a short one (PREDICT_RETENTIONS, default "7d 5min").
 #
@@ -27,7 +27,7 @@ traces_dir=${PREDICT_TRACES_DIR:-$root/../shared/traces}
 read -ra traces <<<"${PREDICT_TRACES:-$(ls "$traces_dir"/*.csv.gz "$traces_dir"/*.csv "$traces_dir"/*.txt 2>/dev/null | tr '\n' ' ')}"
 ((${#traces[@]})) || die "no traces in $traces_dir"
 read -ra policies <<<"${PREDICT_POLICIES:-none lru heat priority ewma holt-winters arima sequential auto oracle}"
-read -ra capacities <<<"${PREDICT_CAPACITIES:-10% 100%}"
+read -ra capacities <<<"${PREDICT_CAPACITIES:-10% 100% 300%}"
 read -ra budgets <<<"${PREDICT_BUDGETS:-4MiB 16MiB}"
 read -ra retentions <<<"${PREDICT_RETENTIONS:-7d 5min}"
 default_policy=${PREDICT_DEFAULT:-auto}

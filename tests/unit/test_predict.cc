@@ -162,5 +162,30 @@ TEST_CASE("policies: names round-trip; the oracle is not for the daemon", "[pred
   CHECK((*heat)->value(1, 10 * kSec) > (*heat)->value(2, 10 * kSec));
 }
 
+TEST_CASE("policies measure each predictor's forecast error", "[predict]") {
+  PolicyParams pp;
+  auto pol = make_policy(PolicyKind::kAuto, pp, nullptr);
+  REQUIRE(pol);
+  CHECK((*pol)->forecast_errors().empty());
+  int64_t t = 1000 * kSec;
+  // Segment 5 written once a second for five minutes: ewma learns the rate
+  // and forecasts the next minute's 60 writes closely; the sequential model
+  // forecasts none.
+  for (int i = 0; i < 300; ++i, t += kSec) {
+    (*pol)->observe(Op::kWrite, 5, t);
+    (*pol)->tick(t);
+  }
+  const auto errs = (*pol)->forecast_errors();
+  REQUIRE(errs.size() == 2);
+  CHECK(errs[0].predictor == "sequential");
+  CHECK(errs[1].predictor == "ewma");
+  CHECK(errs[1].samples >= 3);
+  CHECK(errs[1].mae < 1);  // over the sample: segment 5 and the stream's idle neighbours
+  CHECK(errs[0].mae > 3 * errs[1].mae);  // it misses segment 5's 60 writes a minute
+  auto lru = make_policy(PolicyKind::kLru, pp, nullptr);
+  REQUIRE(lru);
+  CHECK((*lru)->forecast_errors().empty());
+}
+
 }  // namespace
 }  // namespace shadowd::predict
