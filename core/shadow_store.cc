@@ -664,6 +664,11 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // Give up speculative bases, lowest value first, until about `bytes` of
   // stored versions are released (op_mu_ held).
   void drop_speculative_locked(uint64_t bytes);
+  // Two tiers: move the versions of segments ranked hot to the fast tier,
+  // and, while the fast tier runs low, those of segments no longer hot to
+  // the slow one (op_mu_ held; a few per round).
+  Status migrate_tiers_locked();
+  uint64_t promoted_ = 0, demoted_ = 0;  // mu_
   // guarded by mu_
   std::unordered_set<uint64_t> ahead_;  // copied ahead, not yet written
   uint64_t copies_ahead_ = 0, copies_ahead_used_ = 0, spec_hits_ = 0, spec_dropped_ = 0, bases_freed_ = 0;
@@ -2261,6 +2266,84 @@ Status StoreImpl::compact_locked() {
   return Status::ok();
 }
 
+Status StoreImpl::migrate_tiers_locked() {
+  if (tiers_.size() < 2 || !monitor_) return Status::ok();
+  constexpr size_t kPerRound = 16;
+  auto top = monitor_->top_k(1024);
+  std::unordered_set<uint64_t> hot(top.begin(), top.end());
+  struct Move {
+    uint64_t seg;
+    VEntry v;
+    uint8_t to;
+  };
+  std::vector<Move> moves;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const bool fast_room = free_zones_locked(0) > low_water_locked(0) + 2;
+    const bool fast_low = free_zones_locked(0) < low_water_locked(0) + 2;
+    const bool slow_room = free_zones_locked(1) > low_water_locked(1) + 1;
+    // Promote: the hottest first (the ranking's order).
+    if (fast_room) {
+      for (uint64_t seg : top) {
+        if (moves.size() >= kPerRound) break;
+        auto f = segs_.find(seg);
+        if (f == segs_.end()) continue;
+        for (const VEntry& v : f->second.versions) {
+          if (v.loc.tier == 1 && moves.size() < kPerRound) moves.push_back(Move{seg, v, 0});
+        }
+      }
+    }
+    // Demote: versions of segments not hot, while the fast tier is low.
+    if (fast_low && slow_room) {
+      for (const auto& [seg, sg] : segs_) {
+        if (moves.size() >= kPerRound) break;
+        if (hot.count(seg)) continue;
+        for (const VEntry& v : sg.versions) {
+          if (v.loc.tier == 0 && moves.size() < kPerRound) moves.push_back(Move{seg, v, 1});
+        }
+      }
+    }
+  }
+  if (moves.empty()) return Status::ok();
+  for (Move& m : moves) {
+    pool::Record rec;
+    auto payload = read_record(m.v.loc, rec);
+    if (!payload) return payload.status();
+    pool::VersionRecord vr = rec.version;
+    vr.tier = m.to;
+    auto loc = versions_[m.to]->add(pool::version_record_bytes(payload->size()),
+                                    [&](std::vector<uint8_t>& o, uint64_t gen) { pool::encode_version(o, gen, vr, *payload); });
+    if (!loc) return loc.status();
+    m.v.loc = *loc;
+  }
+  // The copies are durable before the index points at them; the old ones
+  // stay in their zones until a checkpoint frees those.
+  for (uint8_t t = 0; t < 2; ++t) {
+    Status st = versions_[t]->write_out();
+    if (st) st = sync_io(device(t), BlockOpKind::kFlush, 0, 0, nullptr);
+    if (!st) {
+      enter_degraded("tier migration failed: " + st.message());
+      std::lock_guard<std::mutex> lock(mu_);
+      versions_[t]->reset_locked();
+      return st;
+    }
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  for (uint8_t t = 0; t < 2; ++t) versions_[t]->commit_locked();
+  for (const Move& m : moves) {
+    auto f = segs_.find(m.seg);
+    if (f == segs_.end()) continue;
+    for (VEntry& cur : f->second.versions) {
+      if (cur.seq != m.v.seq) continue;
+      unref_locked(cur.loc);
+      cur.loc = m.v.loc;
+      ref_locked(cur.loc, cur.ts);
+      ++(m.to == 0 ? promoted_ : demoted_);
+    }
+  }
+  return Status::ok();
+}
+
 Status StoreImpl::try_restart_locked() {
   // Start history again once the pool takes writes: everything before now is
   // dropped (a write may have missed the journal), and a marker says so.
@@ -2498,6 +2581,8 @@ void StoreImpl::tick() {
     if (!st) spdlog::error("checkpoint: {}", st.message());
   }
   round_locked();
+  Status mt = migrate_tiers_locked();
+  if (!mt) spdlog::warn("tier migration: {}", mt.message());
 }
 
 void StoreImpl::shadow_main() {
@@ -2611,6 +2696,8 @@ StoreStats StoreImpl::stats() const {
   s.speculative_hits = spec_hits_;
   s.speculative_dropped = spec_dropped_;
   s.bases_freed = bases_freed_;
+  s.versions_promoted = promoted_;
+  s.versions_demoted = demoted_;
   s.policy_memory_bytes = policy_mem_.load(std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> fl(self.feed_mu_);

@@ -137,6 +137,8 @@ struct StoreStats {
   uint64_t speculative_hits = 0;       // writes that found a speculative base
   uint64_t speculative_dropped = 0;    // speculative bases given up for room
   uint64_t bases_freed = 0;            // bases freed as their segment left the window
+  uint64_t versions_promoted = 0;      // moved to the fast tier (segment ranked hot)
+  uint64_t versions_demoted = 0;       // moved to the slow tier (fast tier low, segment not hot)
   uint64_t bases_pinned = 0;           // segments with a base and journal records
   uint64_t bases_speculative = 0;      // segments with a base and no journal record
   uint64_t access_events_dropped = 0;  // accesses the policy did not see (queue full)

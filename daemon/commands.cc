@@ -374,6 +374,8 @@ json shadow_status(const DaemonContext& ctx, const Config& cfg) {
               {"speculative_hits", st.speculative_hits},
               {"speculative_dropped", st.speculative_dropped},
               {"bases_freed", st.bases_freed},
+              {"versions_promoted", st.versions_promoted},
+              {"versions_demoted", st.versions_demoted},
               {"bases_pinned", st.bases_pinned},
               {"bases_speculative", st.bases_speculative},
               {"access_events_dropped", st.access_events_dropped},

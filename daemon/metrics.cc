@@ -204,6 +204,12 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
     }
     out.push_back(scalar("shadowd_bases_freed_total", "Bases freed as their segment left the window", C,
                          d(st.bases_freed)));
+    {
+      MetricFamily f = family("shadowd_tier_migrations_total", "Versions moved between pool tiers", C);
+      f.metric.push_back(sample(C, d(st.versions_promoted), {{"to", "fast"}}));
+      f.metric.push_back(sample(C, d(st.versions_demoted), {{"to", "slow"}}));
+      out.push_back(std::move(f));
+    }
     out.push_back(scalar("shadowd_speculative_dropped_total",
                          "Speculative bases given up for pool room", C, d(st.speculative_dropped)));
     out.push_back(scalar("shadowd_policy_memory_bytes", "State held by the shadowing policy", G,

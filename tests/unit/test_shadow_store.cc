@@ -504,6 +504,45 @@ TEST_CASE("store: the sequential policy copies a stream's next segments ahead of
   REQUIRE(rig.store->check_index());
 }
 
+// Two tiers: a segment the monitor comes to rank hot has its versions moved
+// to the fast tier by the shadowing round; every time still restores.
+TEST_CASE("store: versions of segments ranked hot move to the fast tier", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  Rig rig(seed, 8 * kSeg, (1u << 20) + 12 * (4u << 20), 2);
+  auto d = rig.data(4096);
+  REQUIRE(rig.io(BlockOpKind::kWrite, 2 * kSeg + 8192, d.size(), d.data()));
+  rig.model.apply(++rig.seq, rig.clock.now_ns(), 2 * kSeg + 8192, d.size(), d);
+  rig.clock.advance_ns(kMs);
+  REQUIRE(rig.store->shadow_segment(2));
+  auto tiers_of = [&] {
+    std::vector<uint32_t> t;
+    const auto h = rig.store->segment(2);
+    if (h) {
+      for (const VersionInfo& v : h->versions) t.push_back(v.tier);
+    }
+    return t;
+  };
+  REQUIRE(tiers_of() == std::vector<uint32_t>{0, 1});  // the copy-on-write, then a background version
+  rig.store->shadow_round();
+  CHECK(tiers_of() == std::vector<uint32_t>{0, 1});  // not hot: stays
+  for (int i = 0; i < 8; ++i) rig.monitor->record(AccessOp::kRead, 2 * kSeg, 4096);
+  rig.monitor->rescore();
+  rig.store->shadow_round();
+  CHECK(tiers_of() == std::vector<uint32_t>{0, 0});
+  CHECK(rig.store->stats().versions_promoted == 1);
+  REQUIRE(rig.store->check_index());
+  rig.clock.advance_ns(kMs);
+  rig.check_history(8);
+  rig.check_restore(4);
+  // After a restart the index finds the moved version.
+  rig.store->stop();
+  rig.store.reset();
+  rig.open();
+  CHECK(tiers_of() == std::vector<uint32_t>{0, 0});
+  rig.check_restore(4);
+}
+
 // A restart finds again the versions dropped since the last checkpoint, so
 // a segment can hold versions older than its window's base version. Keeping
 // max_versions_per_segment must then drop those, never the base: the records
