@@ -369,7 +369,7 @@ class Sequential final : public Predictor {
   double frontier_score(uint64_t d) const {
     if (first_writes_ < 16) return 0;
     const double share = static_cast<double>(frontier_hits_) / static_cast<double>(first_writes_);
-    return 0.5 * share / (1.0 + static_cast<double>(d) / 256.0);
+    return share / (1.0 + static_cast<double>(d) / 256.0);
   }
   double read_write_ratio() const {
     return reads_seen_ < 64 ? 0 : static_cast<double>(reads_written_) / static_cast<double>(reads_seen_);

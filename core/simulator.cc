@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <bit>
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cmath>
 #include <deque>
 #include <limits>
@@ -205,6 +207,7 @@ class Sim {
   void segment_write(uint64_t s, uint64_t bytes, int64_t t) {
     ++r_.segment_writes;
     if (!base_[s]) {
+      if (stall_log_) std::fprintf(stall_log_, "%lld %llu\n", static_cast<long long>(t), static_cast<unsigned long long>(s));
       ++r_.stalls;
       r_.stall_bytes += S_;
       base_[s] = 1;
@@ -393,6 +396,8 @@ class Sim {
   size_t next_sample_ = 0;
   std::vector<uint32_t> replay_;
   Result r_;
+ public:
+  FILE* stall_log_ = nullptr;  // debugging aid: SHADOWD_SIM_STALL_LOG=PATH lists every stall
 };
 
 }  // namespace
@@ -420,7 +425,10 @@ shadowd::Result<Result> run(const std::vector<trace::Request>& reqs, const Optio
   Sim sim(opts, device, reqs.empty() ? 0 : reqs.front().time_ns);
   Status st = sim.init(reqs);
   if (!st) return st;
-  return sim.run(reqs, progress);
+  if (const char* path = std::getenv("SHADOWD_SIM_STALL_LOG")) sim.stall_log_ = std::fopen(path, "w");
+  auto r = sim.run(reqs, progress);
+  if (sim.stall_log_) std::fclose(sim.stall_log_);
+  return r;
 }
 
 }  // namespace shadowd::sim
