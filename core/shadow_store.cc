@@ -2467,14 +2467,17 @@ void StoreImpl::round_locked() {
   if (room && policy_->copies_ahead()) {
     std::vector<std::pair<double, uint64_t>> cand;
     const uint64_t nseg = (primary_->size_bytes() + seg_bytes_ - 1) >> shift_;
-    std::lock_guard<std::mutex> lock(mu_);
+    // The forecast runs without the store's lock (writes take it): only
+    // each look at the index does, briefly.
     policy_->candidates(now_clock, opts_.policy_params.max_candidates,
                         [&](uint64_t seg) {
                           if (seg >= nseg) return true;
+                          std::lock_guard<std::mutex> lock(mu_);
                           auto f = segs_.find(seg);
                           return f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending);
                         },
                         cand);
+    std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [v, seg] : cand) {
       if (seg >= nseg) continue;
       auto f = segs_.find(seg);
