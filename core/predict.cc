@@ -27,6 +27,19 @@ void keep_best(std::vector<std::pair<double, uint64_t>>& v, size_t max) {
   std::sort(v.begin(), v.end(), better);
 }
 
+// Appends to `out` the `max` best of `v` (best first), each segment once
+// with its best score.
+void append_best_unique(std::vector<std::pair<double, uint64_t>>& v, size_t max,
+                        std::vector<std::pair<double, uint64_t>>& out) {
+  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+    return a.second != b.second ? a.second < b.second : a.first > b.first;
+  });
+  v.erase(std::unique(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second == b.second; }),
+          v.end());
+  keep_best(v, max);
+  out.insert(out.end(), v.begin(), v.end());
+}
+
 // Drop the least recently seen entries of `m` beyond `max`, and those not
 // seen since `cutoff_ns`. T has an int64_t `last_ns`.
 template <typename Map>
@@ -317,13 +330,7 @@ class Sequential final : public Predictor {
       }
     }
     // The same segment may come from two sources: keep its best score.
-    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
-      return a.second != b.second ? a.second < b.second : a.first > b.first;
-    });
-    v.erase(std::unique(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second == b.second; }),
-            v.end());
-    keep_best(v, max);
-    out.insert(out.end(), v.begin(), v.end());
+    append_best_unique(v, max, out);
   }
 
   void set_params(const Params& p) override {
@@ -422,13 +429,7 @@ class Ensemble final : public Predictor {
                 std::vector<std::pair<double, uint64_t>>& out) const override {
     std::vector<std::pair<double, uint64_t>> v;
     for (size_t i = 0; i < nominators_; ++i) parts_[i]->nominate(now, horizon_s, max, skip, v);
-    std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
-      return a.second != b.second ? a.second < b.second : a.first > b.first;
-    });
-    v.erase(std::unique(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second == b.second; }),
-            v.end());
-    keep_best(v, max);
-    out.insert(out.end(), v.begin(), v.end());
+    append_best_unique(v, max, out);
   }
   uint64_t active_segments() const override {
     uint64_t n = 0;

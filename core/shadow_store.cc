@@ -668,6 +668,9 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // and, while the fast tier runs low, those of segments no longer hot to
   // the slow one (op_mu_ held; a few per round).
   Status migrate_tiers_locked();
+  // After version records were written to `tier` (st: how that went): flush
+  // the tier; on failure go degraded and drop what the appender holds.
+  Status seal_versions(uint8_t tier, Status st, const char* what);
   uint64_t promoted_ = 0, demoted_ = 0;  // mu_
   // guarded by mu_
   std::unordered_set<uint64_t> ahead_;  // copied ahead, not yet written
@@ -1651,14 +1654,8 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
     }
   }
   VEntry v;
-  st = write_version(tier, seg, proto, content, basep, v);
-  if (st) st = sync_io(device(tier), BlockOpKind::kFlush, 0, 0, nullptr);
-  if (!st) {
-    enter_degraded("version write failed: " + st.message());
-    std::lock_guard<std::mutex> lock(mu_);
-    versions_[tier]->reset_locked();
-    return st;
-  }
+  st = seal_versions(tier, write_version(tier, seg, proto, content, basep, v), "version write");
+  if (!st) return st;
   {
     std::lock_guard<std::mutex> lock(mu_);
     versions_[tier]->commit_locked();
@@ -2266,6 +2263,16 @@ Status StoreImpl::compact_locked() {
   return Status::ok();
 }
 
+Status StoreImpl::seal_versions(uint8_t tier, Status st, const char* what) {
+  if (st) st = sync_io(device(tier), BlockOpKind::kFlush, 0, 0, nullptr);
+  if (!st) {
+    enter_degraded(std::string(what) + " failed: " + st.message());
+    std::lock_guard<std::mutex> lock(mu_);
+    versions_[tier]->reset_locked();
+  }
+  return st;
+}
+
 Status StoreImpl::migrate_tiers_locked() {
   if (tiers_.size() < 2 || !monitor_) return Status::ok();
   constexpr size_t kPerRound = 16;
@@ -2319,14 +2326,8 @@ Status StoreImpl::migrate_tiers_locked() {
   // The copies are durable before the index points at them; the old ones
   // stay in their zones until a checkpoint frees those.
   for (uint8_t t = 0; t < 2; ++t) {
-    Status st = versions_[t]->write_out();
-    if (st) st = sync_io(device(t), BlockOpKind::kFlush, 0, 0, nullptr);
-    if (!st) {
-      enter_degraded("tier migration failed: " + st.message());
-      std::lock_guard<std::mutex> lock(mu_);
-      versions_[t]->reset_locked();
-      return st;
-    }
+    Status st = seal_versions(t, versions_[t]->write_out(), "tier migration");
+    if (!st) return st;
   }
   std::lock_guard<std::mutex> lock(mu_);
   for (uint8_t t = 0; t < 2; ++t) versions_[t]->commit_locked();
