@@ -67,6 +67,9 @@ Result<Output> run(const Input& in) {
   }
   auto eval = [&](const PriorityParams& pp, const PolicyParams& pol, const std::string& what)
       -> shadowd::Result<std::pair<uint64_t, uint64_t>> {
+    if (in.cancel && in.cancel->load(std::memory_order_relaxed)) {
+      return Status::error(Status::Code::kShutdown, "tuning cancelled");
+    }
     sim::Options o = in.sim;
     o.priority = pp;
     o.params = pol;

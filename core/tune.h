@@ -15,6 +15,7 @@
 // with history, within 2..64.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -39,6 +40,8 @@ struct Input {
   uint64_t journal_bytes = 0;
   uint64_t mean_version_bytes = 0;
   uint64_t segments_with_history = 0;
+  // Checked between trials: set, the run stops with kShutdown.
+  const std::atomic<bool>* cancel = nullptr;
 };
 
 struct Trial {

@@ -994,7 +994,10 @@ Status run_tune(DaemonContext& ctx) {
   if (ctx.store == nullptr || ctx.monitor == nullptr) {
     return Status::error(Status::Code::kBusy, "auto-tuning needs a shadow pool and the access monitor");
   }
-  std::lock_guard<std::mutex> run(ctx.tune.run_mu);
+  // One run at a time: a second asks again later instead of waiting (the
+  // control socket and the roller must not stall behind a run).
+  std::unique_lock<std::mutex> run(ctx.tune.run_mu, std::try_to_lock);
+  if (!run.owns_lock()) return Status::error(Status::Code::kBusy, "a tuning run is in progress; try again");
   const Config cfg = config_snapshot(ctx);
   const StoreStats st = ctx.store->stats();
   tune::Input in;
@@ -1014,6 +1017,7 @@ Status run_tune(DaemonContext& ctx) {
   in.journal_bytes = st.journal_bytes;
   in.mean_version_bytes = st.versions ? st.version_bytes / st.versions : 0;
   in.segments_with_history = st.segments_with_history;
+  in.cancel = &ctx.tune.cancel;
   auto out = tune::run(in);
   std::lock_guard<std::mutex> lock(ctx.tune.mu);
   ctx.tune.last_run_ns = ctx.clock != nullptr ? ctx.clock->now_ns() : 0;
@@ -1074,7 +1078,7 @@ json cmd_tune_run(DaemonContext& ctx, const json& req) {
   if (a.failed()) return a.error();
   if (ctx.store == nullptr) return unavailable_pool();
   Status st = run_tune(ctx);
-  if (!st) return ctl::error_reply(errc::kUnavailable, st.message());
+  if (!st) return ctl::error_reply(errc::kUnavailable, st.message());  // also: a run in progress
   return ctl::ok_reply(tune_json(ctx));
 }
 

@@ -2,6 +2,7 @@
 // can see and change. Owned by main(); outlives every user.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -63,6 +64,7 @@ struct DaemonContext {
     tune::Output last;
     std::string last_error;
     std::mutex run_mu;
+    std::atomic<bool> cancel{false};  // set at shutdown: a run in progress stops
   } tune;
 };
 

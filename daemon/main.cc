@@ -849,6 +849,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   }
   spdlog::info("{} received: finishing in-flight requests", strsignal(sig));
   sd_notify(0, "STOPPING=1\nSTATUS=stopping");
+  ctx.tune.cancel = true;  // a tuning run in progress stops at its next trial
   metrics.stop();
   control.stop();
   server.stop();

@@ -236,6 +236,13 @@ TEST_CASE("tune: max versions follow the pool's room; a run never ends worse and
   in.sim.budget_bytes_per_s = 64 * kSeg;
   in.sim.retention_s = 300;
   in.sim.policy = PolicyKind::kAuto;
+  // A run cancelled (the daemon stopping) ends at once, applying nothing.
+  std::atomic<bool> cancel{true};
+  in.cancel = &cancel;
+  auto cancelled = tune::run(in);
+  REQUIRE_FALSE(cancelled);
+  CHECK(cancelled.status().code() == Status::Code::kShutdown);
+  in.cancel = nullptr;
   auto out = tune::run(in);
   REQUIRE(out);
   CHECK(out->requests == 6 * 40 * 4);
