@@ -8,7 +8,7 @@
 //   - whether speculative bases are kept at all (keeps_bases),
 //   - which to give up first when the pool needs room (lowest value first),
 //   - which segments without a base to copy ahead of need (candidates), each
-//     worth its value; a copy may displace a speculative base of lower value.
+//     worth its value; copies go only into free room.
 // The daemon's shadow thread and the simulator run the same objects; see
 // docs/SIMULATION.md for the exact rules around them.
 #pragma once

@@ -547,6 +547,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   bool is_hot(uint64_t seg) const;
   uint32_t free_zones_locked(uint8_t tier) const;
   uint32_t low_water_locked(uint8_t tier) const;
+  // Some tier has fewer free zones than its low water plus `margin`.
+  bool any_tier_below_locked(uint32_t margin = 0) const;
 
   // reading
   Result<std::vector<uint8_t>> read_record(const Loc& loc, pool::Record& rec);
@@ -663,7 +665,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   void feed(predict::Op op, uint64_t first, uint64_t last);
   // Give up speculative bases, lowest value first, until about `bytes` of
   // stored versions are released (op_mu_ held).
-  void drop_speculative_locked(uint64_t bytes);
+  uint64_t drop_speculative_locked(uint64_t bytes);  // returns how many were given up
   // Two tiers: move the versions of segments ranked hot to the fast tier,
   // and, while the fast tier runs low, those of segments no longer hot to
   // the slow one (op_mu_ held; a few per round).
@@ -2123,8 +2125,7 @@ Status StoreImpl::shrink_locked() {
     bool low;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      low = free_zones_locked(0) < low_water_locked(0);
-      for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+      low = any_tier_below_locked();
       if (!low) return Status::ok();
       uint64_t oldest_gen = ~0ull;
       for (const Zone& z : tiers_[0].zones) {
@@ -2141,8 +2142,7 @@ Status StoreImpl::shrink_locked() {
     if (!st) return st;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      low = free_zones_locked(0) < low_water_locked(0);
-      for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+      low = any_tier_below_locked();
     }
     if (!low) return Status::ok();
     // Then speculative bases, lowest value first: the window comes first.
@@ -2155,15 +2155,12 @@ Status StoreImpl::shrink_locked() {
           if (f < lw) need += uint64_t{lw - f} * zone_bytes_;
         }
       }
-      const uint64_t before = spec_dropped_;
-      drop_speculative_locked(2 * need);
-      if (spec_dropped_ != before) {
+      if (drop_speculative_locked(2 * need) > 0) {
         st = compact_locked();
         if (st) st = checkpoint_locked();
         if (!st) return st;
         std::lock_guard<std::mutex> lock(mu_);
-        low = free_zones_locked(0) < low_water_locked(0);
-        for (size_t t = 1; t < tiers_.size(); ++t) low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
+        low = any_tier_below_locked();
       }
     }
     if (!low) return Status::ok();
@@ -2189,6 +2186,13 @@ Status StoreImpl::shrink_locked() {
     if (w == 0) break;  // nothing more to give up
   }
   return Status::ok();
+}
+
+bool StoreImpl::any_tier_below_locked(uint32_t margin) const {
+  for (size_t t = 0; t < tiers_.size(); ++t) {
+    if (free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t)) + margin) return true;
+  }
+  return false;
 }
 
 uint32_t StoreImpl::low_water_locked(uint8_t tier) const {
@@ -2461,9 +2465,7 @@ void StoreImpl::round_locked() {
       if (since >= opts_.stale_records) stale_scored.emplace_back(static_cast<double>(since), id);
     }
     // Copies ahead only into free space: the pool's room is the window's first.
-    for (size_t t = 0; t < tiers_.size(); ++t) {
-      room = room && free_zones_locked(static_cast<uint8_t>(t)) > low_water_locked(static_cast<uint8_t>(t)) + 1;
-    }
+    room = !any_tier_below_locked(2);
   }
   if (room && policy_->copies_ahead()) {
     std::vector<std::pair<double, uint64_t>> cand;
@@ -2520,7 +2522,7 @@ void StoreImpl::round_locked() {
   shadow_queue_ -= std::min<uint64_t>(shadow_queue_, done);
 }
 
-void StoreImpl::drop_speculative_locked(uint64_t bytes) {
+uint64_t StoreImpl::drop_speculative_locked(uint64_t bytes) {
   const int64_t now = clock_.now_ns();
   std::vector<std::pair<double, uint64_t>> spec;
   {
@@ -2531,7 +2533,7 @@ void StoreImpl::drop_speculative_locked(uint64_t bytes) {
   }
   for (auto& [v, id] : spec) v = policy_->value(id, now);
   std::sort(spec.begin(), spec.end());
-  uint64_t freed = 0;
+  uint64_t freed = 0, dropped = 0;
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [v, id] : spec) {
     if (freed >= bytes) break;
@@ -2547,8 +2549,10 @@ void StoreImpl::drop_speculative_locked(uint64_t bytes) {
     s.versions.clear();
     ahead_.erase(id);
     ++spec_dropped_;
+    ++dropped;
     if (s.empty()) segs_.erase(f);
   }
+  return dropped;
 }
 
 void StoreImpl::tick() {
@@ -2562,10 +2566,7 @@ void StoreImpl::tick() {
     target = now - static_cast<int64_t>(opts_.retention_seconds) * static_cast<int64_t>(kNs);
     if (!pins_.empty()) target = std::min(target, *pins_.begin());
     if (target <= retention_start_ + static_cast<int64_t>(kNs)) target = 0;
-    low = false;
-    for (size_t t = 0; t < tiers_.size(); ++t) {
-      low = low || free_zones_locked(static_cast<uint8_t>(t)) < low_water_locked(static_cast<uint8_t>(t));
-    }
+    low = any_tier_below_locked();
     due = checkpoint_due_ ||
           now - last_checkpoint_ns_ >= static_cast<int64_t>(opts_.checkpoint_interval_s) * static_cast<int64_t>(kNs);
   }

@@ -320,16 +320,10 @@ class Sim {
     if (policy_->copies_ahead()) {
       cand_.clear();
       policy_->candidates(t, o_.params.max_candidates, covered_, cand_);
-      for (const auto& [v, s] : cand_) {
+      for (const auto& [value, s] : cand_) {
         if (tokens_ < S_) break;
         if (s >= nsegs_ || base_[s]) continue;
-        if (used_ + S_ > C_) {
-          if (!o_.displace) break;
-          const uint64_t low = lowest(t);
-          if (low >= nsegs_ || !(policy_->value(low, t) < v)) break;
-          evict_one(t);
-          if (used_ + S_ > C_) break;
-        }
+        if (used_ + S_ > C_) break;  // as in the daemon: only into free room
         base_[s] = 1;
         spec_[s] = 1;
         ahead_[s] = 1;

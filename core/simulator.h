@@ -32,9 +32,6 @@ struct Options {
   uint32_t restore_samples = 200;       // restore times sampled for the replay figures
   uint64_t seed = 1;
   uint32_t monitor_bucket_s = 60;
-  // A copy ahead may give up a speculative base of lower value for room.
-  // Off, as in the daemon: copies go only into free space.
-  bool displace = false;
 };
 
 struct Result {
