@@ -230,6 +230,8 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
       for (const auto& [k, v] : std::vector<std::pair<std::string, double>>{
                {"alpha", c.alpha}, {"beta", c.beta}, {"gamma", c.gamma}, {"baseline", c.baseline},
                {"min_value", pp.min_value}, {"horizon_s", pp.horizon_s},
+               {"seq_ahead", static_cast<double>(pp.predict.seq_ahead)},
+               {"frontier_ahead", static_cast<double>(pp.predict.frontier_ahead)},
                {"max_versions_per_segment", static_cast<double>(c.max_versions_per_segment)}}) {
         f.metric.push_back(sample(G, v, {{"name", k}}));
       }

@@ -571,6 +571,20 @@ class ShadowCtl:
         return reply
 
 
+def scrape(url):
+    """name{labels} -> value of a Prometheus text page (no HELP/TYPE)."""
+    import urllib.request
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        name, value = line.rsplit(" ", 1)
+        out[name] = float(value)
+    return out
+
+
 def wait_until(pred, what, timeout=READY_TIMEOUT, interval=0.02):
     """Poll ``pred()`` until it returns a true value and return that value.
 

@@ -40,11 +40,10 @@ import json
 import os
 import sys
 import tempfile
-import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd  # noqa: E402
-from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
+from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq, scrape,  # noqa: E402
                      file_head, log, main, make_pool_file, make_rng, run_shadowd,
                      sha256_file, wait_until, write_random_file)
 
@@ -101,19 +100,6 @@ class Model:
 
 def history(ctl):
     return ctl.json("history")
-
-
-def scrape(url):
-    """name{labels} -> value of a Prometheus text page (no HELP/TYPE)."""
-    with urllib.request.urlopen(url, timeout=30) as r:
-        text = r.read().decode()
-    out = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name, value = line.rsplit(" ", 1)
-        out[name] = float(value)
-    return out
 
 
 def expect_refused(rc, out, what, *words):

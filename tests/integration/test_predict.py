@@ -33,7 +33,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd  # noqa: E402
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     log, main, make_pool_file, shadowctl_path)
+                     log, main, make_pool_file, scrape, shadowctl_path)
 
 SEG = 64 * KiB
 SIZE = 16 * MiB
@@ -88,7 +88,7 @@ def replay_live(trace, policy, seconds, pool_dir):
     """Replays `trace` through a real shadowd; returns its COW stall count."""
     pool = os.path.join(pool_dir, f"pool-{policy}.img")
     make_pool_file(pool, 96 * MiB)
-    with Daemon(size=SIZE, pool=pool, pool_init=True,
+    with Daemon(size=SIZE, pool=pool, pool_init=True, metrics=True,
                 extra_args=["--test-clock", "--segment-size", str(SEG), "--zone-size", "4M",
                             "--retention", f"{RETENTION}s", "--shadow-policy", policy,
                             "--shadow-budget", "0"]) as d:
@@ -107,6 +107,22 @@ def replay_live(trace, policy, seconds, pool_dir):
         st = ctl.json("status")["shadow"]
         log(f"   live {policy}: {st['cow_stalls']} stalls, {st['bases_freed']} bases freed, "
             f"{st['speculative_hits']} speculative hits")
+        # The policy's figures: what the kind of policy implies, and the
+        # metrics endpoint agreeing with status.
+        expect_eq(st["policy"], policy, "status policy")
+        if policy == "none":
+            expect(st["bases_freed"] > 0 and st["speculative_hits"] == 0 and st["bases_speculative"] == 0,
+                   f"none frees bases, keeps none: {st}")
+        else:
+            expect(st["bases_freed"] == 0 and st["speculative_hits"] > 0, f"{policy} keeps bases: {st}")
+        mt = scrape(d.metrics_url)
+        for metric, key in (("shadowd_speculative_hits_total", "speculative_hits"),
+                            ("shadowd_speculative_misses_total", "cow_stalls"),
+                            ("shadowd_bases_freed_total", "bases_freed"),
+                            ("shadowd_copies_ahead_total", "copies_ahead"),
+                            ('shadowd_bases{kind="pinned"}', "bases_pinned"),
+                            ('shadowd_bases{kind="speculative"}', "bases_speculative")):
+            expect_eq(mt.get(metric), float(st[key]), metric)
         return st["cow_stalls"]
 
 
@@ -202,7 +218,7 @@ def test():
         period = 60
         pool = os.path.join(tmp, "pool-repeat.img")
         make_pool_file(pool, 96 * MiB)
-        with Daemon(size=SIZE, pool=pool, pool_init=True,
+        with Daemon(size=SIZE, pool=pool, pool_init=True, metrics=True,
                     extra_args=["--test-clock", "--segment-size", str(SEG), "--zone-size", "4M",
                                 "--retention", f"{RETENTION}s", "--shadow-budget", "64M",
                                 "--shadow-budget-busy", "64M"]) as d:
@@ -246,6 +262,17 @@ def test():
             cfg = ctl.json("config", "get")["config"]
             for k in ("alpha", "beta", "gamma", "baseline", "max_versions_per_segment"):
                 expect_eq(cfg[k], t1["in_use"][k], f"config get {k}")
+            st = ctl.json("status")["shadow"]
+            expect(st["copies_ahead"] > 0 and st["copies_ahead_used"] > 0, f"copies ahead: {st}")
+            expect(set(st["forecast_error"]) == {"sequential", "ewma"}, f"forecast error: {st}")
+            mt = scrape(d.metrics_url)
+            expect_eq(mt.get("shadowd_tune_runs_total"), 1.0, "shadowd_tune_runs_total")
+            expect_eq(mt.get("shadowd_copies_ahead_used_total"), float(st["copies_ahead_used"]),
+                      "shadowd_copies_ahead_used_total")
+            for k in ("min_value", "seq_ahead", "max_versions_per_segment"):
+                expect_eq(mt.get(f'shadowd_tuned_value{{name="{k}"}}'), float(t1["in_use"][k]),
+                          f"shadowd_tuned_value {k}")
+            expect('shadowd_forecast_error{predictor="ewma"}' in mt, "forecast error metric")
             expect_eq(ctl.json("tune", "off")["enabled"], False, "tune off")
             expect("auto-tuning: off" in ctl.text("tune"), "human form")
 
