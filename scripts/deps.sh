@@ -17,6 +17,10 @@ PACKAGES=(
   libnbd-bin python3-libnbd qemu-utils nbdkit fio nbd-client
   # filesystem test, systemd unit checks, process tools
   fuse3 e2fsprogs systemd util-linux procps
+  # TLS test certificates and PSK files (certtool, psktool)
+  gnutls-bin
+  # fuzzing: clang with libFuzzer and the sanitizer runtimes
+  clang libclang-rt-14-dev
 )
 
 is_installed() {
