@@ -151,6 +151,10 @@ const std::map<std::string, Setter>& setters() {
       {"max_inflight_per_connection", u32(&Config::max_inflight_per_connection)},
       {"max_connections", u32(&Config::max_connections)},
       {"busy_poll_us", u32(&Config::busy_poll_us)},
+      {"tls", str(&Config::tls)},
+      {"tls_certificates", str(&Config::tls_certificates)},
+      {"tls_verify_peer", boolean(&Config::tls_verify_peer)},
+      {"tls_psk", str(&Config::tls_psk)},
       {"monitor", boolean(&Config::monitor)},
       {"segment_size_bytes", u32(&Config::segment_size_bytes)},
       {"bucket_seconds", u32(&Config::bucket_seconds)},
@@ -244,6 +248,17 @@ Status Config::validate() const {
     return Status::invalid("max_inflight_per_connection must be 1..4096");
   }
   if (busy_poll_us > 1000) return Status::invalid("busy_poll_us must be 0..1000");
+  if (!tls.empty() && tls != "off" && tls != "on" && tls != "require") {
+    return Status::invalid("tls must be off|on|require");
+  }
+  if (tls_mode() != "off" && tls_certificates.empty() && tls_psk.empty()) {
+    return Status::invalid("tls " + tls_mode() +
+                           " needs tls_certificates (a directory with server-cert.pem and "
+                           "server-key.pem) or tls_psk (a psktool key file)");
+  }
+  if (tls_verify_peer && tls_certificates.empty()) {
+    return Status::invalid("tls_verify_peer needs tls_certificates (its ca-cert.pem checks the clients)");
+  }
   if (max_connections < 1 || max_connections > 65536) {
     return Status::invalid("max_connections must be 1..65536");
   }

@@ -30,6 +30,17 @@ struct Config {
   uint32_t max_connections = 256;
   uint32_t busy_poll_us = 100;  // I/O threads spin this long before sleeping
 
+  // NBD over TLS (NBD_OPT_STARTTLS). tls: off | on | require; empty means
+  // require when credentials are given, else off (as qemu-nbd --tls-creds).
+  std::string tls;
+  std::string tls_certificates;  // directory: ca-cert.pem, server-cert.pem, server-key.pem
+  bool tls_verify_peer = false;  // clients need a certificate signed by ca-cert.pem
+  std::string tls_psk;           // psktool key file
+  std::string tls_mode() const {
+    if (!tls.empty()) return tls;
+    return tls_certificates.empty() && tls_psk.empty() ? "off" : "require";
+  }
+
   // Monitoring and priority (seed §1–§3).
   bool monitor = true;
   uint32_t segment_size_bytes = 256 * 1024;  // power of two, 64 KiB – 1 MiB

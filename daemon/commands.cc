@@ -185,6 +185,10 @@ json config_json(const Config& c) {
       {"max_payload_bytes", c.max_payload_bytes},
       {"max_inflight_per_connection", c.max_inflight_per_connection},
       {"max_connections", c.max_connections},
+      {"tls", c.tls_mode()},
+      {"tls_certificates", c.tls_certificates},
+      {"tls_verify_peer", c.tls_verify_peer},
+      {"tls_psk", c.tls_psk},
       {"monitor", c.monitor},
       {"segment_size_bytes", c.segment_size_bytes},
       {"bucket_seconds", c.bucket_seconds},
@@ -553,6 +557,10 @@ json cmd_status(DaemonContext& ctx, const json& req) {
   }
   r["endpoints"] = std::move(endpoints);
   r["connections"] = {{"open", stats.connections_open}, {"total", stats.connections_total}};
+  r["tls"] = {{"mode", ctx.tls ? std::string(nbd::tls_mode_name(ctx.tls->mode())) : "off"},
+              {"credentials", ctx.tls ? ctx.tls->describe() : ""},
+              {"handshakes", stats.tls_handshakes},
+              {"handshake_failures", stats.tls_handshake_failures}};
   r["ops"] = ops_json(stats);
   r["latency"] = {{"count", stats.latency_count},
                   {"sum_seconds", static_cast<double>(stats.latency_sum_ns) * 1e-9}};

@@ -18,6 +18,7 @@
 #include "core/tune.h"
 #include "nbd/export.h"
 #include "nbd/server.h"
+#include "nbd/tls.h"
 
 namespace shadowd {
 
@@ -30,6 +31,7 @@ struct DaemonContext {
   int64_t started_s = 0;
   std::shared_ptr<nbd::Export> export_;
   nbd::Server* server = nullptr;
+  std::shared_ptr<const nbd::TlsContext> tls;  // null when TLS is off
   Monitor* monitor = nullptr;    // null when the monitor is disabled
   ShadowStore* store = nullptr;  // the shadow pool; null without --pool
 

@@ -163,6 +163,26 @@ void build_cli(CLI::App& app, Cli& cli) {
   opt(app, cli, "--busy-poll-us", &Config::busy_poll_us,
       "I/O threads spin up to this many microseconds for completions before sleeping "
       "(0..1000, default 100; trades CPU for latency, like qemu's poll-max-ns)");
+  const std::string tls_group = "TLS (NBD_OPT_STARTTLS)";
+  opt(app, cli, "--tls", &Config::tls,
+      "off|on|require. require: every NBD option but STARTTLS is refused until TLS is up "
+      "(NBD_REP_ERR_TLS_REQD), so no export name or data leaks; on: offered, plain clients "
+      "served too. Default: require when --tls-certificates or --tls-psk is given, else off")
+      ->type_name("MODE")
+      ->group(tls_group);
+  opt(app, cli, "--tls-certificates", &Config::tls_certificates,
+      "Directory with server-cert.pem, server-key.pem and ca-cert.pem (and optionally "
+      "ca-crl.pem), as for nbdkit --tls-certificates and qemu's tls-creds-x509; e.g. made "
+      "with certtool")
+      ->type_name("DIR")
+      ->group(tls_group);
+  flag(app, cli, "--tls-verify-peer", &Config::tls_verify_peer,
+       "Clients must present a certificate signed by ca-cert.pem")
+      ->group(tls_group);
+  opt(app, cli, "--tls-psk", &Config::tls_psk,
+      "Pre-shared keys file in psktool's format (username:hexkey per line)")
+      ->type_name("FILE")
+      ->group(tls_group);
   opt(app, cli, "--segment-size", &Config::segment_size_bytes,
       "Segment size in bytes for access monitoring: a power of two, 65536..1048576 "
       "(default 262144)");
@@ -781,7 +801,9 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   registry.add(exp);
   if (store) ctx.registry = &registry;
 
-  nbd::Server server(registry, server_options(cfg));
+  nbd::ServerOptions so = server_options(cfg);
+  so.tls = ctx.tls;
+  nbd::Server server(registry, std::move(so));
   Status st = server.start();
   if (!st) {
     spdlog::error("cannot start: {}", st.message());
@@ -823,6 +845,9 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   for (const auto& e : server.endpoints()) where += (where.empty() ? "" : ", ") + e;
   spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, ctl::format_bytes(info.size_bytes),
                cfg.read_only ? ", read-only" : "", info.direct_io ? "O_DIRECT" : "buffered", where);
+  if (ctx.tls) {
+    spdlog::info("TLS {}: {}", nbd::tls_mode_name(ctx.tls->mode()), ctx.tls->describe());
+  }
   if (monitor) {
     spdlog::info("monitoring {} segments of {}", monitor->segment_count(),
                  ctl::format_bytes(monitor->segment_bytes()));
@@ -905,6 +930,20 @@ int main(int argc, char** argv) {
   if (st && cli.force && !cfg.init) {
     st = Status::invalid("--force only applies together with --init (it lets --init reformat a "
                          "device that holds another pool)");
+  }
+  if (st && cfg.tls_mode() != "off") {
+    // Credentials are loaded and checked before anything starts.
+    nbd::TlsOptions to;
+    to.mode = *nbd::parse_tls_mode(cfg.tls_mode());
+    to.certificates_dir = cfg.tls_certificates;
+    to.verify_peer = cfg.tls_verify_peer;
+    to.psk_file = cfg.tls_psk;
+    auto tls = nbd::TlsContext::create(to);
+    if (tls) {
+      ctx.tls = std::move(*tls);
+    } else {
+      st = Status::invalid("TLS: " + tls.status().message());
+    }
   }
   if (!st) {
     std::fprintf(stderr, "shadowd: %s\nRun with --help for more information.\n",

@@ -126,6 +126,10 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          s.connections_open));
     out.push_back(scalar("shadowd_connections_total", "Client connections accepted", C,
                          static_cast<double>(s.connections_total)));
+    MetricFamily tls = family("shadowd_tls_handshakes_total", "TLS handshakes, by result", C);
+    tls.metric.push_back(sample(C, static_cast<double>(s.tls_handshakes), {{"result", "ok"}}));
+    tls.metric.push_back(sample(C, static_cast<double>(s.tls_handshake_failures), {{"result", "failed"}}));
+    out.push_back(std::move(tls));
   }
 
   if (ctx.monitor != nullptr) {

@@ -20,6 +20,15 @@ constexpr size_t kBufAlign = 4096;
 constexpr size_t kKeepBufMax = 4u << 20;  // larger buffers are freed, not pooled
 constexpr size_t kMaxIov = 128;
 constexpr uint32_t kMaxExtents = 1024;  // per BLOCK_STATUS reply
+constexpr size_t kTlsRxBytes = 256 * 1024;      // one recv of ciphertext
+constexpr size_t kTlsInMax = 1u << 20;          // ciphertext buffered before recv pauses
+constexpr size_t kTlsOutMax = 1u << 20;         // ciphertext encrypted ahead of the socket
+constexpr size_t kTlsStageBytes = 16 * 1024;    // replies gathered into one record
+
+TlsPolicy tls_policy(const TlsContext* tls) {
+  if (tls == nullptr) return TlsPolicy::kOff;
+  return tls->mode() == TlsMode::kRequire ? TlsPolicy::kRequire : TlsPolicy::kOn;
+}
 
 StatOp stat_op(uint16_t type) {
   switch (type) {
@@ -145,7 +154,8 @@ class Connection::SendOp final : public IoCompletion {
 };
 
 Connection::Connection(EventLoop& loop, int fd, std::string peer, const ExportRegistry& registry,
-                       const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed)
+                       const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed,
+                       std::shared_ptr<const TlsContext> tls)
     : loop_(loop),
       fd_(fd),
       peer_(std::move(peer)),
@@ -153,7 +163,8 @@ Connection::Connection(EventLoop& loop, int fd, std::string peer, const ExportRe
       limits_(limits),
       stats_(stats),
       on_closed_(std::move(on_closed)),
-      negotiator_(registry),
+      tls_ctx_(std::move(tls)),
+      negotiator_(registry, tls_policy(tls_ctx_.get())),
       recv_op_(std::make_unique<RecvOp>(this)),
       send_op_(std::make_unique<SendOp>(this)),
       in_(kInBufBytes) {}
@@ -185,6 +196,16 @@ void Connection::arm_recv() {
   if (recv_pending_ || read_eof_ || phase_ == Phase::kDraining || phase_ == Phase::kClosed) {
     return;
   }
+  if (tls_) {
+    // Back-pressure: what was received is decrypted first.
+    if (tls_->buffered_in() >= kTlsInMax) return;
+    io_uring_prep_recv(loop_.sqe_for(recv_op_.get()), fd_, tls_rx_.data(), tls_rx_.size(), 0);
+    recv_tls_ = true;
+    recv_pending_ = true;
+    return;
+  }
+  // STARTTLS acknowledged: nothing more is read in the clear.
+  if (negotiator_.state() == Negotiator::State::kStartTls) return;
   if (!payload_direct_) {
     if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
     if (in_end_ == in_.size() && in_begin_ > 0) {  // compact
@@ -196,6 +217,7 @@ void Connection::arm_recv() {
     if (in_end_ == in_.size()) return;
   }
   io_uring_sqe* sqe = loop_.sqe_for(recv_op_.get());
+  recv_tls_ = false;
   recv_direct_ = payload_direct_;
   if (payload_direct_) {
     uint8_t* dst = payload_req_->buf + payload_got_;
@@ -212,19 +234,11 @@ void Connection::on_recv(int res) {
     arm_recv();
     return;
   }
-  if (res <= 0) {
-    read_eof_ = true;
-    if (res < 0 && res != -ECONNRESET) spdlog::debug("{}: recv: {}", peer_, std::strerror(-res));
-    if (payload_req_ != nullptr || in_end_ != in_begin_) {
-      spdlog::debug("{}: disconnected mid-request", peer_);
-    }
-    if (payload_req_ != nullptr) {  // never write a partial payload
-      release(payload_req_);
-      payload_req_ = nullptr;
-      payload_direct_ = false;
-    }
-    if (skip_req_ != nullptr) release(std::exchange(skip_req_, nullptr));
-    begin_drain();
+  if (res <= 0) return on_eof(res);
+  if (recv_tls_) {
+    tls_->feed(tls_rx_.data(), static_cast<size_t>(res));
+    tls_input();
+    arm_recv();
     maybe_close();
     return;
   }
@@ -237,6 +251,124 @@ void Connection::on_recv(int res) {
   process_input();
   arm_recv();
   maybe_close();
+}
+
+// The peer closed (0), or the socket failed (< 0).
+void Connection::on_eof(int res) {
+  read_eof_ = true;
+  if (res < 0 && res != -ECONNRESET) spdlog::debug("{}: recv: {}", peer_, std::strerror(-res));
+  if (payload_req_ != nullptr || in_end_ != in_begin_) {
+    spdlog::debug("{}: disconnected mid-request", peer_);
+  }
+  if (payload_req_ != nullptr) {  // never write a partial payload
+    release(payload_req_);
+    payload_req_ = nullptr;
+    payload_direct_ = false;
+  }
+  if (skip_req_ != nullptr) release(std::exchange(skip_req_, nullptr));
+  begin_drain();
+  maybe_close();
+}
+
+// ---------------------------------------------------------------- TLS
+
+// After the STARTTLS acknowledgement has left in the clear (and no recv
+// into in_ is pending), the TLS session takes over the socket.
+void Connection::maybe_start_tls() {
+  if (tls_ || negotiator_.state() != Negotiator::State::kStartTls) return;
+  if (send_pending_ || !raw_out_.empty() || recv_pending_) return;
+  auto s = tls_ctx_->new_session();
+  if (!s) return fail("TLS: " + s.status().message());
+  tls_ = std::move(*s);
+  tls_handshaking_ = true;
+  tls_rx_.resize(kTlsRxBytes);
+  // A client may send its hello right behind STARTTLS.
+  if (in_end_ > in_begin_) tls_->feed(in_.data() + in_begin_, in_end_ - in_begin_);
+  in_begin_ = in_end_ = 0;
+  tls_input();
+  arm_recv();
+}
+
+void Connection::tls_input() {
+  if (tls_handshaking_) {
+    std::string err;
+    switch (tls_->handshake(err)) {
+      case TlsSession::Step::kAgain:
+        kick_send();
+        return;
+      case TlsSession::Step::kFailed:
+        stats_->tls_handshake_failures.fetch_add(1, std::memory_order_relaxed);
+        spdlog::warn("{}: TLS handshake failed: {}", peer_, err);
+        tls_bye_ = true;  // no close_notify without a session
+        kick_send();      // the alert
+        return begin_drain();
+      case TlsSession::Step::kDone:
+        stats_->tls_handshakes.fetch_add(1, std::memory_order_relaxed);
+        tls_handshaking_ = false;
+        negotiator_.tls_started();
+        spdlog::debug("{}: TLS: {}", peer_, tls_->describe());
+        break;
+    }
+  }
+  while (phase_ == Phase::kHandshake || phase_ == Phase::kTransmission) {
+    if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
+    if (in_end_ == in_.size() && in_begin_ > 0) {
+      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
+      in_end_ -= in_begin_;
+      in_begin_ = 0;
+    }
+    if (in_end_ == in_.size()) break;  // full: process_input() makes room later
+    std::string err;
+    const long n = tls_->read(in_.data() + in_end_, in_.size() - in_end_, err);
+    if (n == TlsSession::kAgain) break;
+    if (n == TlsSession::kError) {
+      fail("TLS: " + err);
+      break;
+    }
+    if (n == 0) {  // close_notify
+      tls_bye_ = true;
+      on_eof(0);
+      return;
+    }
+    in_end_ += static_cast<size_t>(n);
+    process_input();
+  }
+  kick_send();  // alerts and key updates the session queued
+}
+
+// Encrypt raw_out_ and queued replies into the session's wire buffer (up to
+// kTlsOutMax); the requests are released, their bytes are in the records.
+bool Connection::tls_encrypt() {
+  std::string err;
+  std::vector<uint8_t>& st = tls_stage_;
+  st.clear();
+  auto flush = [&] {
+    const bool ok = st.empty() || tls_->write(st.data(), st.size(), err);
+    st.clear();
+    return ok;
+  };
+  bool ok = true;
+  if (!raw_out_.empty()) {
+    ok = tls_->write(raw_out_.data(), raw_out_.size(), err);
+    raw_out_.clear();
+  }
+  while (ok && !sendq_.empty() && tls_->wire().size() < kTlsOutMax) {
+    Req* r = sendq_.front();
+    sendq_.pop_front();
+    const uint8_t* h = r->chunk.empty() ? r->head : r->chunk.data();
+    const size_t hl = r->chunk.empty() ? r->head_len : r->chunk.size();
+    st.insert(st.end(), h, h + hl);
+    if (r->data_len <= kTlsStageBytes) {
+      st.insert(st.end(), r->data, r->data + r->data_len);
+    } else {
+      ok = flush() && tls_->write(r->data, r->data_len, err);
+    }
+    release(r);
+    if (ok && st.size() >= kTlsStageBytes) ok = flush();
+  }
+  if (ok) ok = flush();
+  if (!ok) spdlog::warn("{}: TLS: {}", peer_, err);
+  return ok;
 }
 
 void Connection::process_input() {
@@ -282,6 +414,8 @@ void Connection::process_handshake() {
       spdlog::debug("{}: serving export '{}'{}", peer_, export_->name,
                     ctx_.structured ? " (structured replies)" : "");
       return process_input();
+    case Negotiator::State::kStartTls:
+      return maybe_start_tls();
     case Negotiator::State::kClose:
       spdlog::debug("{}: handshake ended: {}", peer_, negotiator_.close_reason());
       return begin_drain();
@@ -354,7 +488,7 @@ void Connection::take_payload() {
   // already pending when this payload began (armed before back-pressure
   // lifted) can complete it, and a stale flag would aim the next recv at a
   // request that is gone.
-  payload_direct_ = left >= kDirectRecvMin;
+  payload_direct_ = left >= kDirectRecvMin && !tls_;
   if (left == 0) {
     payload_req_ = nullptr;
     dispatch(r);
@@ -503,6 +637,25 @@ void Connection::send_raw(std::vector<uint8_t> bytes) {
 
 void Connection::kick_send() {
   if (send_pending_ || phase_ == Phase::kClosed) return;
+  if (tls_) {
+    if (!tls_handshaking_ && !tls_encrypt()) {
+      drop_output();
+      read_eof_ = true;
+      begin_drain();
+      ::shutdown(fd_, SHUT_RDWR);
+      return;
+    }
+    if (tx_off_ == tx_.size()) {
+      tx_.clear();
+      tx_off_ = 0;
+      std::swap(tx_, tls_->wire());
+    }
+    if (tx_.empty()) return;
+    io_uring_prep_send(loop_.sqe_for(send_op_.get()), fd_, tx_.data() + tx_off_, tx_.size() - tx_off_,
+                       MSG_NOSIGNAL);
+    send_pending_ = true;
+    return;
+  }
   iov_.clear();
   if (!raw_out_.empty()) {
     iov_.push_back({raw_out_.data(), raw_out_.size()});
@@ -527,14 +680,18 @@ void Connection::on_sent(int res) {
   if (res < 0) {
     spdlog::debug("{}: send: {}", peer_, std::strerror(-res));
     // The peer is gone: drop every reply; in-flight ops still complete.
-    for (Req* r : sending_) release(r);
-    sending_.clear();
-    for (Req* r : sendq_) release(r);
-    sendq_.clear();
-    raw_out_.clear();
+    drop_output();
     read_eof_ = true;
     begin_drain();
     ::shutdown(fd_, SHUT_RDWR);
+    maybe_close();
+    return;
+  }
+  if (tls_) {
+    tx_off_ += static_cast<size_t>(res);
+    kick_send();
+    if (phase_ == Phase::kTransmission) tls_input();  // replies released: room for requests
+    arm_recv();
     maybe_close();
     return;
   }
@@ -562,7 +719,23 @@ void Connection::on_sent(int res) {
     process_input();
     arm_recv();
   }
+  // The STARTTLS acknowledgement is out: TLS starts.
+  maybe_start_tls();
   maybe_close();
+}
+
+void Connection::drop_output() {
+  for (Req* r : sending_) release(r);
+  sending_.clear();
+  for (Req* r : sendq_) release(r);
+  sendq_.clear();
+  raw_out_.clear();
+  tx_.clear();
+  tx_off_ = 0;
+  if (tls_) {
+    tls_->wire().clear();
+    tls_bye_ = true;
+  }
 }
 
 // ---------------------------------------------------------------- teardown
@@ -576,6 +749,18 @@ void Connection::maybe_close() {
   if (phase_ != Phase::kDraining) return;
   if (recv_pending_ || send_pending_ || inflight_ > (payload_req_ ? 1u : 0u)) return;
   if (!raw_out_.empty() || !sendq_.empty()) return;
+  if (tls_) {
+    if (tx_off_ < tx_.size() || !tls_->wire().empty()) {
+      kick_send();
+      return;
+    }
+    if (!tls_bye_ && !tls_handshaking_) {  // end TLS cleanly: close_notify last
+      tls_bye_ = true;
+      tls_->bye();
+      kick_send();
+      if (send_pending_) return;
+    }
+  }
   if (payload_req_ != nullptr) {
     release(payload_req_);
     payload_req_ = nullptr;

@@ -19,6 +19,7 @@
 #include "nbd/codec.h"
 #include "nbd/negotiate.h"
 #include "nbd/stats.h"
+#include "nbd/tls.h"
 
 namespace shadowd::nbd {
 
@@ -35,8 +36,10 @@ class Connection {
   using ClosedFn = std::function<void(Connection*)>;
 
   // `stats` is the shard of the worker thread that runs `loop`.
+  // With `tls`, NBD_OPT_STARTTLS is offered (or required, by its mode).
   Connection(EventLoop& loop, int fd, std::string peer, const ExportRegistry& registry,
-             const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed);
+             const ConnectionLimits& limits, StatsShard* stats, ClosedFn on_closed,
+             std::shared_ptr<const TlsContext> tls = nullptr);
   ~Connection();
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
@@ -55,6 +58,7 @@ class Connection {
   // Input.
   void arm_recv();
   void on_recv(int res);
+  void on_eof(int res);
   void process_input();
   void process_handshake();
   bool process_request_header();
@@ -70,6 +74,15 @@ class Connection {
   void send_raw(std::vector<uint8_t> bytes);
   void kick_send();
   void on_sent(int res);
+  // TLS: the session starts once the STARTTLS acknowledgement is sent.
+  // Ciphertext is received into tls_rx_ and fed to the session; tls_input()
+  // runs the handshake, then decrypts into in_ and processes it;
+  // tls_encrypt() turns replies into records (and releases the requests);
+  // tx_ is the ciphertext being sent.
+  void maybe_start_tls();
+  void tls_input();
+  bool tls_encrypt();
+  void drop_output();
   // Teardown. Every entry point (start, on_recv, on_sent, on_req_done,
   // shutdown) ends with maybe_close(), the only place that may delete this.
   void begin_drain();
@@ -83,6 +96,7 @@ class Connection {
   ConnectionLimits limits_;
   StatsShard* stats_;
   ClosedFn on_closed_;
+  std::shared_ptr<const TlsContext> tls_ctx_;
   Negotiator negotiator_;
   std::shared_ptr<Export> export_;
   RequestContext ctx_;
@@ -115,6 +129,15 @@ class Connection {
   std::vector<uint8_t> raw_out_;  // handshake bytes (the handshake phase)
   std::vector<iovec> iov_;
   msghdr msg_{};
+
+  std::unique_ptr<TlsSession> tls_;
+  bool tls_handshaking_ = false;
+  bool tls_bye_ = false;        // close_notify queued
+  bool recv_tls_ = false;       // the pending recv targets tls_rx_
+  std::vector<uint8_t> tls_rx_;
+  std::vector<uint8_t> tx_;     // ciphertext in the current send
+  size_t tx_off_ = 0;
+  std::vector<uint8_t> tls_stage_;  // small replies gathered into one record
 };
 
 }  // namespace shadowd::nbd

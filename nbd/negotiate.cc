@@ -141,12 +141,32 @@ size_t Negotiator::feed(std::span<const uint8_t> in, std::vector<uint8_t>& out) 
   return used;
 }
 
+void Negotiator::tls_started() {
+  tls_active_ = true;
+  structured_ = false;
+  meta_ = {};
+  meta_export_.clear();
+  state_ = State::kOptions;
+}
+
 void Negotiator::handle_option(uint32_t opt, std::span<const uint8_t> data,
                                std::vector<uint8_t>& out) {
-  if (opt == kOptExportName) return handle_export_name(data, out);
+  const bool tls_required = tls_ == TlsPolicy::kRequire && !tls_active_;
+  if (opt == kOptExportName) {
+    // It cannot be answered with an error: the connection closes, with no
+    // word of the export.
+    if (tls_required) return close("EXPORT_NAME without TLS (TLS is required)");
+    return handle_export_name(data, out);
+  }
   if (!fixed_newstyle_) {
     // Plain newstyle clients may only send EXPORT_NAME.
     return close("option " + std::to_string(opt) + " without fixed newstyle");
+  }
+  if (opt == kOptStartTls) return handle_starttls(data, out);
+  if (tls_required && opt != kOptAbort) {
+    static constexpr std::string_view kMsg = "TLS is required: send NBD_OPT_STARTTLS first";
+    return append_option_reply(out, opt, kRepErrTlsReqd,
+                               {reinterpret_cast<const uint8_t*>(kMsg.data()), kMsg.size()});
   }
   switch (opt) {
     case kOptAbort:
@@ -165,9 +185,20 @@ void Negotiator::handle_option(uint32_t opt, std::span<const uint8_t> data,
     case kOptSetMetaContext:
       return handle_meta(opt, data, out);
     default:
-      // STARTTLS, EXTENDED_HEADERS, PEEK_EXPORT and anything unknown.
+      // EXTENDED_HEADERS, PEEK_EXPORT and anything unknown.
       return append_option_reply(out, opt, kRepErrUnsup);
   }
+}
+
+void Negotiator::handle_starttls(std::span<const uint8_t> data, std::vector<uint8_t>& out) {
+  if (tls_ == TlsPolicy::kOff) {
+    static constexpr std::string_view kMsg = "TLS is not enabled on this server";
+    return append_option_reply(out, kOptStartTls, kRepErrPolicy,
+                               {reinterpret_cast<const uint8_t*>(kMsg.data()), kMsg.size()});
+  }
+  if (tls_active_ || !data.empty()) return append_option_reply(out, kOptStartTls, kRepErrInvalid);
+  append_option_reply(out, kOptStartTls, kRepAck);
+  state_ = State::kStartTls;
 }
 
 void Negotiator::handle_export_name(std::span<const uint8_t> data, std::vector<uint8_t>& out) {

@@ -22,11 +22,18 @@ struct MetaContexts {
   bool any() const { return base_allocation || shadowd_source; }
 };
 
+// How the server treats NBD_OPT_STARTTLS (proto.md "TLS support"): kOff is
+// NOTLS (STARTTLS refused), kOn is SELECTIVETLS with no TLS-only export
+// (plain clients are served too), kRequire is FORCEDTLS.
+enum class TlsPolicy { kOff, kOn, kRequire };
+
 class Negotiator {
  public:
   enum class State {
     kClientFlags,   // waiting for the 4-byte client flags
     kOptions,       // haggling
+    kStartTls,      // STARTTLS acknowledged: send the output in the clear, run
+                    // the TLS handshake, then tls_started()
     kTransmission,  // an export was selected; send the output, then serve
     kClose,         // send the output (if any), then close
   };
@@ -35,7 +42,8 @@ class Negotiator {
   // disconnect for payloads deemed a denial of service).
   static constexpr uint32_t kMaxOptionBytes = 64 * 1024;
 
-  explicit Negotiator(const ExportRegistry& registry) : registry_(registry) {}
+  explicit Negotiator(const ExportRegistry& registry, TlsPolicy tls = TlsPolicy::kOff)
+      : registry_(registry), tls_(tls) {}
 
   // The 18 bytes the server sends on accept.
   static std::vector<uint8_t> greeting();
@@ -46,6 +54,10 @@ class Negotiator {
   size_t feed(std::span<const uint8_t> in, std::vector<uint8_t>& out);
 
   State state() const { return state_; }
+  // The TLS handshake after kStartTls succeeded: haggling goes on, over TLS,
+  // with nothing negotiated before it kept (proto.md, NBD_OPT_STARTTLS).
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
   const std::string& close_reason() const { return close_reason_; }
 
   // Valid in kTransmission.
@@ -57,6 +69,7 @@ class Negotiator {
 
  private:
   void handle_option(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
+  void handle_starttls(std::span<const uint8_t> data, std::vector<uint8_t>& out);
   void handle_export_name(std::span<const uint8_t> data, std::vector<uint8_t>& out);
   void handle_info_go(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
   void handle_list(uint32_t opt, std::span<const uint8_t> data, std::vector<uint8_t>& out);
@@ -68,6 +81,8 @@ class Negotiator {
   }
 
   const ExportRegistry& registry_;
+  TlsPolicy tls_;
+  bool tls_active_ = false;
   State state_ = State::kClientFlags;
   std::string close_reason_;
   bool fixed_newstyle_ = false;

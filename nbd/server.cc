@@ -270,7 +270,8 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
                                --open_;
                                delete done;
                                w->finish_if_idle();
-                             });
+                             },
+                             opts_.tls);
     w->conns.insert(c);
     c->start();
   });

@@ -25,6 +25,7 @@ struct ServerOptions {
   uint64_t busy_poll_ns = 0;  // workers spin this long for completions before sleeping
   uint32_t max_connections = 256;
   ConnectionLimits limits;
+  std::shared_ptr<const TlsContext> tls;  // null: TLS off (STARTTLS refused)
 };
 
 class Server {

@@ -43,6 +43,8 @@ StatsSnapshot ServerStats::snapshot() const {
       s.latency_count += c;
     }
     s.latency_sum_ns += sh.latency_sum_ns.load(r);
+    s.tls_handshakes += sh.tls_handshakes.load(r);
+    s.tls_handshake_failures += sh.tls_handshake_failures.load(r);
   }
   return s;
 }

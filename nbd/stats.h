@@ -38,6 +38,8 @@ struct alignas(64) StatsShard {
   std::array<std::atomic<uint64_t>, kStatOpCount> errors{};
   std::array<std::atomic<uint64_t>, kLatencyBuckets> latency{};  // not cumulative
   std::atomic<uint64_t> latency_sum_ns{0};
+  std::atomic<uint64_t> tls_handshakes{0};          // completed
+  std::atomic<uint64_t> tls_handshake_failures{0};  // bad certificate, wrong key, ...
 
   void add(StatOp op, uint64_t bytes_moved, bool error, uint64_t latency_ns);
 };
@@ -49,6 +51,8 @@ struct StatsSnapshot {
   std::array<uint64_t, kLatencyBuckets> latency{};  // per bucket, not cumulative
   uint64_t latency_sum_ns = 0;
   uint64_t latency_count = 0;
+  uint64_t tls_handshakes = 0;
+  uint64_t tls_handshake_failures = 0;
   uint32_t connections_open = 0;
   uint64_t connections_total = 0;
 };

@@ -2,7 +2,9 @@
 # Install what is missing, build, and run shadowd in the foreground on a
 # sparse 1 GiB var/disk.img, served on var/shadowd.sock and 127.0.0.1:10809,
 # with its history in a 1 GiB shadow pool var/pool.img (formatted on first use,
-# kept across runs).
+# kept across runs). TLS is offered (--tls on) with throwaway certificates and
+# a PSK made in var/pki/ on first use (scripts/tls-certs.sh); plain clients are
+# served too.
 #
 # Extra arguments go to shadowd, e.g.  scripts/run.sh --read-only --log-level debug
 # BUILD_DIR=DIR selects the build directory (default build/).
@@ -24,6 +26,13 @@ if [[ ! -e var/pool.img ]]; then
   fallocate -l 1G var/pool.img 2>/dev/null || truncate -s 1G var/pool.img
 fi
 
+if [[ ! -e var/pki/server/server-cert.pem ]]; then
+  echo "run: making throwaway TLS certificates and a PSK in var/pki (scripts/tls-certs.sh)"
+  rm -rf var/pki
+  scripts/tls-certs.sh var/pki
+fi
+pki=$root/var/pki
+
 sock=$root/var/shadowd.sock
 unix_uri="nbd+unix:///?socket=$sock"
 tcp_uri="nbd://127.0.0.1:10809"
@@ -44,6 +53,12 @@ Try, from another shell:
   nbdinfo --map '$unix_uri'
   qemu-img info '$tcp_uri'
   qemu-img convert -p -O qcow2 '$tcp_uri' /tmp/disk-copy.qcow2
+
+  # over TLS (offered here with --tls on; --tls require refuses plain clients):
+  nbdinfo 'nbds://localhost:10809/?tls-certificates=$pki/client'
+  nbdinfo 'nbds+unix://shadowd@/?socket=$sock&tls-psk-file=$pki/psk/keys.psk'
+  qemu-img info --object tls-creds-x509,id=tls0,endpoint=client,dir=$pki/client \\
+    --image-opts driver=nbd,host=localhost,port=10809,tls-creds=tls0
 
   # a file system through FUSE and a loop device (as root):
   mkdir -p /tmp/shadowd-fuse /tmp/shadowd-mnt
@@ -76,5 +91,6 @@ exec "$build_dir/daemon/shadowd" \
   --unix var/shadowd.sock \
   --listen 127.0.0.1:10809 \
   --pool var/pool.img --init \
+  --tls on --tls-certificates var/pki/server --tls-psk var/pki/psk/keys.psk \
   --foreground \
   "$@"

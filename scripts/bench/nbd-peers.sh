@@ -25,6 +25,12 @@
 #   BENCH_NBDKIT_CACHE=MODE    nbdkit file plugin cache= (default none)
 #   BENCH_OUT=FILE             JSON result file (default var/bench/nbd-peers-<ts>.json)
 #   BENCH_KEEP=1               keep the work directory (backing file, logs, fio JSON)
+#   BENCH_TLS=1                NBD over TLS instead (x509 certificates made by
+#                              scripts/tls-certs.sh; shadowd --tls require,
+#                              qemu-nbd --tls-creds, nbdkit --tls=require), each
+#                              server on TCP 127.0.0.1 (fio's nbd engine cannot
+#                              name certificates in its URI: it runs as nobody
+#                              with them in libnbd's default $HOME/.pki/libnbd)
 set -euo pipefail
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
@@ -33,11 +39,14 @@ prefill=${BENCH_PREFILL:-1}
 read -ra servers <<<"${BENCH_SERVERS:-shadowd qemu-nbd nbdkit}"
 read -ra jobs <<<"${BENCH_JOBS:-randread randwrite seqread seqwrite}"
 nbdkit_cache=${BENCH_NBDKIT_CACHE:-none}
+tls=${BENCH_TLS:-0}
+[[ $tls == 0 || $tls == 1 ]] || die "BENCH_TLS must be 0 or 1 (got '$tls')"
 out_json=${BENCH_OUT:-$root/var/bench/nbd-peers-$stamp.json}
 
 # --- prerequisites --------------------------------------------------------
 check_words server BENCH_SERVERS "shadowd qemu-nbd nbdkit" "${servers[@]}"
 need=(fio nbdinfo)
+((tls == 0)) || need+=(certtool psktool setpriv)
 for s in "${servers[@]}"; do
   [[ $s == shadowd ]] || need+=("$s")
 done
@@ -77,9 +86,41 @@ dd if="$file" of=/dev/null bs=4M iflag=direct status=none 2>/dev/null ||
   dd if="$file" of=/dev/null bs=4M status=none
 drop_page_cache "$file"
 
+# --- TLS: certificates, and a home for fio with libnbd's default certificate place
+if ((tls)); then
+  pki=$work/pki
+  "$root/scripts/tls-certs.sh" "$pki" >/dev/null
+  fio_home=$work/fio-home
+  mkdir -p "$fio_home/.pki/libnbd"
+  cp "$pki"/client/*.pem "$fio_home/.pki/libnbd/"
+  chown -R 65534:65534 "$fio_home"
+  chmod 755 "$work"
+  tls_port=$("$py" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+fi
+
+# The URI fio uses, and the one nbdinfo (as root) checks readiness with.
+server_uri() {  # socket
+  if ((tls)); then echo "nbds://localhost:$tls_port/"; else echo "nbd+unix:///?socket=$1"; fi
+}
+probe_uri() {  # socket
+  if ((tls)); then echo "nbds://localhost:$tls_port/?tls-certificates=$pki/client"; else server_uri "$1"; fi
+}
+
 # --- servers ----------------------------------------------------------------
 server_cmd() {  # server socket -> prints nothing, sets cmd=()
   local s=$1 sock=$2
+  if ((tls)); then
+    case $s in
+      shadowd) cmd=("$shadowd_bin" --backing "$file" --listen "127.0.0.1:$tls_port" --foreground
+                    --log-level warn --tls require --tls-certificates "$pki/server" "${shadowd_extra[@]}") ;;
+      qemu-nbd) cmd=(qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=16
+                     --object "tls-creds-x509,id=tls0,endpoint=server,dir=$pki/server"
+                     --tls-creds tls0 -b 127.0.0.1 -p "$tls_port" "$file") ;;
+      nbdkit) cmd=(nbdkit -i 127.0.0.1 -p "$tls_port" --foreground --exit-with-parent
+                   --tls=require "--tls-certificates=$pki/server" file "$file" cache="$nbdkit_cache") ;;
+    esac
+    return
+  fi
   case $s in
     shadowd) cmd=("$shadowd_bin" --backing "$file" --unix "$sock" --foreground
                   --log-level warn "${shadowd_extra[@]}") ;;
@@ -100,7 +141,8 @@ server_version() {
 
 # Start server $1 on socket $2, log to $3; sets server_pid; returns nonzero on failure.
 start_server() {
-  local s=$1 sock=$2 slog=$3 uri="nbd+unix:///?socket=$2"
+  local s=$1 sock=$2 slog=$3 uri
+  uri=$(probe_uri "$2")
   server_cmd "$s" "$sock"
   rm -f "$sock"
   if [[ $s == shadowd ]]; then
@@ -113,7 +155,7 @@ start_server() {
     local ok=0
     for _ in $(seq 200); do
       kill -0 "$server_pid" 2>/dev/null || break
-      if [[ -S $sock ]] && nbdinfo --size "$uri" >/dev/null 2>&1; then ok=1; break; fi
+      if { ((tls)) || [[ -S $sock ]]; } && nbdinfo --size "$uri" >/dev/null 2>&1; then ok=1; break; fi
       sleep 0.05
     done
     (( ok )) || { log "$s did not become ready"; return 1; }
@@ -153,9 +195,10 @@ header=$work/header.txt
   done
   [[ " ${servers[*]} " != *" nbdkit "* || $nbdkit_cache != none ]] ||
     echo "  (nbdkit uses cache=none: pages are evicted after use; qemu-nbd and shadowd use O_DIRECT)"
+  ((tls == 0)) || echo "TLS: x509 (scripts/tls-certs.sh: RSA keys, certtool defaults), TCP 127.0.0.1:$tls_port; fio runs as nobody with HOME=$fio_home (client certificates in .pki/libnbd)"
   echo "fio jobs (one connection each, run one after another):"
   for j in "${jobs[@]}"; do
-    fio_cmd "$j" 'nbd+unix:///?socket=SOCK'
+    fio_cmd "$j" "$(server_uri SOCK)"
     printf '  %-9s %s\n' "$j" "$(q "${fcmd[@]}" --output=FILE)"
   done
 } >"$header"
@@ -167,7 +210,7 @@ manifest=$work/manifest.tsv
 : >"$manifest"
 for s in "${servers[@]}"; do
   sock=$sockdir/$s.sock
-  uri="nbd+unix:///?socket=$sock"
+  uri=$(server_uri "$sock")
   slog=$work/$s.log
   drop_page_cache "$file"
   log "starting $s"
@@ -180,6 +223,10 @@ for s in "${servers[@]}"; do
   for j in "${jobs[@]}"; do
     fio_cmd "$j" "$uri"
     out=$work/$s-$j.json
+    if ((tls)); then  # fio as nobody, finding the certificates in its HOME
+      fcmd=(setpriv --reuid=65534 --regid=65534 --clear-groups env "HOME=$fio_home" "${fcmd[@]}")
+      out=$fio_home/$s-$j.json
+    fi
     log "$s: $j (${runtime}s)"
     if ! kill -0 "$server_pid" 2>/dev/null; then
       log "$s died before $j"
@@ -187,10 +234,10 @@ for s in "${servers[@]}"; do
       continue
     fi
     frc=0
-    rm -f "$work/$s-$j.cpu"
-    cpu_snap "$work/$s-$j.cpu"
+    rm -f "${out%.json}.cpu"
+    cpu_snap "${out%.json}.cpu"
     "${fcmd[@]}" "--output=$out" >"$work/$s-$j.fio.log" 2>&1 || frc=$?
-    cpu_snap "$work/$s-$j.cpu"
+    cpu_snap "${out%.json}.cpu"
     if (( frc != 0 )); then
       log "$s: fio $j exited $frc: $(tail -n 3 "$work/$s-$j.fio.log" | tr '\n' ' ')"
     fi

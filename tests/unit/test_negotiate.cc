@@ -523,7 +523,7 @@ TEST_CASE("negotiate: STRUCTURED_REPLY", "[negotiate]") {
 TEST_CASE("negotiate: unsupported options are refused and skipped", "[negotiate]") {
   Registry r;
   Session s(r.reg);
-  for (uint32_t opt : {999u, uint32_t{kOptStartTls}, uint32_t{kOptPeekExport},
+  for (uint32_t opt : {999u, uint32_t{kOptPeekExport},
                        uint32_t{kOptExtendedHeaders}, 0u, 12u, 0x80000000u, 0xffffffffu}) {
     CAPTURE(opt);
     for (const Bytes& data : {Bytes{}, Bytes(100, 0xee), option(kOptAbort)}) {
@@ -533,6 +533,98 @@ TEST_CASE("negotiate: unsupported options are refused and skipped", "[negotiate]
   }
   CHECK(s.opt(kOptList).size() > kOptReplyHeaderSize);
   CHECK(s.n.state() == State::kOptions);
+}
+
+// ---- NBD_OPT_STARTTLS ----
+
+namespace {
+
+Bytes text(std::string_view t) { return Bytes(t.begin(), t.end()); }
+
+struct TlsSession {
+  TlsSession(const ExportRegistry& reg, TlsPolicy p) : n(reg, p) {
+    Bytes out;
+    REQUIRE(n.feed(client_flags(kBothClientFlags), out) == 4);
+  }
+  Bytes opt(uint32_t o, const Bytes& data = {}) {
+    const Bytes msg = option(o, data);
+    Bytes out;
+    REQUIRE(n.feed(msg, out) == msg.size());
+    return out;
+  }
+  Negotiator n;
+};
+
+}  // namespace
+
+TEST_CASE("negotiate: STARTTLS without TLS is refused by policy", "[negotiate][tls]") {
+  Registry r;
+  TlsSession s(r.reg, TlsPolicy::kOff);
+  CHECK(s.opt(kOptStartTls) == reply(kOptStartTls, kRepErrPolicy, text("TLS is not enabled on this server")));
+  CHECK(s.n.state() == State::kOptions);
+  CHECK_FALSE(s.n.tls_active());
+  // Everything else as before.
+  CHECK(s.opt(kOptGo, info_data("disk")).size() > kOptReplyHeaderSize);
+  CHECK(s.n.state() == State::kTransmission);
+}
+
+TEST_CASE("negotiate: TLS required: every option but STARTTLS and ABORT refused, nothing leaks",
+          "[negotiate][tls]") {
+  Registry r;
+  TlsSession s(r.reg, TlsPolicy::kRequire);
+  const Bytes msg = text("TLS is required: send NBD_OPT_STARTTLS first");
+  for (uint32_t o : {uint32_t{kOptList}, uint32_t{kOptInfo}, uint32_t{kOptGo}, uint32_t{kOptStructuredReply},
+                     uint32_t{kOptListMetaContext}, uint32_t{kOptSetMetaContext}, uint32_t{kOptPeekExport},
+                     999u}) {
+    CAPTURE(o);
+    const Bytes data = o == kOptInfo || o == kOptGo ? info_data("disk") : Bytes{};
+    CHECK(s.opt(o, data) == reply(o, kRepErrTlsReqd, msg));
+    CHECK(s.n.state() == State::kOptions);
+  }
+  // STARTTLS with data is invalid, and changes nothing.
+  CHECK(s.opt(kOptStartTls, Bytes{1}) == reply(kOptStartTls, kRepErrInvalid));
+  CHECK(s.n.state() == State::kOptions);
+  // ABORT is still answered.
+  TlsSession a(r.reg, TlsPolicy::kRequire);
+  CHECK(a.opt(kOptAbort) == reply(kOptAbort, kRepAck));
+  CHECK(a.n.state() == State::kClose);
+  // EXPORT_NAME cannot be refused: the connection closes with no reply.
+  TlsSession e(r.reg, TlsPolicy::kRequire);
+  CHECK(e.opt(kOptExportName, text("disk")).empty());
+  CHECK(e.n.state() == State::kClose);
+  CHECK(e.n.selected() == nullptr);
+}
+
+TEST_CASE("negotiate: STARTTLS, then haggling starts afresh over TLS", "[negotiate][tls]") {
+  Registry r;
+  for (TlsPolicy p : {TlsPolicy::kOn, TlsPolicy::kRequire}) {
+    TlsSession s(r.reg, p);
+    if (p == TlsPolicy::kOn) {
+      // Before TLS, with TLS only offered: state negotiated in the clear...
+      CHECK(s.opt(kOptStructuredReply) == reply(kOptStructuredReply, kRepAck));
+      CHECK(s.opt(kOptSetMetaContext, meta_data("disk", {"base:allocation"})).size() > kOptReplyHeaderSize);
+    }
+    // The acknowledgement; bytes behind STARTTLS are left for the TLS layer.
+    const Bytes msg = cat({option(kOptStartTls), Bytes{0x16, 0x03, 0x01}});
+    Bytes out;
+    CHECK(s.n.feed(msg, out) == msg.size() - 3);
+    CHECK(out == reply(kOptStartTls, kRepAck));
+    CHECK(s.n.state() == State::kStartTls);
+    Bytes more;
+    CHECK(s.n.feed(option(kOptList), more) == 0);  // nothing is read until TLS is up
+    s.n.tls_started();
+    CHECK(s.n.tls_active());
+    CHECK(s.n.state() == State::kOptions);
+    // ... is forgotten (proto.md: no negotiation state survives STARTTLS).
+    CHECK_FALSE(s.n.structured_replies());
+    CHECK_FALSE(s.n.base_allocation());
+    // A second STARTTLS is invalid; everything else is served.
+    CHECK(s.opt(kOptStartTls) == reply(kOptStartTls, kRepErrInvalid));
+    CHECK(s.opt(kOptList).size() > kOptReplyHeaderSize);
+    CHECK(s.opt(kOptGo, info_data("disk")).size() > kOptReplyHeaderSize);
+    CHECK(s.n.state() == State::kTransmission);
+    CHECK(s.n.selected()->name == "disk");
+  }
 }
 
 TEST_CASE("negotiate: option length limit", "[negotiate]") {
