@@ -30,6 +30,9 @@ using pool::ZoneKind;
 
 constexpr uint64_t kB = pool::kBlockBytes;
 constexpr uint64_t kNs = 1'000'000'000;
+// How long the shadow thread leaves a segment alone after it could not read
+// it from the primary.
+constexpr uint64_t kUnreadableRetryNs = 30 * kNs;
 
 uint64_t round_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 bool is_pow2(uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
@@ -643,6 +646,9 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   int64_t last_refill_clock_ns_ = 0;
   uint64_t last_fg_ns_ = 0;
   int64_t last_restart_try_ns_ = 0;
+  // Segments a background copy could not read from the primary (a bad
+  // range): left alone until the monotonic time given (op_mu_).
+  std::map<uint64_t, uint64_t> unreadable_;
 
   std::mutex hist_mu_;
   std::vector<HistoryRecord> hist_;
@@ -1161,7 +1167,9 @@ std::unique_ptr<Batch> StoreImpl::encode(std::vector<Item*>& items, EventLoop& l
       // ahead of the record, so no scan can find the record without it.
       auto content = read_primary(seg);
       if (!content) {
-        st = content.status();
+        st = Status::error(content.status().code(),
+                           "primary read for a copy-on-first-write failed: " + content.status().message(),
+                           content.status().err());
         break;
       }
       ++b->cows;
@@ -1236,7 +1244,7 @@ void StoreImpl::retire(Batch& b, bool& broken) {
   }
   if (!b.degraded && !broken && !st) {
     broken = true;
-    enter_degraded("journal append failed: " + st.message());
+    enter_degraded(b.st ? "journal append failed: " + st.message() : st.message());
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -1421,6 +1429,7 @@ ShadowStore::VerifyReport StoreImpl::verify_pool() {
   VerifyReport rep;
   struct Scanned {
     uint64_t gen;
+    uint64_t used;  // the committed bytes read: later appends start at or after it
     std::set<uint32_t> offsets;
   };
   std::map<std::pair<uint8_t, uint32_t>, Scanned> scanned;
@@ -1443,7 +1452,7 @@ ShadowStore::VerifyReport StoreImpl::verify_pool() {
         rep.errors.push_back(where + ": read failed: " + st.message());
         continue;
       }
-      Scanned sc{gen, {}};
+      Scanned sc{gen, used, {}};
       auto end = pool::scan_records(std::span<const uint8_t>(a.get(), used), gen, 0,
                                     [&](const pool::Record& rec, uint64_t off) {
                                       ++rep.records_checked;
@@ -1473,6 +1482,7 @@ ShadowStore::VerifyReport StoreImpl::verify_pool() {
     auto check = [&](uint64_t seg, const char* what, uint64_t seq, const Loc& l) {
       auto f = scanned.find({l.tier, l.zone});
       if (f == scanned.end() || f->second.gen != l.gen) return;  // reclaimed or not scanned
+      if (l.offset >= f->second.used) return;  // appended after the scan read the zone
       if (f->second.offsets.count(l.offset) == 0) {
         rep.errors.push_back("segment " + std::to_string(seg) + ": " + what + " seq " + std::to_string(seq) +
                              " points at tier " + std::to_string(l.tier) + " zone " + std::to_string(l.zone) +
@@ -1616,8 +1626,15 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
     if (g0 != ~0ull) {
       auto c = read_primary(seg);
       if (!c) {
-        enter_degraded("primary read for a version failed: " + c.status().message());
-        return c.status();
+        // No version now, which costs history nothing (a version only
+        // shortens a replay or saves a later copy); the shadow thread leaves
+        // the segment alone for a while. A write's copy-on-first-write that
+        // cannot read it still degrades history (encode()).
+        spdlog::warn("primary read of segment {} for a version failed: {}; retrying in {} s", seg,
+                     c.status().message(), kUnreadableRetryNs / kNs);
+        unreadable_[seg] = monotonic_ns() + kUnreadableRetryNs;
+        return Status::error(Status::Code::kBusy, "primary read for a version failed: " + c.status().message(),
+                             c.status().err());
       }
       std::lock_guard<std::mutex> lock(mu_);
       shadow_bytes_read_ += c->size();
@@ -2500,6 +2517,10 @@ void StoreImpl::round_locked() {
       if (tokens_ < seg_bytes_) return false;
       if (busy && !is_urgent && busy_tokens_ < seg_bytes_) return false;
       if ((seg << shift_) >= primary_->size_bytes()) continue;
+      if (auto u = unreadable_.find(seg); u != unreadable_.end()) {
+        if (now < u->second) continue;
+        unreadable_.erase(u);
+      }
       Status st = make_version(seg, false);
       tokens_ -= seg_bytes_;
       // Urgent work counts against the busy budget too (it may go below zero).
