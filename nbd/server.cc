@@ -4,11 +4,15 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <malloc.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <unordered_set>
 
@@ -31,15 +35,16 @@ struct Server::Worker {
 // Keeps one accept armed on a listening socket (on worker 0's loop).
 class Server::Acceptor final : public IoCompletion {
  public:
-  Acceptor(Server* s, EventLoop* loop, int fd) : s_(s), loop_(loop), fd_(fd) {}
+  Acceptor(Server* s, EventLoop* loop, int fd) : s_(s), loop_(loop), fd_(fd), timer_(this) {}
   void arm() {
-    if (closed_) return;
+    if (closed_ || pending_ || paused_) return;
     io_uring_prep_accept(loop_->sqe_for(this), fd_, nullptr, nullptr, SOCK_CLOEXEC);
     pending_ = true;
   }
   void cancel() {
     closed_ = true;
     if (pending_) io_uring_prep_cancel(loop_->sqe_for(nullptr), this, 0);
+    if (paused_) io_uring_prep_cancel(loop_->sqe_for(nullptr), &timer_, 0);
   }
   void on_complete(int res, uint32_t) override {
     pending_ = false;
@@ -49,24 +54,39 @@ class Server::Acceptor final : public IoCompletion {
     }
     if (res >= 0) {
       s_->on_accept(fd_, res);
+    } else if (res == -EMFILE || res == -ENFILE) {
+      // Out of descriptors: the waiting clients stay queued in the kernel;
+      // accepting again a second later (connections close meanwhile) rather
+      // than spinning, or giving up on the listener.
+      spdlog::error("accept: {}: new connections wait until descriptors are free (open: {}; "
+                    "raise LimitNOFILE or lower max_connections)",
+                    std::strerror(-res), s_->open_.load());
+      paused_ = true;
+      io_uring_prep_timeout(loop_->sqe_for(&timer_), &kRetry, 0, 0);
+      return;
     } else if (res != -EAGAIN && res != -EINTR && res != -ECONNABORTED) {
       spdlog::warn("accept: {}", std::strerror(-res));
-      if (res == -EMFILE || res == -ENFILE) {
-        // Out of descriptors: stop this listener rather than spin.
-        spdlog::error("out of file descriptors; listener stopped");
-        closed_ = true;
-        return;
-      }
     }
     arm();
   }
 
  private:
+  struct Timer final : public IoCompletion {
+    explicit Timer(Acceptor* a) : a(a) {}
+    void on_complete(int, uint32_t) override {
+      a->paused_ = false;
+      if (!a->closed_) a->arm();
+    }
+    Acceptor* a;
+  };
+  static inline __kernel_timespec kRetry{1, 0};
   Server* s_;
   EventLoop* loop_;
   int fd_;
   bool pending_ = false;
   bool closed_ = false;
+  bool paused_ = false;  // out of descriptors: the timer re-arms
+  Timer timer_;
 };
 
 Status parse_host_port(const std::string& s, std::string& host, uint16_t& port) {
@@ -104,7 +124,7 @@ Server::~Server() {
 
 namespace {
 
-Result<int> listen_unix(const std::string& path) {
+Result<int> listen_unix(const std::string& path, int backlog) {
   sockaddr_un sa{};
   sa.sun_family = AF_UNIX;
   if (path.size() >= sizeof sa.sun_path) return Status::invalid("unix socket path too long: " + path);
@@ -119,7 +139,7 @@ Result<int> listen_unix(const std::string& path) {
     }
     ::unlink(path.c_str());  // a stale socket from an earlier run
   }
-  if (::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) < 0 || ::listen(fd, 128) < 0) {
+  if (::bind(fd, reinterpret_cast<sockaddr*>(&sa), sizeof sa) < 0 || ::listen(fd, backlog) < 0) {
     int e = errno;
     ::close(fd);
     return Status::from_errno(e, "listen on " + path);
@@ -127,7 +147,7 @@ Result<int> listen_unix(const std::string& path) {
   return fd;
 }
 
-Result<int> listen_tcp(const std::string& spec, std::string& bound) {
+Result<int> listen_tcp(const std::string& spec, std::string& bound, int backlog) {
   std::string host;
   uint16_t port = 0;
   Status st = parse_host_port(spec, host, port);
@@ -145,7 +165,7 @@ Result<int> listen_tcp(const std::string& spec, std::string& bound) {
   if (fd < 0) return Status::from_errno(errno, "socket");
   int one = 1;
   ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  if (::bind(fd, res->ai_addr, res->ai_addrlen) < 0 || ::listen(fd, 128) < 0) {
+  if (::bind(fd, res->ai_addr, res->ai_addrlen) < 0 || ::listen(fd, backlog) < 0) {
     int e = errno;
     ::close(fd);
     return Status::from_errno(e, "listen on " + spec);
@@ -190,8 +210,11 @@ std::string describe_peer(int fd) {
 }  // namespace
 
 Status Server::listen_all() {
+  // Room for a burst of as many connects as may be open at once (the kernel
+  // caps it at net.core.somaxconn).
+  const int backlog = static_cast<int>(std::max<uint32_t>(SOMAXCONN, opts_.max_connections));
   for (const auto& path : opts_.unix_paths) {
-    auto fd = listen_unix(path);
+    auto fd = listen_unix(path, backlog);
     if (!fd) return fd.status();
     listen_fds_.push_back(*fd);
     unix_created_.push_back(path);
@@ -199,7 +222,7 @@ Status Server::listen_all() {
   }
   for (const auto& spec : opts_.tcp) {
     std::string bound;
-    auto fd = listen_tcp(spec, bound);
+    auto fd = listen_tcp(spec, bound, backlog);
     if (!fd) return fd.status();
     listen_fds_.push_back(*fd);
     endpoints_.push_back(bound);
@@ -213,6 +236,21 @@ Status Server::listen_all() {
 }
 
 Status Server::start() {
+  // Every connection holds a descriptor: use the hard limit, and say so
+  // when even that is short of max_connections (plus the daemon's own).
+  rlimit rl{};
+  if (::getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+    if (rl.rlim_cur < rl.rlim_max) {
+      rl.rlim_cur = rl.rlim_max;
+      ::setrlimit(RLIMIT_NOFILE, &rl);
+    }
+    constexpr rlim_t kOwn = 64;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < opts_.max_connections + kOwn) {
+      spdlog::warn("the descriptor limit ({}) is below max_connections ({}) + {}: connections "
+                   "beyond it wait (raise LimitNOFILE / ulimit -n)",
+                   rl.rlim_cur, opts_.max_connections, kOwn);
+    }
+  }
   Status st = listen_all();
   if (!st) return st;
   const unsigned n = std::max(1u, opts_.io_threads);
@@ -242,8 +280,19 @@ Status Server::start() {
 void Server::on_accept(int /*listen_fd*/, int fd) {
   ++accepted_total_;
   if (open_.load() >= opts_.max_connections) {
-    spdlog::warn("refusing connection: {} connections open (max_connections)", open_.load());
     ::close(fd);
+    // One line a second at most, however fast they come.
+    ++refused_since_log_;
+    const int64_t now = std::chrono::duration_cast<std::chrono::seconds>(
+                            std::chrono::steady_clock::now().time_since_epoch())
+                            .count();
+    if (now != last_refusal_log_s_) {
+      last_refusal_log_s_ = now;
+      spdlog::warn("refusing connection: {} connections open (max_connections); {} refused "
+                   "since the last such line",
+                   open_.load(), refused_since_log_);
+      refused_since_log_ = 0;
+    }
     return;
   }
   ++open_;
@@ -267,8 +316,10 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
     auto* c = new Connection(*w->loop, fd, std::move(peer), registry_, opts_.limits, w->stats,
                              [this, w](Connection* done) {
                                w->conns.erase(done);
-                               --open_;
                                delete done;
+                               // The last client gone: give the heap's free
+                               // memory back (buffers of large requests).
+                               if (--open_ == 0) ::malloc_trim(0);
                                w->finish_if_idle();
                              },
                              opts_.tls);

@@ -63,6 +63,8 @@ class Server {
   std::atomic<uint32_t> open_{0};
   std::atomic<uint64_t> accepted_total_{0};
   unsigned next_worker_ = 0;
+  uint64_t refused_since_log_ = 0;  // acceptor thread only
+  int64_t last_refusal_log_s_ = -1;
   bool started_ = false;
   bool stopped_ = false;
 };
