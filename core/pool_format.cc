@@ -160,6 +160,13 @@ bool has_payload(RecordType t) {
   return t != RecordType::kZoneHeader && t != RecordType::kMarker;
 }
 
+// The codec a type is written with: a journal record's says how its data is
+// stored; a version is always a zstd frame; the other types are raw.
+bool codec_fits(RecordType t, uint8_t codec) {
+  if (t == RecordType::kJournal) return codec <= static_cast<uint8_t>(Codec::kZstd);
+  return codec == static_cast<uint8_t>(t == RecordType::kVersion ? Codec::kZstd : Codec::kNone);
+}
+
 // Decodes the body of a record whose checksum, generation and length have
 // been checked; false when a field holds a value no encoder writes.
 bool decode_body(const uint8_t* body, Record& rec) {
@@ -350,8 +357,8 @@ Result<Superblock> decode_superblock(std::span<const uint8_t> block) {
   sb.epoch_ns = r.i64();
   sb.generation = r.u64();
   sb.checkpoint_id = r.u64();
-  const uint32_t id_len = r.u32();
-  const uint32_t zones = r.u32();
+  const uint32_t id_len = get32(p + kSbPrimaryIdLen);
+  const uint32_t zones = get32(p + kSbCheckpointZoneCount);
   if (id_len > kMaxPrimaryId || zones > kMaxCheckpointZones) {
     return Status::invalid("superblock: primary id of " + std::to_string(id_len) + " bytes, " +
                            std::to_string(zones) + " checkpoint zones");
@@ -486,8 +493,8 @@ DecodeError decode_record(std::span<const uint8_t> buf, uint64_t zone_gen, Recor
   const auto type = static_cast<RecordType>(p[kOffType]);
   const uint8_t codec = p[kOffCodec];
   const size_t body = body_bytes_of(type);
-  if (body == SIZE_MAX || codec > static_cast<uint8_t>(Codec::kZstd) ||
-      get16(p + kOffReserved) != 0 || length < body || (!has_payload(type) && length != body)) {
+  if (body == SIZE_MAX || !codec_fits(type, codec) || get16(p + kOffReserved) != 0 ||
+      length < body || (!has_payload(type) && length != body)) {
     return DecodeError::kBadType;
   }
   Record out;

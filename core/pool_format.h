@@ -93,7 +93,8 @@ enum class MarkerKind : uint8_t {
 //                  end of the payload
 //   u32 length     bytes after the header (body + payload)
 //   u8  type       RecordType
-//   u8  codec      Codec of the payload
+//   u8  codec      Codec of the payload: kZstd for kVersion, either for kJournal,
+//                  kNone for the other types
 //   u16 reserved   0
 //   u64 zone_gen   the generation of the zone this record was written into
 constexpr size_t kRecordHeaderBytes = 24;

@@ -7,6 +7,7 @@
 #include <array>
 #include <cctype>
 #include <charconv>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <vector>
@@ -16,6 +17,10 @@ namespace {
 
 // Windows filetime of the Unix epoch (100 ns ticks since 1601-01-01).
 constexpr int64_t kFiletimeUnixEpoch = 116444736000000000LL;
+// Times become int64 nanoseconds: at most this many seconds (year 2262 for
+// Unix time), and for msr as many 100 ns ticks either side of 1970.
+constexpr int64_t kMaxSeconds = INT64_MAX / 1'000'000'000;
+constexpr int64_t kMaxTicksFromUnixEpoch = INT64_MAX / 100;
 
 std::string_view trim(std::string_view s) {
   while (!s.empty() && (s.front() == ' ' || s.front() == '\t' || s.front() == '\r')) s.remove_prefix(1);
@@ -81,6 +86,10 @@ Result<bool> parse_msr(std::string_view line, Request* req) {
   }
   int64_t ticks;
   if (!to_num(f[0], ticks) || ticks < 0) return Status::invalid("Timestamp is not a filetime: '" + std::string(f[0]) + "'");
+  // ticks >= 0, so the difference cannot overflow.
+  if (ticks - kFiletimeUnixEpoch > kMaxTicksFromUnixEpoch || ticks - kFiletimeUnixEpoch < -kMaxTicksFromUnixEpoch) {
+    return Status::invalid("Timestamp is out of range (years 1677..2262): '" + std::string(f[0]) + "'");
+  }
   const std::string_view type = trim(f[3]);
   if (iequals(type, "Read")) {
     req->op = Op::kRead;
@@ -102,7 +111,10 @@ Result<bool> parse_blkparse(std::string_view line, Request* req) {
   if (w.size() < 7) return Status::invalid("an event line needs at least 7 fields, found " + std::to_string(w.size()));
   if (w[5] != "Q") return false;  // only queued requests count
   double secs;
-  if (!to_num(w[3], secs) || secs < 0) return Status::invalid("time is not seconds: '" + std::string(w[3]) + "'");
+  // from_chars reads "nan" and "inf" too: both fail this test.
+  if (!to_num(w[3], secs) || !(secs >= 0 && secs <= static_cast<double>(kMaxSeconds))) {
+    return Status::invalid("time is not seconds (0.." + std::to_string(kMaxSeconds) + "): '" + std::string(w[3]) + "'");
+  }
   const std::string_view rwbs = w[6];
   const bool discard = rwbs.find('D') != std::string_view::npos;
   const bool write = rwbs.find('W') != std::string_view::npos;
@@ -120,8 +132,10 @@ Result<bool> parse_blkparse(std::string_view line, Request* req) {
   if (!to_num(w[7], sector)) return Status::invalid("sector is not a number: '" + std::string(w[7]) + "'");
   if (!to_num(w[9], count)) return Status::invalid("sector count is not a number: '" + std::string(w[9]) + "'");
   req->op = (write || discard) ? Op::kWrite : Op::kRead;
-  req->offset = sector * 512;
-  req->length = count * 512;
+  if (__builtin_mul_overflow(sector, 512, &req->offset) || __builtin_mul_overflow(count, 512, &req->length) ||
+      req->offset + req->length < req->offset) {
+    return Status::invalid("SECTOR + COUNT is past 2^64 bytes");
+  }
   req->time_ns = static_cast<int64_t>(secs * 1e9 + 0.5);
   return req->length > 0;
 }
@@ -136,6 +150,10 @@ Result<bool> parse_history(std::string_view line, const ReadOptions& o, Request*
   int64_t t;
   uint64_t seg, count, bytes;
   if (!to_num(f[0], t) || t < 0) return Status::invalid("timestamp is not seconds: '" + std::string(f[0]) + "'");
+  // Its requests are spread over the bucket that starts at t.
+  if (t > kMaxSeconds - int64_t{o.history_bucket_s}) {
+    return Status::invalid("timestamp is out of range (past the year 2262): '" + std::string(f[0]) + "'");
+  }
   if (!to_num(f[1], seg)) return Status::invalid("segment is not a number: '" + std::string(f[1]) + "'");
   const std::string_view op = trim(f[2]);
   if (op == "read") {
@@ -150,21 +168,34 @@ Result<bool> parse_history(std::string_view line, const ReadOptions& o, Request*
   }
   if (!to_num(f[4], bytes)) return Status::invalid("bytes is not a number: '" + std::string(f[4]) + "'");
   req->time_ns = t * 1'000'000'000LL;
-  req->offset = seg * o.history_segment_bytes;
   req->length = std::max<uint64_t>(1, std::min<uint64_t>(bytes / count, o.history_segment_bytes));
+  if (__builtin_mul_overflow(seg, o.history_segment_bytes, &req->offset) || req->offset + req->length < req->offset) {
+    return Status::invalid("segment is past 2^64 bytes: '" + std::string(f[1]) + "'");
+  }
   *repeat = static_cast<uint32_t>(count);
   return true;
 }
 
+// Where read_lines() gets its lines from.
+class LineSource {
+ public:
+  virtual ~LineSource() = default;
+  // The next line without its '\n': false at the end; an error status if
+  // the source failed. A last line without '\n' counts; nothing after a
+  // final '\n' does.
+  virtual Result<bool> next(std::string& line) = 0;
+  // Bytes of the source consumed so far (compressed bytes for gzip).
+  virtual uint64_t offset() const = 0;
+};
+
 // Lines of a file, gzip or not (zlib reads both).
-class LineReader {
+class LineReader final : public LineSource {
  public:
   explicit LineReader(gzFile f) : f_(f) {}
-  ~LineReader() {
+  ~LineReader() override {
     if (f_ != nullptr) gzclose(f_);
   }
-  // False at the end; an error status if zlib failed.
-  Result<bool> next(std::string& line) {
+  Result<bool> next(std::string& line) override {
     line.clear();
     for (;;) {
       if (pos_ == end_) {
@@ -191,13 +222,99 @@ class LineReader {
       return true;
     }
   }
-  uint64_t compressed_offset() const { return static_cast<uint64_t>(gzoffset(f_)); }
+  uint64_t offset() const override { return static_cast<uint64_t>(gzoffset(f_)); }
 
  private:
   gzFile f_;
   std::array<char, 1 << 16> buf_{};
   size_t pos_ = 0, end_ = 0;
 };
+
+// Lines of a trace held in memory, split as LineReader splits a file.
+class TextLines final : public LineSource {
+ public:
+  explicit TextLines(std::string_view text) : text_(text) {}
+  Result<bool> next(std::string& line) override {
+    if (pos_ == text_.size()) {
+      line.clear();
+      return false;
+    }
+    const size_t nl = text_.find('\n', pos_);
+    const size_t end = nl == std::string_view::npos ? text_.size() : nl;
+    line.assign(text_.substr(pos_, end - pos_));
+    pos_ = nl == std::string_view::npos ? end : end + 1;
+    return true;
+  }
+  uint64_t offset() const override { return pos_; }
+
+ private:
+  std::string_view text_;
+  size_t pos_ = 0;
+};
+
+// The reading loop shared by read_file() and read_text(): detection, parsing,
+// history rows spread over their bucket, errors as "NAME:LINE: what".
+Status read_lines(LineSource& src, const std::string& name, uint64_t total_bytes, const ReadOptions& opts,
+                  const Sink& sink, ReadStats* stats, const Progress& progress) {
+  ReadStats st;
+  st.file_bytes = total_bytes;
+  Format fmt = opts.format;
+  std::string line;
+  uint64_t next_progress = 0;
+  for (;;) {
+    auto more = src.next(line);
+    if (!more) return Status::error(more.status().code(), name + ": " + more.status().message(), EIO);
+    if (!*more) break;
+    ++st.lines;
+    if (fmt == Format::kAuto) {
+      if (trim(line).empty()) {
+        ++st.skipped;
+        continue;
+      }
+      fmt = detect(line);
+      if (fmt == Format::kAuto) {
+        return Status::invalid(name + ":" + std::to_string(st.lines) +
+                               ": cannot tell the trace format from this line; give --format");
+      }
+    }
+    Request req;
+    uint32_t repeat = 1;
+    auto r = parse_line(fmt, line, opts, &req, &repeat);
+    if (!r) {
+      return Status::invalid(name + ":" + std::to_string(st.lines) + ": " + r.status().message());
+    }
+    if (!*r) {
+      ++st.skipped;
+      continue;
+    }
+    if (repeat <= 1) {
+      sink(req);
+      ++st.requests;
+    } else {
+      // History rows: spread the count over the bucket, at t0 + span * k / repeat
+      // (computed so that nothing overflows: span * k may not fit in 64 bits).
+      const int64_t span = static_cast<int64_t>(opts.history_bucket_s) * 1'000'000'000LL;
+      const int64_t t0 = req.time_ns;
+      const int64_t step = span / repeat, rest = span % repeat;
+      for (uint32_t k = 0; k < repeat; ++k) {
+        req.time_ns = t0 + step * k + rest * k / repeat;
+        sink(req);
+      }
+      st.requests += repeat;
+    }
+    if (progress && (st.lines & 0xfff) == 0) {
+      const uint64_t done = src.offset();
+      if (done >= next_progress) {
+        progress(done, st.file_bytes);
+        next_progress = done + st.file_bytes / 200;
+      }
+    }
+  }
+  if (progress) progress(st.file_bytes, st.file_bytes);
+  st.format = fmt;
+  if (stats) *stats = st;
+  return Status::ok();
+}
 
 }  // namespace
 
@@ -260,62 +377,13 @@ Status read_file(const std::string& path, const ReadOptions& opts, const Sink& s
   if (f == nullptr) return Status::from_errno(errno != 0 ? errno : EIO, path);
   gzbuffer(f, 1 << 17);
   LineReader lr(f);
-  ReadStats st;
-  st.file_bytes = static_cast<uint64_t>(stt.st_size);
-  Format fmt = opts.format;
-  std::string line;
-  uint64_t next_progress = 0;
-  for (;;) {
-    auto more = lr.next(line);
-    if (!more) return Status::error(more.status().code(), path + ": " + more.status().message(), EIO);
-    if (!*more) break;
-    ++st.lines;
-    if (fmt == Format::kAuto) {
-      if (trim(line).empty()) {
-        ++st.skipped;
-        continue;
-      }
-      fmt = detect(line);
-      if (fmt == Format::kAuto) {
-        return Status::invalid(path + ":" + std::to_string(st.lines) +
-                               ": cannot tell the trace format from this line; give --format");
-      }
-    }
-    Request req;
-    uint32_t repeat = 1;
-    auto r = parse_line(fmt, line, opts, &req, &repeat);
-    if (!r) {
-      return Status::invalid(path + ":" + std::to_string(st.lines) + ": " + r.status().message());
-    }
-    if (!*r) {
-      ++st.skipped;
-      continue;
-    }
-    if (repeat <= 1) {
-      sink(req);
-      ++st.requests;
-    } else {
-      // History rows: spread the count over the bucket.
-      const int64_t span = static_cast<int64_t>(opts.history_bucket_s) * 1'000'000'000LL;
-      const int64_t t0 = req.time_ns;
-      for (uint32_t k = 0; k < repeat; ++k) {
-        req.time_ns = t0 + span * k / repeat;
-        sink(req);
-      }
-      st.requests += repeat;
-    }
-    if (progress && (st.lines & 0xfff) == 0) {
-      const uint64_t done = lr.compressed_offset();
-      if (done >= next_progress) {
-        progress(done, st.file_bytes);
-        next_progress = done + st.file_bytes / 200;
-      }
-    }
-  }
-  if (progress) progress(st.file_bytes, st.file_bytes);
-  st.format = fmt;
-  if (stats) *stats = st;
-  return Status::ok();
+  return read_lines(lr, path, static_cast<uint64_t>(stt.st_size), opts, sink, stats, progress);
+}
+
+Status read_text(std::string_view text, const std::string& name, const ReadOptions& opts, const Sink& sink,
+                 ReadStats* stats) {
+  TextLines lines(text);
+  return read_lines(lines, name, text.size(), opts, sink, stats, nullptr);
 }
 
 }  // namespace shadowd::trace

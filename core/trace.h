@@ -71,6 +71,11 @@ using Progress = std::function<void(uint64_t done, uint64_t total)>;
 
 Status read_file(const std::string& path, const ReadOptions& opts, const Sink& sink,
                  ReadStats* stats = nullptr, const Progress& progress = nullptr);
+// The same for a trace already in memory (plain text; gzip is not
+// recognised here): lines, detection, stats and errors as read_file() gives
+// them, with `name` in place of the path (file_bytes = text.size()).
+Status read_text(std::string_view text, const std::string& name, const ReadOptions& opts, const Sink& sink,
+                 ReadStats* stats = nullptr);
 
 // Parse one line of a known format (no trailing newline). Returns true with
 // *req set for a request, false for a line that is not one (skipped);

@@ -1,6 +1,8 @@
 #include "ctl/protocol.h"
 
 #include <charconv>
+#include <utility>
+#include <vector>
 
 namespace shadowd::ctl {
 
@@ -9,7 +11,10 @@ json make_request(std::string_view cmd, json args) {
   req["version"] = kControlProtocolVersion;
   req["cmd"] = std::string(cmd);
   if (args.is_object()) {
-    for (auto it = args.begin(); it != args.end(); ++it) req[it.key()] = it.value();
+    // An argument never replaces the envelope: "cmd" is `cmd`, "version" ours.
+    for (auto it = args.begin(); it != args.end(); ++it) {
+      if (it.key() != "cmd" && it.key() != "version") req[it.key()] = it.value();
+    }
   }
   return req;
 }
@@ -41,9 +46,31 @@ std::string encode_line(const json& message) {
   return s;
 }
 
+namespace {
+
+// Whether `j` nests arrays and objects more than `limit` deep (an object
+// with scalar fields is 1 deep), found without recursion.
+bool deeper_than(const json& j, size_t limit) {
+  std::vector<std::pair<const json*, size_t>> todo{{&j, 1}};
+  while (!todo.empty()) {
+    const auto [v, depth] = todo.back();
+    todo.pop_back();
+    if (!v->is_structured()) continue;
+    if (depth > limit) return true;
+    for (const json& child : *v) todo.emplace_back(&child, depth + 1);
+  }
+  return false;
+}
+
+}  // namespace
+
 std::optional<ControlError> check_request(const json& message, Request& out) {
   if (!message.is_object()) {
     return ControlError{errc::kInvalidRequest, "a request must be a JSON object"};
+  }
+  if (deeper_than(message, kMaxRequestDepth)) {
+    return ControlError{errc::kInvalidRequest, "a request may nest arrays and objects at most " +
+                                                   std::to_string(kMaxRequestDepth) + " deep"};
   }
   auto v = message.find("version");
   if (v != message.end()) {

@@ -15,7 +15,8 @@
 // are the strings in `errc` below; the message is for humans.
 //
 // Limits: a request line is at most kMaxRequestLineBytes (longer lines get
-// line_too_long and the connection is closed); a reply line is at most
+// line_too_long and the connection is closed) and nests arrays and objects
+// at most kMaxRequestDepth deep (invalid_request); a reply line is at most
 // kMaxReplyBytes.
 #pragma once
 
@@ -34,6 +35,10 @@ using json = nlohmann::json;
 inline constexpr int kControlProtocolVersion = 1;
 inline constexpr size_t kMaxRequestLineBytes = size_t{1} << 20;
 inline constexpr size_t kMaxReplyBytes = size_t{256} << 20;
+// Copying or comparing a json value recurses once per level, so a request
+// line of nested brackets could overflow the stack. Real requests nest at
+// most 2 deep (an array value of config.set).
+inline constexpr size_t kMaxRequestDepth = 32;
 
 // Error codes (the "code" field of a failed reply).
 namespace errc {
@@ -55,6 +60,8 @@ struct ControlError {
 };
 
 // ---- building messages ----
+// The fields of `args` (an object) become arguments; "cmd" and "version"
+// among them are ignored.
 json make_request(std::string_view cmd, json args = json::object());
 // {"ok":true,"version":V} merged with the fields of `result` (an object).
 json ok_reply(json result = json::object());
@@ -69,7 +76,8 @@ struct Request {
   std::string cmd;
   json message;  // the whole request object (arguments are its other keys)
 };
-// Check the envelope of a request that is already JSON.
+// Check the envelope of a request that is already JSON, and its depth (see
+// kMaxRequestDepth) before anything copies it.
 std::optional<ControlError> check_request(const json& message, Request& out);
 // Check a reply's envelope: an object with "ok" and this protocol version.
 // Returns nullopt for a success reply, else the error (the daemon's own code

@@ -15,6 +15,9 @@ TEST_CASE("protocol: requests and replies", "[ctl]") {
   Request r;
   CHECK_FALSE(check_request(req, r).has_value());
   CHECK(r.cmd == "top");
+  // Arguments cannot override the envelope either.
+  CHECK(make_request("top", {{"cmd", "rollback"}, {"version", 9}}) ==
+        json{{"version", kControlProtocolVersion}, {"cmd", "top"}});
 
   const json ok = ok_reply({{"x", 1}, {"ok", false}});  // result cannot override the envelope
   CHECK(ok == json{{"ok", true}, {"version", kControlProtocolVersion}, {"x", 1}});
@@ -40,6 +43,30 @@ TEST_CASE("protocol: encode_line is one line and survives bad UTF-8", "[ctl]") {
   CHECK(line.back() == '\n');
   CHECK(line.find('\n') == line.size() - 1);
   CHECK(json::parse(line.substr(0, line.size() - 1))["s"] == "a\nb\xEF\xBF\xBD");
+}
+
+TEST_CASE("protocol: a deeply nested request is refused, not copied", "[ctl]") {
+  // A request line of the largest size, nothing but brackets: copying it
+  // into Request::message (recursive, one frame per level) overflowed the
+  // stack and killed the daemon (found writing tests/fuzz/control_protocol).
+  const size_t depth = kMaxRequestLineBytes / 2 - 16;
+  const std::string line = "{\"cmd\":\"status\",\"a\":" + std::string(depth, '[') + std::string(depth, ']') + "}";
+  const json deep = json::parse(line, nullptr, /*allow_exceptions=*/false);
+  REQUIRE_FALSE(deep.is_discarded());
+  Request r;
+  auto err = check_request(deep, r);
+  REQUIRE(err.has_value());
+  CHECK(err->code == errc::kInvalidRequest);
+
+  // The limit itself: an object is 1 deep, an array in it 2.
+  auto nested = [](size_t levels) {
+    json v = json::object({{"cmd", "status"}});
+    json* at = &v;
+    for (size_t i = 1; i < levels; ++i) at = &((*at)["a"] = json::object());
+    return v;
+  };
+  CHECK_FALSE(check_request(nested(kMaxRequestDepth), r).has_value());
+  CHECK(check_request(nested(kMaxRequestDepth + 1), r)->code == errc::kInvalidRequest);
 }
 
 TEST_CASE("protocol: durations", "[ctl]") {

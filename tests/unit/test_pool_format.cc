@@ -431,6 +431,15 @@ TEST_CASE("pool_format: intact records with impossible contents are kBadType",
     CHECK(forged("journal write", 13, 2, 1) == DecodeError::kBadType);
     CHECK(forged("journal write", 14, 1, 2) == DecodeError::kBadType);
   }
+  SECTION("a codec the type is not written with") {
+    // Found by tests/fuzz/pool_record (regressions/pool_record/checkpoint_with_zstd_codec).
+    CHECK(forged("version", 13, 0, 1) == DecodeError::kBadType);
+    for (const char* raw : {"zone header", "checkpoint", "history", "marker", "padding"}) {
+      CAPTURE(raw);
+      CHECK(forged(raw, 13, 1, 1) == DecodeError::kBadType);
+    }
+    CHECK(forged("journal trim", 13, 1, 1) == DecodeError::kOk);  // a journal record says which
+  }
   SECTION("a type with another type's body size") {
     // A journal record body is 32 bytes: call it a version (48) or a marker (24).
     CHECK(forged("journal trim", 12, static_cast<uint8_t>(RecordType::kVersion), 1) ==

@@ -139,6 +139,15 @@ TEST_CASE("trace: malformed lines name the file and line, in every format", "[tr
       {Format::kBlkparse, "  8,0 1 1 0.1 7 Q W 10 - 8 [p]\n", 1, "SECTOR + COUNT"},
       {Format::kHistory, "timestamp,segment,op,count,bytes\n1,2,write,0,10\n", 2, "count"},
       {Format::kHistory, "timestamp,segment,op,count,bytes\n1,2,trim,1,10\n", 2, "op must be"},
+      // Found by the fuzz targets (tests/fuzz/regressions/trace_*): times
+      // whose nanoseconds do not fit in 64 bits, offsets past 2^64.
+      {Format::kMsr, "0,h,0,Write,0,512,0\n", 1, "Timestamp is out of range"},
+      {Format::kBlkparse, "  8,0 1 1 nan 7 Q W 10 + 8 [p]\n", 1, "time is not seconds"},
+      {Format::kBlkparse, "  8,0 1 1 1e10 7 Q W 10 + 8 [p]\n", 1, "time is not seconds"},
+      {Format::kBlkparse, "  8,0 1 1 0.1 7 Q W 36028797018963968 + 8 [p]\n", 1, "past 2^64"},
+      {Format::kBlkparse, "  8,0 1 1 0.1 7 Q W 36028797018963960 + 8 [p]\n", 1, "past 2^64"},
+      {Format::kHistory, "9223372036,2,write,1,10\n", 1, "timestamp is out of range"},
+      {Format::kHistory, "1,70368744177664,write,1,10\n", 1, "segment is past 2^64"},
   };
   for (const Case& c : cases) {
     INFO(c.text);
@@ -151,6 +160,59 @@ TEST_CASE("trace: malformed lines name the file and line, in every format", "[tr
     const std::string where = f.path + ":" + std::to_string(c.line) + ":";
     CHECK(st.message().find(where) == 0);
     CHECK(st.message().find(c.says) != std::string::npos);
+  }
+}
+
+TEST_CASE("trace: a history row spread over a long bucket keeps exact times", "[trace]") {
+  // 200000 requests over a day: span * k no longer fits in 64 bits.
+  const std::string text = "1796000000,3,write,200000,819200000\n";
+  ReadOptions o;
+  o.format = Format::kHistory;
+  o.history_bucket_s = 86400;
+  const int64_t t0 = 1'796'000'000LL * 1'000'000'000LL;
+  const __int128 span = __int128{86400} * 1'000'000'000;
+  uint64_t k = 0;
+  bool exact = true;
+  Status st = read_text(text, "t", o, [&](const Request& r) {
+    exact = exact && r.time_ns == t0 + static_cast<int64_t>(span * k / 200000);
+    ++k;
+  });
+  REQUIRE(st);
+  CHECK(k == 200000);
+  CHECK(exact);
+}
+
+TEST_CASE("trace: read_text reads as read_file does", "[trace]") {
+  const std::vector<std::string> texts = {
+      std::to_string(kTicks) + ",pg,0,Write,8192,4096,0\r\n\n" + std::to_string(kTicks) + ",pg,0,Read,0,1,0",
+      "  8,0 1 1 0.25 7 Q R 100 + 16 [p]\n  8,0 1 2 0.5 7 C R 100 + 16 [0]\nCPU0 (8,0):\n",
+      "\n\ntimestamp,segment,op,count,bytes\n60,1,write,3,12288\n",
+      "timestamp,segment,op,count,bytes\n60,1,write,3,12288\n61,x,read,1,1\n",
+      "hello\n",
+      "",
+  };
+  for (const std::string& text : texts) {
+    INFO(text);
+    TempFile f(text);
+    Status file_st, text_st;
+    ReadStats file_stats, text_stats;
+    const auto from_file = read_all(f.path, {}, &file_st, &file_stats);
+    std::vector<Request> from_text;
+    text_st = read_text(text, f.path, {}, [&](const Request& r) { from_text.push_back(r); }, &text_stats);
+    CHECK(text_st.code() == file_st.code());
+    CHECK(text_st.message() == file_st.message());
+    REQUIRE(from_text.size() == from_file.size());
+    for (size_t i = 0; i < from_text.size(); ++i) {
+      CHECK(from_text[i].time_ns == from_file[i].time_ns);
+      CHECK(from_text[i].offset == from_file[i].offset);
+      CHECK(from_text[i].length == from_file[i].length);
+      CHECK(from_text[i].op == from_file[i].op);
+    }
+    CHECK(text_stats.format == file_stats.format);
+    CHECK(text_stats.lines == file_stats.lines);
+    CHECK(text_stats.requests == file_stats.requests);
+    CHECK(text_stats.skipped == file_stats.skipped);
+    CHECK(text_stats.file_bytes == file_stats.file_bytes);
   }
 }
 
