@@ -188,7 +188,7 @@ header=$work/header.txt
   host_info 2
   echo "backing: $file ($file_bytes bytes$([[ $prefill == 1 ]] && echo ', prefilled with random data'); one O_DIRECT warm-up pass; page cache dropped before each server)"
   echo "fio: $(fio --version)   runtime ${runtime}s + ramp ${ramp}s per job"
-  echo "servers (SOCK = a Unix socket in the work directory):"
+  if ((tls)); then echo "servers:"; else echo "servers (SOCK = a Unix socket in the work directory):"; fi
   for s in "${servers[@]}"; do
     server_cmd "$s" SOCK
     printf '  %-9s %s   [%s]\n' "$s" "$(q "${cmd[@]}")" "$(server_version "$s")"
