@@ -316,10 +316,14 @@ void Server::on_accept(int /*listen_fd*/, int fd) {
     auto* c = new Connection(*w->loop, fd, std::move(peer), registry_, opts_.limits, w->stats,
                              [this, w](Connection* done) {
                                w->conns.erase(done);
+                               // The slot is free before the socket closes
+                               // (in the destructor): a client that saw EOF
+                               // may connect again at once.
+                               const bool last = --open_ == 0;
                                delete done;
                                // The last client gone: give the heap's free
                                // memory back (buffers of large requests).
-                               if (--open_ == 0) ::malloc_trim(0);
+                               if (last) ::malloc_trim(0);
                                w->finish_if_idle();
                              },
                              opts_.tls);
