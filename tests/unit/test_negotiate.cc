@@ -14,13 +14,18 @@
 #include <vector>
 
 #include "core/memory_backend.h"
+#include "tests/unit/nbd_wire.h"
 #include "tests/unit/source_backend.h"
 #include "tests/unit/test_util.h"
 
 namespace shadowd::nbd {
 namespace {
 
-using Bytes = std::vector<uint8_t>;
+using test::Bytes;
+using test::info_data;
+using test::meta_data;
+using test::option;
+using test::Wire;
 using State = Negotiator::State;
 
 constexpr uint64_t kDiskBytes = 1u << 20;
@@ -31,46 +36,7 @@ constexpr uint16_t kDiskFlags = 0x056d;
 constexpr uint16_t kRoFlags = 0x050f;
 constexpr uint32_t kBothClientFlags = kClientFixedNewstyle | kClientNoZeroes;
 
-// Big-endian message builder for what a client sends.
-struct Wire {
-  Bytes b;
-  Wire& u16(uint16_t v) {
-    b.push_back(static_cast<uint8_t>(v >> 8));
-    b.push_back(static_cast<uint8_t>(v));
-    return *this;
-  }
-  Wire& u32(uint32_t v) { return u16(static_cast<uint16_t>(v >> 16)).u16(static_cast<uint16_t>(v)); }
-  Wire& u64(uint64_t v) { return u32(static_cast<uint32_t>(v >> 32)).u32(static_cast<uint32_t>(v)); }
-  Wire& str(std::string_view s) {
-    b.insert(b.end(), s.begin(), s.end());
-    return *this;
-  }
-  Wire& lstr(std::string_view s) { return u32(static_cast<uint32_t>(s.size())).str(s); }
-  Wire& raw(const Bytes& x) {
-    b.insert(b.end(), x.begin(), x.end());
-    return *this;
-  }
-};
-
 Bytes client_flags(uint32_t flags) { return Wire().u32(flags).b; }
-
-Bytes option(uint32_t opt, const Bytes& data = {}) {
-  return Wire().u64(kIHaveOpt).u32(opt).u32(static_cast<uint32_t>(data.size())).raw(data).b;
-}
-
-Bytes info_data(std::string_view name, std::initializer_list<uint16_t> infos = {}) {
-  Wire w;
-  w.lstr(name).u16(static_cast<uint16_t>(infos.size()));
-  for (uint16_t i : infos) w.u16(i);
-  return w.b;
-}
-
-Bytes meta_data(std::string_view name, std::initializer_list<std::string_view> queries) {
-  Wire w;
-  w.lstr(name).u32(static_cast<uint32_t>(queries.size()));
-  for (std::string_view q : queries) w.lstr(q);
-  return w.b;
-}
 
 // The option reply the server should send, built independently of
 // append_option_reply.
