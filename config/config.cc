@@ -179,6 +179,7 @@ const std::map<std::string, Setter>& setters() {
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
       {"shadow_policy", str(&Config::shadow_policy)},
       {"tune_interval_s", u32(&Config::tune_interval_s)},
+      {"state_dir", str(&Config::state_dir)},
   };
   return m;
 }
@@ -317,6 +318,7 @@ Status Config::validate() const {
   if (checkpoint_interval_s < 1 || checkpoint_interval_s > 86400) {
     return Status::invalid("checkpoint_interval_s must be 1..86400");
   }
+  if (state_dir.empty()) return Status::invalid("state_dir must not be empty");
   return Status::ok();
 }
 

@@ -73,6 +73,9 @@ struct Config {
   uint32_t checkpoint_interval_s = 60;    // 1..86400
   std::string shadow_policy = "auto";     // core/policy.h names, but not "oracle"
   uint32_t tune_interval_s = 3600;        // auto-tuning period; 0 = off
+  // Where a degraded history is recorded outside the pool (a file per
+  // export and pool, core/degraded_state.h); created if missing.
+  std::string state_dir = "/var/lib/shadowd";
 
   // Check ranges and enumerations; the message names the offending key.
   Status validate() const;

@@ -328,9 +328,14 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     backend_ = std::make_shared<JournalBackend>(*this);
   }
   ~StoreImpl() override {
-    if (pool_thread_.joinable() || shadow_thread_.joinable()) abandon();
+    if (pool_thread_.joinable() || shadow_thread_.joinable() || state_thread_.joinable()) abandon();
     if (monitor_) monitor_->set_history_sink(nullptr);
+    // Completions still held (abandoned: the process "died" before they
+    // were acknowledged) are never answered.
+    for (auto& [it, st] : held_) delete it;
   }
+  // The store that records degraded episodes (open() sets it before recover()).
+  void set_state_store(std::shared_ptr<DegradedStateStore> s) { state_ = std::move(s); }
 
   Status recover();
 
@@ -474,6 +479,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   void submit(EventLoop& loop, BlockOp* op);
   void apply(Item* it);
   void item_done(Item& it, const Status& st);
+  // Answer the client of a finished item (and delete it).
+  static void finish(Item* it, const Status& st);
   bool must_wait_locked(const Item& it) const;
   IoBackend& primary() { return *primary_; }
 
@@ -519,6 +526,18 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     return t;
   }
   void enter_degraded(const std::string& why);
+  // REQUIRES: mu_ held. Starts a degraded episode (unless one is on): the
+  // state file is to record it, completions wait for that.
+  void enter_degraded_locked(const std::string& why);
+  // ---- the state file (mu_ held) ----
+  void want_state_locked(bool present, const DegradedState& s = {});
+  // Answer the completions held for the state file.
+  void release_held_locked();
+  void state_main();
+  // Write (or remove) the state file as `want` says, on a worker thread;
+  // completions held longer than the timeout meanwhile are released.
+  // Returns how it went (*flushed: whether the primary is flushed).
+  Status run_state_job(bool present, const DegradedState& want, bool* flushed);
   void wake_shadow() {
     {
       std::lock_guard<std::mutex> l(shadow_cv_mu_);
@@ -602,6 +621,28 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   bool degraded_ = false;
   std::string degraded_reason_;
   uint64_t bypass_inflight_ = 0;
+  // The state file (core/degraded_state.h), guarded by mu_: what it should
+  // hold and what it is known to hold durably. Only the state thread writes
+  // it once the store runs.
+  std::shared_ptr<DegradedStateStore> state_;
+  bool state_want_present_ = false;
+  DegradedState state_want_;
+  bool state_have_present_ = false;
+  uint64_t state_gen_ = 0;         // bumped with every change of the wanted state
+  uint64_t state_done_gen_ = 0;    // the wanted state the file holds (== state_gen_: nothing to do)
+  uint64_t state_retry_at_ = 0;    // monotonic ns: after a failure, not before
+  std::string state_error_;        // the last failure ("" none)
+  bool state_stop_ = false, state_abandon_ = false;
+  std::condition_variable state_cv_;
+  std::thread state_thread_;
+  uint64_t episode_ = 0;           // degraded episodes since open
+  // From the start of an episode until the state file records it (or it
+  // failed or took too long, or history restarted): completions of writes
+  // and flushes wait here instead of being acknowledged.
+  bool acks_held_ = false;
+  uint64_t held_since_ = 0;  // monotonic ns
+  std::vector<std::pair<Item*, Status>> held_;
+  bool warned_no_state_ = false;
   bool retention_shrunk_ = false;
   uint64_t budget_ = 0;
   std::atomic<bool> fg_seen_{false};  // a client request since the last shadowing round
@@ -616,7 +657,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   uint64_t client_bytes_ = 0, cow_stalls_ = 0, versions_made_ = 0, versions_folded_ = 0,
            versions_dropped_ = 0, records_pruned_ = 0, zones_reclaimed_ = 0, retention_shrinks_ = 0,
            checkpoints_ = 0, group_commits_ = 0, group_commits_overlapped_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
-           shadow_bytes_read_ = 0, recovered_records_ = 0, redo_records_ = 0;
+           shadow_bytes_read_ = 0, recovered_records_ = 0, redo_records_ = 0, redo_skipped_ = 0;
   bool checkpoint_due_ = false;
 
   std::mutex op_mu_;  // serialises engine operations (shadow thread, tests)
@@ -873,12 +914,193 @@ void StoreImpl::add_record_locked(uint64_t seg, const REntry& r) {
 void StoreImpl::enter_degraded(const std::string& why) {
   std::lock_guard<std::mutex> lock(mu_);
   ++pool_errors_;
+  enter_degraded_locked(why);
+}
+
+void StoreImpl::enter_degraded_locked(const std::string& why) {
   if (degraded_) return;
   degraded_ = true;
   degraded_reason_ = why;
+  ++episode_;
   spdlog::error("history degraded: {} (the export keeps serving; history restarts when the pool works)",
                 why);
+  if (state_ && state_done_gen_ == state_gen_ && state_have_present_ && state_want_.seq >= last_seq_) {
+    // The file already says so (an attempt to restart history failed before
+    // any seq was handed out): nothing to write, nothing to wait for.
+  } else if (state_) {
+    // From here on writes bypass the journal. No seq is handed out while
+    // degraded, so every record the journal holds or will hold from before
+    // has seq <= last_seq_: the state file says that none of them may be
+    // re-applied. Until it is durable, nothing is acknowledged (item_done).
+    DegradedState d;
+    if (state_want_present_) {
+      // History has not restarted since (an attempt to restart it handed
+      // out sequence numbers, then failed): degraded since then, for the
+      // same reason; the backing was flushed then, and is not again.
+      d = state_want_;
+    } else {
+      d.since_ns = clock_.now_ns();
+      d.reason = why;
+    }
+    d.pool_uuid = uuid();
+    d.primary_id = opts_.primary_id;
+    d.seq = last_seq_;
+    want_state_locked(true, d);
+    acks_held_ = true;
+    held_since_ = monotonic_ns();
+  } else if (!warned_no_state_) {
+    warned_no_state_ = true;
+    spdlog::warn("history degraded without a state directory: if shadowd stops or crashes before "
+                 "history restarts, the next start may re-apply older journal records over writes "
+                 "acknowledged meanwhile");
+  }
   wake_shadow();
+}
+
+void StoreImpl::want_state_locked(bool present, const DegradedState& d) {
+  state_want_present_ = present;
+  state_want_ = d;
+  ++state_gen_;
+  state_retry_at_ = 0;
+  state_cv_.notify_all();
+}
+
+void StoreImpl::finish(Item* it, const Status& st) {
+  BlockOp* client = it->client;
+  delete it;
+  client->on_done(st);
+}
+
+void StoreImpl::release_held_locked() {
+  acks_held_ = false;
+  for (auto& [it, st] : held_) {
+    it->loop->post([it = it, st = st] { finish(it, st); });
+  }
+  held_.clear();
+}
+
+Status StoreImpl::run_state_job(bool present, const DegradedState& want, bool* flushed) {
+  // On a worker, so that a file system that hangs holds completions for the
+  // timeout at most (the state thread waits for the worker either way).
+  struct Job {
+    std::mutex m;
+    std::condition_variable cv;
+    bool done = false;
+    bool flushed = false;
+    Status st;
+  };
+  auto job = std::make_shared<Job>();
+  std::thread worker([this, present, want, job] {
+    Status st;
+    if (present) {
+      DegradedState d = want;
+      // The primary first: every write acknowledged before history degraded
+      // is then durable on it, so not re-applying the journal's records at
+      // the next start loses none of them, not even after a power failure.
+      // (The file's claim does not depend on it: see docs/FORMAT.md.)
+      if (!d.primary_flushed) {
+        Status fs = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+        d.primary_flushed = fs.is_ok();
+        if (!fs) spdlog::error("primary flush as history degraded: {}", fs.message());
+      }
+      st = state_->save(d);
+      std::lock_guard<std::mutex> l(job->m);
+      job->flushed = d.primary_flushed;
+    } else {
+      st = state_->clear();
+    }
+    std::lock_guard<std::mutex> l(job->m);
+    job->st = std::move(st);
+    job->done = true;
+    job->cv.notify_all();
+  });
+  // Completions held longer than the timeout (this episode's or, while an
+  // earlier job hangs, a later one's) are answered without the file.
+  const uint64_t timeout_ns = uint64_t{opts_.state_timeout_ms} * 1'000'000;
+  for (;;) {
+    uint64_t wait_ns = timeout_ns;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (acks_held_) {
+        const uint64_t held_for = monotonic_ns() - held_since_;
+        if (held_for >= timeout_ns) {
+          spdlog::critical("history degraded and the state file {} is not written after {} ms (the "
+                           "flush of the backing before it, or the file's own write, is that slow): "
+                           "writes are acknowledged without it from now on; until it is written or "
+                           "history restarts, a crash or stop of shadowd may let the next start "
+                           "re-apply older journal records over them",
+                           state_->where(), opts_.state_timeout_ms);
+          release_held_locked();
+        } else {
+          wait_ns = timeout_ns - held_for;
+        }
+      }
+    }
+    std::unique_lock<std::mutex> l(job->m);
+    if (job->cv.wait_for(l, std::chrono::nanoseconds(wait_ns), [&] { return job->done; })) break;
+  }
+  worker.join();
+  if (flushed) *flushed = job->flushed;
+  return job->st;
+}
+
+void StoreImpl::state_main() {
+  std::unique_lock<std::mutex> lock(mu_);
+  bool last_try = false;
+  for (;;) {
+    if (state_abandon_) break;
+    const bool pending = state_done_gen_ != state_gen_;
+    if (state_stop_ && (!pending || last_try)) break;
+    const uint64_t now = monotonic_ns();
+    if (!state_stop_ && (!pending || now < state_retry_at_)) {
+      if (pending) {
+        state_cv_.wait_for(lock, std::chrono::nanoseconds(state_retry_at_ - now));
+      } else {
+        state_cv_.wait(lock);
+      }
+      continue;
+    }
+    last_try = state_stop_;  // stopping: one more try, then leave
+    const bool present = state_want_present_;
+    const DegradedState want = state_want_;
+    const uint64_t gen = state_gen_;
+    const uint64_t episode = episode_;
+    lock.unlock();
+    bool flushed = false;
+    Status st = run_state_job(present, want, &flushed);
+    lock.lock();
+    if (st) {
+      state_have_present_ = present;
+      state_done_gen_ = gen;
+      if (present && gen == state_gen_) state_want_.primary_flushed = flushed;
+      if (!state_error_.empty()) {
+        spdlog::warn("state file {} {} now", state_->where(), present ? "written" : "removed");
+        state_error_.clear();
+      }
+      if (present) {
+        spdlog::info("state file {}: history degraded at seq {}; a start re-applies no journal record "
+                     "up to it",
+                     state_->where(), want.seq);
+        if (acks_held_ && episode == episode_) release_held_locked();
+      }
+    } else {
+      const bool first = state_error_ != st.message();
+      state_error_ = st.message();
+      state_retry_at_ = monotonic_ns() + kNs;
+      if (present) {
+        if (first) {
+          spdlog::critical("history degraded and the state file cannot be written: {}; writes are "
+                           "acknowledged without it (retrying every second): until it is written or "
+                           "history restarts, a crash or stop of shadowd may let the next start "
+                           "re-apply older journal records over them",
+                           st.message());
+        }
+        if (acks_held_ && episode == episode_) release_held_locked();
+      } else if (first) {
+        spdlog::warn("{} (retrying every second; while it stays, a start restarts history)", st.message());
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -1048,8 +1270,8 @@ void StoreImpl::apply(Item* it) {
 }
 
 void StoreImpl::item_done(Item& it, const Status& st) {
+  std::unique_lock<std::mutex> lock(mu_);
   if (it.type == Item::Type::kWrite) {
-    std::lock_guard<std::mutex> lock(mu_);
     if (it.bypass) {
       --bypass_inflight_;
     } else {
@@ -1079,9 +1301,15 @@ void StoreImpl::item_done(Item& it, const Status& st) {
                    op_name(it.client->kind), it.client->offset, it.client->length, st.message());
     }
   }
-  BlockOp* client = it.client;
-  delete &it;
-  client->on_done(st);
+  // History is degraded and the state file does not record it yet: a write
+  // (or a flush that vouches for writes) answered now could be undone by
+  // the next start's replay of the journal. Held until the file is durable.
+  if (acks_held_) {
+    held_.emplace_back(&it, st);
+    return;
+  }
+  lock.unlock();  // the client may submit more from its callback
+  finish(&it, st);
 }
 
 void StoreImpl::pool_main() {
@@ -2391,13 +2619,18 @@ Status StoreImpl::try_restart_locked() {
     degraded_ = false;
   }
   // The checkpoint records the empty index and the new window start and
-  // frees every zone; until it is durable the old one still stands.
+  // frees every zone; until it is durable the old one still stands. It
+  // flushes the primary first, and vouches for every seq handed out before
+  // (applied_through >= window_seq_): from then on no start re-applies a
+  // record from before the restart, and the state file is not needed.
   Status st = checkpoint_locked();
   pool::MarkerRecord m;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!st) {
-      degraded_ = true;
+      // checkpoint_locked() started a new episode (it may have journaled
+      // writes since degraded_ was cleared: the state file covers them).
+      enter_degraded_locked("history restart: " + st.message());
       return st;
     }
     m = pool::MarkerRecord{pool::MarkerKind::kRestart, window_seq_, retention_start_};
@@ -2408,12 +2641,19 @@ Status StoreImpl::try_restart_locked() {
   std::lock_guard<std::mutex> lock(mu_);
   if (!loc || !st) {
     versions_[0]->reset_locked();
-    degraded_ = true;
+    ++pool_errors_;
+    enter_degraded_locked("history restart marker write failed: " + (loc ? st : loc.status()).message());
     return loc ? st : loc.status();
   }
   versions_[0]->commit_locked();
   spdlog::warn("history restarted after '{}': restorable from now on", degraded_reason_);
   degraded_reason_.clear();
+  if (state_) {
+    // The checkpoint above covers what the state file protected, and the
+    // writes answered since (they reached the primary before its flush).
+    want_state_locked(false);
+    if (acks_held_) release_held_locked();
+  }
   return Status::ok();
 }
 
@@ -2626,6 +2866,13 @@ void StoreImpl::shadow_main() {
 
 void StoreImpl::start() {
   if (monitor_) monitor_->set_history_sink(this);
+  if (state_) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (acks_held_) held_since_ = monotonic_ns();  // degraded since recovery: nothing held yet
+    }
+    state_thread_ = std::thread([this] { state_main(); });
+  }
   pool_thread_ = std::thread([this] { pool_main(); });
   if (opts_.shadow_thread) shadow_thread_ = std::thread([this] { shadow_main(); });
 }
@@ -2644,12 +2891,52 @@ Status StoreImpl::stop() {
   qcv_.notify_all();
   if (pool_thread_.joinable()) pool_thread_.join();
   if (monitor_) monitor_->set_history_sink(nullptr);
-  std::lock_guard<std::mutex> g(op_mu_);
+  Status result;
+  {
+    std::lock_guard<std::mutex> g(op_mu_);
+    bool degraded;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      degraded = degraded_;
+    }
+    if (degraded) {
+      // The pool may work again: then history restarts now (and the state
+      // file goes) rather than at the next start.
+      Status rs = try_restart_locked();
+      if (!rs) spdlog::debug("history restart at stop: {}", rs.message());
+      std::lock_guard<std::mutex> lock(mu_);
+      degraded = degraded_;
+    }
+    if (degraded) {
+      // Nothing to checkpoint; what the writes since left on the primary is
+      // made durable (the state file keeps the journal from being replayed).
+      Status fs = sync_io(*primary_, BlockOpKind::kFlush, 0, 0, nullptr);
+      if (!fs) result = Status::error(fs.code(), "primary flush: " + fs.message(), fs.err());
+    } else {
+      result = checkpoint_locked();
+    }
+  }
+  // The state file as it should be (one more try if it is behind), then the
+  // state thread leaves.
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (degraded_) return Status::ok();
+    state_stop_ = true;
+    state_cv_.notify_all();
   }
-  return checkpoint_locked();
+  if (state_thread_.joinable()) state_thread_.join();
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!held_.empty() || acks_held_) release_held_locked();  // no request is left; for form
+  if (state_ && state_done_gen_ != state_gen_ && state_want_present_) {
+    spdlog::critical("stopping with history degraded, and the state file {} could not be written ({}): "
+                     "the next start on this pool would re-apply older journal records over writes "
+                     "acknowledged since; create that file before it (README \"Shadow pool\"), with "
+                     "these lines:\n{}",
+                     state_->where(), state_error_, encode_degraded_state(state_want_));
+    return Status::error(Status::Code::kIoError, "history is degraded and its state file could not be written: " +
+                                                     state_error_,
+                         EIO);
+  }
+  return result;
 }
 
 void StoreImpl::abandon() {
@@ -2666,6 +2953,13 @@ void StoreImpl::abandon() {
   }
   qcv_.notify_all();
   if (pool_thread_.joinable()) pool_thread_.join();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    state_stop_ = true;
+    state_abandon_ = true;
+    state_cv_.notify_all();
+  }
+  if (state_thread_.joinable()) state_thread_.join();
   if (monitor_) monitor_->set_history_sink(nullptr);
 }
 
@@ -2737,6 +3031,9 @@ StoreStats StoreImpl::stats() const {
   s.segment_bytes = seg_bytes_;
   s.recovered_records = recovered_records_;
   s.redo_records = redo_records_;
+  s.redo_skipped = redo_skipped_;
+  s.state_file = state_ ? state_->where() : std::string();
+  s.state_error = state_error_;
   for (size_t t = 0; t < tiers_.size(); ++t) {
     TierUse u;
     u.tier = static_cast<uint32_t>(t);
@@ -2950,6 +3247,40 @@ void StoreImpl::repair_versions_locked(Seg& s) {
 Status StoreImpl::recover() {
   sb_generation_ = tiers_[0].sb.generation;
   next_gen_ = static_cast<uint64_t>(epoch_ns_);
+  // A degraded episode recorded by an earlier run: writes were answered
+  // without journal records after the journal reached seq `no_redo`, so no
+  // record up to it may be re-applied, and history restarts.
+  bool was_degraded = false;
+  uint64_t no_redo = 0;
+  std::string episode;
+  if (state_) {
+    auto loaded = state_->load();
+    if (!loaded) {
+      // Something is there, but not what it says: take it for the worst
+      // (an episode after every record); re-applying nothing is safe.
+      spdlog::error("{}; taken as a record that history was degraded after every journal record",
+                    loaded.status().message());
+      was_degraded = true;
+      no_redo = ~0ull;
+      episode = "an unreadable state file";
+    } else if (*loaded) {
+      const DegradedState& d = **loaded;
+      was_degraded = true;
+      if (d.pool_uuid != uuid()) {
+        spdlog::error("state file {} names the pool {}, not this one ({}); taken as a record that "
+                      "history was degraded after every journal record",
+                      state_->where(), pool::uuid_to_string(d.pool_uuid), pool::uuid_to_string(uuid()));
+        no_redo = ~0ull;
+        episode = "a state file of another pool";
+      } else {
+        no_redo = d.seq;
+        episode = "history degraded at seq " + std::to_string(d.seq) + " (" + d.reason + ")";
+      }
+      state_want_ = d;
+    }
+    state_want_.seq = no_redo;
+    state_want_present_ = state_have_present_ = was_degraded;
+  }
   std::vector<std::vector<Zone>> ckpt(tiers_.size());
   uint64_t applied = 0, ckpt_next_gen = next_gen_;
   bool have_ckpt = tiers_[0].sb.checkpoint_id != 0;
@@ -3177,11 +3508,29 @@ Status StoreImpl::recover() {
   last_ts_ = std::max(last_ts_, retention_start_);
   // Redo: the journal is written before the primary, so re-applying every
   // record the last checkpoint does not vouch for makes the primary whole.
+  // Not those a degraded episode came after: a write answered in it may
+  // have overwritten them on the primary without a record of its own (the
+  // primary was flushed before the state file was written, so it holds
+  // every one of them that was acknowledged before the episode).
   std::vector<std::pair<uint64_t, REntry>> redo;
   for (const auto& [id, s] : segs_) {
     for (const REntry& r : s.records) {
-      if (r.seq > applied) redo.emplace_back(id, r);
+      if (r.seq <= applied) continue;
+      if (r.seq <= no_redo) {
+        ++redo_skipped_;
+      } else {
+        redo.emplace_back(id, r);
+      }
     }
+  }
+  if (was_degraded) {
+    spdlog::warn("state file {}: {}; {} journal records past the checkpoint are not re-applied to the "
+                 "primary (writes acknowledged after them never reached the journal), and history "
+                 "restarts",
+                 state_->where(), episode, redo_skipped_);
+    // Sequence numbers are never handed out twice, not even those of
+    // records a crash lost from the journal.
+    if (no_redo != ~0ull) last_seq_ = std::max(last_seq_, no_redo);
   }
   std::sort(redo.begin(), redo.end(), [](const auto& a, const auto& b) {
     return a.second.seq != b.second.seq ? a.second.seq < b.second.seq : a.second.off < b.second.off;
@@ -3208,6 +3557,35 @@ Status StoreImpl::recover() {
     if (!st) return st;
   }
   if (monitor_ && !hist.empty()) monitor_->restore_history(hist);
+  if (was_degraded) {
+    // History restarts from now, as after any degraded episode: the index
+    // is dropped, a checkpoint (which vouches for every seq so far) and a
+    // kRestart marker are written. If the pool fails, this run starts
+    // degraded and the state file is rewritten to cover it.
+    std::lock_guard<std::mutex> g(op_mu_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      degraded_ = true;
+      degraded_reason_ = "was degraded when shadowd last stopped: " + episode;
+    }
+    Status st = try_restart_locked();
+    if (!st) spdlog::error("history restart at start-up: {}", st.message());
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_done_gen_ != state_gen_ && !state_want_present_) {
+      // Restarted: the file goes now, before the export serves.
+      Status cs = state_->clear();
+      if (cs) {
+        state_have_present_ = false;
+        state_done_gen_ = state_gen_;
+      } else {
+        state_error_ = cs.message();
+        spdlog::warn("{} (retried while shadowd runs; while it stays, a start restarts history)",
+                     cs.message());
+      }
+    }
+    last_checkpoint_ns_ = clock_.now_ns();
+    return Status::ok();
+  }
   // A checkpoint before the first append. A zone opened since the last
   // checkpoint whose header a crash lost is invisible to the scan, but may
   // hold later batches under the generation it was opened with; next_gen_
@@ -3368,7 +3746,21 @@ Result<std::unique_ptr<ShadowStore>> ShadowStore::open(std::vector<PoolDevice> d
     if (n < (t.sb.tier == 0 ? 8u : 2u)) return Status::invalid("pool_max_bytes leaves too few zones on " + t.dev.path);
     t.zones.resize(n);
   }
+  std::shared_ptr<DegradedStateStore> state = o.state_store;
+  if (!state && !o.state_dir.empty()) {
+    auto f = open_state_file(o.state_dir, o.export_name, sb0.pool_uuid);
+    if (!f) return f.status();
+    state = std::move(*f);
+    for (const std::string& other : find_state_files(o.state_dir, o.export_name)) {
+      if (other == state->where()) continue;
+      spdlog::warn("{} records a degraded history of another shadow pool of export '{}' (not {}); it is "
+                   "left in place: it keeps that pool's journal from being replayed if it is used "
+                   "again (remove it if that pool is gone)",
+                   other, o.export_name, pool::uuid_to_string(sb0.pool_uuid));
+    }
+  }
   auto store = std::make_unique<StoreImpl>(std::move(tiers), std::move(primary), o, clock, monitor);
+  store->set_state_store(std::move(state));
   Status st = store->recover();
   if (!st) return st;
   return std::unique_ptr<ShadowStore>(std::move(store));

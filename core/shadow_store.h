@@ -19,7 +19,12 @@
 //
 // Never fail the primary because of the pool: when the pool is full or
 // fails, history is marked degraded, writes go straight to the primary, and
-// history restarts (a kRestart marker) once the pool works again.
+// history restarts (a kRestart marker) once the pool works again. Such a
+// write never reaches the journal, so recovery must not re-apply older
+// records over it: the episode is recorded outside the pool first (a state
+// file, core/degraded_state.h), and no write or flush completing in the
+// episode is acknowledged before that record is durable (or could not be
+// written: see StoreOptions::state_timeout_ms).
 //
 // Threads: the I/O threads call wrap()'s backend; one pool thread does every
 // pool append; one shadow thread makes versions, prunes, checkpoints.
@@ -32,6 +37,7 @@
 #include <vector>
 
 #include "core/clock.h"
+#include "core/degraded_state.h"
 #include "core/io_backend.h"
 #include "core/monitor.h"
 #include "core/policy.h"
@@ -74,6 +80,19 @@ struct StoreOptions {
   uint32_t stale_records = 16;              // records since the newest version that make it stale
   uint32_t history_zones = 4;               // zones kept for the access history
   bool shadow_thread = true;                // false in tests that drive shadowing by hand
+  // Where a degraded episode is recorded (docs/FORMAT.md "Start-up"): the
+  // state file of export_name and the pool's UUID in state_dir (the
+  // daemon's --state-dir; created if missing, and open() fails if no file
+  // can be created there), or, for tests, state_store itself. Neither: not
+  // recorded, and a restart after a stop or crash while degraded may re-apply
+  // older journal records over writes acknowledged meanwhile.
+  std::string state_dir;
+  std::string export_name = "disk";
+  std::shared_ptr<DegradedStateStore> state_store;
+  // How long completions wait for the state file before they are
+  // acknowledged without it (logged as critical; the file is retried every
+  // second): the export never blocks on it for longer.
+  uint32_t state_timeout_ms = 5000;
   // Which bases are kept when their segment leaves the window, and what is
   // copied ahead of need (core/policy.h). kOracle is refused.
   PolicyKind policy = PolicyKind::kAuto;
@@ -152,6 +171,9 @@ struct StoreStats {
   uint32_t segment_bytes = 0;
   uint64_t recovered_records = 0;      // journal records found past the checkpoint at start
   uint64_t redo_records = 0;           // of which re-applied to the primary
+  uint64_t redo_skipped = 0;           // not re-applied: history was degraded after them (state file)
+  std::string state_file;              // where a degraded episode is recorded ("" none)
+  std::string state_error;             // the last failure to write or remove it ("" none)
   std::vector<TierUse> tiers;
 };
 
@@ -198,7 +220,8 @@ class ShadowStore {
   // Open a formatted pool over `primary`: check that it belongs to this
   // primary (id, size) and segment size, load the last checkpoint, scan the
   // journal tail (a torn last record is discarded) and re-apply the records
-  // the primary may not hold. `monitor` (optional) gives priorities and gets
+  // the primary may not hold, none of those a state file says history
+  // degraded after (then history restarts). `monitor` (optional) gives priorities and gets
   // its history persisted and restored.
   static Result<std::unique_ptr<ShadowStore>> open(std::vector<PoolDevice> devices,
                                                    std::shared_ptr<IoBackend> primary,
@@ -214,7 +237,10 @@ class ShadowStore {
   virtual std::shared_ptr<IoBackend> backend() = 0;
   // Start the pool thread (and the shadow thread if opts.shadow_thread).
   virtual void start() = 0;
-  // Drain, write a final checkpoint, stop the threads.
+  // Drain, write a final checkpoint, stop the threads. While history is
+  // degraded it first tries to restart it (the pool may work again); if it
+  // cannot, the state file stays and stop() fails if that file could not be
+  // written.
   virtual Status stop() = 0;
   // For crash tests: stop the threads at once, writing nothing more.
   virtual void abandon() = 0;

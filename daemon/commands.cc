@@ -189,6 +189,7 @@ json config_json(const Config& c) {
       {"tls_certificates", c.tls_certificates},
       {"tls_verify_peer", c.tls_verify_peer},
       {"tls_psk", c.tls_psk},
+      {"state_dir", c.state_dir},
       {"monitor", c.monitor},
       {"segment_size_bytes", c.segment_size_bytes},
       {"bucket_seconds", c.bucket_seconds},

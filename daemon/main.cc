@@ -271,6 +271,13 @@ void build_cli(CLI::App& app, Cli& cli) {
       "means less journal to scan after a crash, more pool writes")
       ->type_name("SECONDS")
       ->group(pool_group);
+  opt(app, cli, "--state-dir", &Config::state_dir,
+      "Directory where shadowd records, outside the pool, that the pool's history is "
+      "degraded, so that a restart never replays the pool's journal over writes acknowledged "
+      "meanwhile (default /var/lib/shadowd; created if missing; with --pool a file must be "
+      "creatable there)")
+      ->type_name("DIR")
+      ->group(pool_group);
 }
 
 void setup_logging(const std::string& level) {
@@ -646,6 +653,8 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   so.shadow_busy_budget_bytes_per_s = cfg.shadow_budget_busy_bytes_per_s;
   so.checkpoint_interval_s = cfg.checkpoint_interval_s;
   so.policy = *parse_policy(cfg.shadow_policy);  // validated with the config
+  so.state_dir = cfg.state_dir;
+  so.export_name = cfg.export_name;
   auto store = ShadowStore::open(std::move(devices), primary, so, clock, monitor);
   if (!store) {
     const Status::Code code = store.status().code();
@@ -677,10 +686,12 @@ void log_pool(const ShadowStore& store) {
   constexpr int64_t kNs = 1'000'000'000;
   spdlog::info(
       "shadow pool {}: window {} .. {} (seq {}..{}), {} versions, {} journal records; "
-      "recovered {} records past the checkpoint, {} re-applied to the primary{}",
+      "recovered {} records past the checkpoint, {} re-applied to the primary{}{}",
       join(tiers), ctl::format_utc(st.retention_start_ns / kNs),
       ctl::format_utc(st.newest_ns / kNs), st.first_seq, st.last_seq, st.versions,
       st.journal_records, st.recovered_records, st.redo_records,
+      st.redo_skipped ? " (" + std::to_string(st.redo_skipped) + " not: history was degraded after them)"
+                      : std::string(),
       st.degraded ? "; DEGRADED: " + st.degraded_reason : std::string());
 }
 
@@ -780,6 +791,15 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     auto gate = std::make_shared<GateBackend>(served);
     ctx.gate = gate.get();
     served = gate;
+  } else {
+    // Without the pool nothing is replayed; its state file must stay for
+    // when it is used again (the writes made now bypass its journal too).
+    for (const std::string& f : find_state_files(cfg.state_dir, cfg.export_name)) {
+      spdlog::warn("{}: the history of a shadow pool of export '{}' was degraded when shadowd last ran "
+                   "with it; serving without --pool, the file is kept (it stops that pool's journal "
+                   "from being replayed over the writes made since)",
+                   f, cfg.export_name);
+    }
   }
   // Stop the pool's threads (final checkpoint) once nothing can reach it.
   auto stop_store = [&] {

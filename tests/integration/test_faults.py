@@ -44,7 +44,12 @@ keeps what was acknowledged:
     becomes stale while it cannot be read: the shadow thread's copy fails
     and history goes on (not degraded, its window not restarted).
 (e) a restart while the pool is failing: writes acknowledged while history
-    was degraded must survive a stop and a start on the same pool.
+    was degraded must survive a stop and a start on the same pool, while
+    the pool still fails and once it works, and the same after SIGKILL. The
+    episode is recorded in a state file (--state-dir, a directory of the
+    test): written before the first such write is acknowledged, kept until
+    history restarts, then removed; a start that finds it re-applies none of
+    the journal's records.
 
 At the end a table sums up each case (what was injected, how often, what
 the client and history saw): the figure of docs/RELIABILITY.md.
@@ -91,6 +96,12 @@ POOL_SIZE = 48 * MiB            # 1 MiB of superblocks + 11 zones of 4 MiB
 BLOCK = 4 * KiB
 BG_REGION = 1 * MiB             # the last MiB: the writer in the background (cases a, b)
 POOL_ARGS = ["--segment-size", str(SEG), "--zone-size", "4M"]
+
+
+def pool_args(work, *more):
+    """POOL_ARGS and a state directory of the test's own (--state-dir), so
+    that no case writes to /var/lib/shadowd."""
+    return [*POOL_ARGS, "--state-dir", os.path.join(work, "state"), *more]
 STOP_TIMEOUT = 30.0
 
 # Case (d): the primary as nbdkit's partitioning plugin lays it out (MBR,
@@ -105,11 +116,6 @@ PRIMARY_SIZE = TABLE + GOOD1 + BAD + GOOD2
 # Known bugs of the daemon today, by id: a check marked with one is XFAIL
 # while it fails and a failure (XPASS) once it passes.
 KNOWN_BUGS = {
-    "redo-over-bypass": (
-        "core/shadow_store.cc: recovery re-applies journal records newer than the last "
-        "checkpoint to the primary, over writes acknowledged while history was degraded "
-        "(those never reached the journal): an acknowledged write is lost after a stop "
-        "or a crash while the pool fails"),
     "failed-primary-write-journaled": (
         "core/shadow_store.cc: a write whose primary write failed keeps its journal record, "
         "so an export at a later time shows bytes the client was told were not written and "
@@ -554,7 +560,7 @@ def case_pool_error(checks, work, error, seed_rng):
                      "then off)")
     with FaultyDisk(work, name, ["file", raw], POOL_SIZE, error=error) as pool:
         with Daemon(backing=backing, pool=pool.path, pool_init=True, metrics=True,
-                    extra_args=POOL_ARGS, checks=checks, name=name) as d:
+                    extra_args=pool_args(work), checks=checks, name=name) as d:
             ctl = ShadowCtl(d)
             h = connect(d)
             with checks.check(f"({name}) healthy: writes journaled, history ok"):
@@ -635,8 +641,8 @@ def case_pool_error(checks, work, error, seed_rng):
             expect_eq(d.returncode, 0, "exit code after SIGTERM")
             expect_backing(backing, m, "after the stop")
         with checks.check(f"({name}) restart on the same pool: data and history"):
-            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=POOL_ARGS,
-                        checks=checks, name=f"{name}-again") as d2:
+            with Daemon(backing=backing, pool=pool.path, pool_init=True,
+                        extra_args=pool_args(work), checks=checks, name=f"{name}-again") as d2:
                 ctl2 = ShadowCtl(d2)
                 h = connect(d2)
                 expect_device(h, m, "after the restart")
@@ -668,7 +674,7 @@ def case_slow_pool(checks, work, delay_ms=20):
     row = figure_row("(c) slow pool", f"every pool read/write/zero/trim {delay_ms} ms late "
                                       "(delay filter)")
     with FaultyDisk(work, name, ["file", raw], POOL_SIZE, delay_ms=delay_ms) as pool:
-        with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=POOL_ARGS,
+        with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=pool_args(work),
                     checks=checks, name=name) as d:
             ctl = ShadowCtl(d)
             h = connect(d)
@@ -735,7 +741,7 @@ def case_primary_eio(checks, work, known):
         # --shadow-budget 0: no background copies, so that what history
         # holds depends on the requests of the test only.
         with Daemon(backing=prim.path, pool=pool, pool_init=True, metrics=True,
-                    extra_args=[*POOL_ARGS, "--shadow-budget", "0"], checks=checks,
+                    extra_args=pool_args(work, "--shadow-budget", "0"), checks=checks,
                     name=name) as d:
             ctl = ShadowCtl(d)
             h = connect(d)
@@ -868,7 +874,7 @@ def background_copy_unreadable(checks, work, bad, prim, rng, m):
     and history must go on (it holds nothing it cannot serve), not restart."""
     pool = make_pool_file(os.path.join(work, "primary-bg.pool.img"), POOL_SIZE)
     seg_off = BAD_OFF + SEG * rng.randrange(0, BAD // SEG)
-    with Daemon(backing=prim.path, pool=pool, pool_init=True, extra_args=POOL_ARGS,
+    with Daemon(backing=prim.path, pool=pool, pool_init=True, extra_args=pool_args(work),
                 checks=checks, name="primary-bg") as d:
         ctl = ShadowCtl(d)
         h = connect(d)
@@ -944,7 +950,66 @@ def fail_case_history(d, ctl, h, bad, rng, m):
 # (e): a restart while the pool fails
 
 
-def case_restart_while_degraded(checks, work, known):
+def state_files(state_dir):
+    """The state files (EXPORT.UUID.degraded) in state_dir."""
+    if not os.path.isdir(state_dir):
+        return []
+    return sorted(os.path.join(state_dir, n) for n in os.listdir(state_dir)
+                  if n.endswith(".degraded"))
+
+
+def read_state_file(path):
+    """key -> value of a state file; it must be complete (end with 'end')."""
+    with open(path) as f:
+        lines = [ln.rstrip("\n") for ln in f if ln.strip() and not ln.startswith("#")]
+    expect_eq(lines[-1:], ["end"], f"the last line of {path}")
+    return dict(ln.split("=", 1) for ln in lines[:-1])
+
+
+def expect_state_file(state_dir, what, backing, min_seq):
+    files = state_files(state_dir)
+    expect_eq(len(files), 1, f"{what}: state files in {state_dir} ({files})")
+    kv = read_state_file(files[0])
+    log(f"   {files[0]}: seq={kv.get('seq')} since={kv.get('since')} "
+        f"primary_flushed={kv.get('primary_flushed')} reason={kv.get('reason')}")
+    expect_eq(kv.get("format"), "1", f"{what}: format")
+    expect_eq(kv.get("primary"), os.path.realpath(backing), f"{what}: primary")
+    expect_eq(kv.get("primary_flushed"), "1", f"{what}: primary_flushed")
+    expect(int(kv.get("seq", "0")) >= min_seq, f"{what}: seq {kv.get('seq')} < {min_seq}")
+    return kv
+
+
+def not_reapplied(d):
+    """How many journal records the daemon's start left alone (state file)."""
+    m = re.search(r"(\d+) journal records past the checkpoint are not re-applied", d.stderr_text())
+    return int(m.group(1)) if m else None
+
+
+def rewrite_journaled(h, rng, m, blocks):
+    """FUA writes over every block of `blocks`, a few plain writes and a flush."""
+    for b in blocks:
+        data = rng.randbytes(BLOCK)
+        h.pwrite(data, b * BLOCK, nbd.CMD_FLAG_FUA)
+        m.ok(b * BLOCK, data)
+    for b in list(blocks)[::3]:
+        data = rng.randbytes(BLOCK)
+        h.pwrite(data, b * BLOCK, 0)
+        m.ok(b * BLOCK, data)
+    h.flush()
+
+
+def lost_blocks(got, m, blocks):
+    return [b for b in blocks
+            if got[b * BLOCK:(b + 1) * BLOCK] != m.data[b * BLOCK:(b + 1) * BLOCK]]
+
+
+def case_restart_while_degraded(checks, work):
+    """Writes journaled after the last checkpoint, then the pool fails and
+    the same blocks are written again (FUA, plain + FLUSH): those writes
+    never reach the journal. A stop, a start while the pool still fails, a
+    start once it works, then the same with SIGKILL: every start must keep
+    every acknowledged write (the state file keeps redo off them) and
+    restart history."""
     name = "pool-restart"
     raw = os.path.join(work, f"{name}.raw")
     with open(raw, "wb") as f:
@@ -952,61 +1017,137 @@ def case_restart_while_degraded(checks, work, known):
     backing = os.path.join(work, f"{name}.backing.img")
     with open(backing, "wb") as f:
         f.truncate(SIZE)
+    state_dir = os.path.join(work, f"{name}.state")   # created by shadowd
+    args = [*POOL_ARGS, "--state-dir", state_dir]
     rng = make_rng(name)
     m = Model(SIZE)
     w = Writer(rng, m)
-    row = figure_row("(e) stop while the pool fails, start after it works",
-                     "EIO on every pool write, SIGTERM, trigger off, start on the same pool")
+    row = figure_row("(e) stop / SIGKILL while the pool fails, start after",
+                     "EIO on every pool write; SIGTERM, start (pool failing), start (pool ok); "
+                     "again with SIGKILL")
+    written = set()
+
+    def journaled_writes(h, what):
+        """Writes with a healthy pool; returns the blocks they touched."""
+        before = bytes(m.data)
+        expect_eq(w.run(h, 20), [], f"write errors with a healthy pool ({what})")
+        h.flush()
+        blocks = [b for b in range(SIZE // BLOCK)
+                  if before[b * BLOCK:(b + 1) * BLOCK] != m.data[b * BLOCK:(b + 1) * BLOCK]]
+        written.update(blocks)
+        return blocks
+
     with FaultyDisk(work, name, ["file", raw], POOL_SIZE) as pool:
-        with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=POOL_ARGS,
-                    checks=checks, name=name) as d:
-            ctl = ShadowCtl(d)
-            h = connect(d)
-            # Journaled writes the last checkpoint does not cover...
-            expect_eq(w.run(h, 20), [], "write errors with a healthy pool")
-            h.flush()
-            journaled = dict((b, bytes(m.data[b * BLOCK:(b + 1) * BLOCK]))
-                             for b in range(SIZE // BLOCK) if any(m.data[b * BLOCK:(b + 1) * BLOCK]))
-            # ... then the pool fails and the same blocks are written again.
-            pool.fail(writes=True)
-            for b in journaled:
-                data = rng.randbytes(BLOCK)
-                h.pwrite(data, b * BLOCK, nbd.CMD_FLAG_FUA)
-                m.ok(b * BLOCK, data)
-            h.flush()
-            expect_eq(status(ctl)["degraded"], True, "degraded while the pool fails")
-            expect_device(h, m, "live export while the pool fails")
-            h.shutdown()
-        with checks.check(f"({name}) clean stop while degraded: the primary file holds the model"):
+        with checks.check(f"({name}) stop while degraded: the state file is written first"):
+            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=args,
+                        checks=checks, name=name) as d:
+                ctl = ShadowCtl(d)
+                h = connect(d)
+                blocks = journaled_writes(h, "first run")
+                seq = ctl.json("history")["last_seq"]
+                expect_eq(state_files(state_dir), [], "state files with a healthy pool")
+                pool.fail(writes=True)
+                rewrite_journaled(h, rng, m, blocks)
+                expect_eq(status(ctl)["degraded"], True, "degraded while the pool fails")
+                # Written before the first of those writes was acknowledged.
+                expect_state_file(state_dir, "while degraded", backing, seq)
+                expect_device(h, m, "live export while the pool fails")
+                h.shutdown()
             expect_eq(d.returncode, 0, "exit code after SIGTERM")
             expect_backing(backing, m, "after the stop")
-        log(f"   injected: {pool.injected_text()}; {len(journaled)} blocks rewritten "
+            expect_state_file(state_dir, "after a stop while degraded", backing, seq)
+        log(f"   injected: {pool.injected_text()}; {len(blocks)} journaled blocks rewritten "
             "while degraded")
-        row["injected"] = pool.injected_text()
-        row["client"] = f"{len(journaled)} FUA writes while degraded: all acknowledged"
-        row["history"] = "degraded; clean stop (exit 0), the primary file = model"
-        pool.fail()
-        lost = []
+        row["client"] = (f"{len(blocks)} journaled blocks rewritten while degraded (FUA, plain + "
+                         "FLUSH): all acknowledged")
 
-        def restart_keeps_acknowledged():
-            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=POOL_ARGS,
-                        checks=None, name=f"{name}-again") as d2:
-                h2 = connect(d2)
-                try:
-                    got = read_range(h2, 0, SIZE)
-                    lost.extend(b for b in journaled
-                                if got[b * BLOCK:(b + 1) * BLOCK] != m.data[b * BLOCK:(b + 1) * BLOCK])
-                    expect_device(h2, m, "after a restart on the pool that had failed")
-                finally:
-                    h2.shutdown()
-                for line in d2.stderr_text().splitlines():
-                    if "re-applied" in line:
-                        log(f"   {line}")
-        known.check(f"({name}) a restart after a stop while degraded keeps every acknowledged "
-                    "write", "redo-over-bypass", restart_keeps_acknowledged)
-        row["after"] = (f"start on the same pool: {len(lost)} of {len(journaled)} acknowledged "
-                        "blocks overwritten by the journal's older data"
-                        + (" (KNOWN BUG redo-over-bypass)" if lost else ""))
+        with checks.check(f"({name}) start while the pool still fails: nothing re-applied"):
+            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=args,
+                        checks=checks, name=f"{name}-failing") as d:
+                ctl = ShadowCtl(d)
+                h = connect(d)
+                got = read_range(h, 0, SIZE)
+                lost = lost_blocks(got, m, written)
+                expect_eq(lost, [], "blocks overwritten by the journal's older data")
+                expect_device(h, m, "after a start on the failing pool")
+                n = not_reapplied(d)
+                log(f"   journal records not re-applied: {n}")
+                expect(n is not None and n > 0, "the start's log names the records it left alone")
+                expect_eq(status(ctl)["degraded"], True, "degraded: the pool still fails")
+                rewrite_journaled(h, rng, m, blocks[:5])
+                expect_device(h, m, "writes on the failing pool")
+                h.shutdown()
+            expect_eq(d.returncode, 0, "exit code after SIGTERM")
+            expect_backing(backing, m, "after the second stop")
+            expect_state_file(state_dir, "after a second stop while degraded", backing, seq)
+
+        pool.fail()
+        with checks.check(f"({name}) start once the pool works: every acknowledged write, "
+                          "history restarted, the state file removed"):
+            t_start = time.time_ns()
+            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=args,
+                        checks=checks, name=f"{name}-again") as d:
+                ctl = ShadowCtl(d)
+                h = connect(d)
+                got = read_range(h, 0, SIZE)
+                lost = lost_blocks(got, m, written)
+                expect_eq(lost, [], "blocks overwritten by the journal's older data")
+                expect_device(h, m, "after a start on the pool that had failed")
+                expect(not_reapplied(d) is not None, "the start's log names the records it left "
+                                                     "alone")
+                expect_eq(state_files(state_dir), [], "state files once history restarted")
+                s = status(ctl)
+                expect_eq((s["degraded"], s["degraded_reason"]), (False, ""), "history state")
+                hist = ctl.json("history")
+                expect(hist["from_ns"] >= t_start, f"the window starts at {hist['from_ns']}, "
+                                                   f"before this start ({t_start})")
+                # History from the restart on is exact.
+                expect_eq(w.run(h, 10), [], "write errors after the restart")
+                h.flush()
+                t1 = time.time_ns()
+                img1 = m.image()
+                expect_eq(w.run(h, 10), [], "write errors after T1")
+                h.flush()
+                expect_image(export_image(d, ctl, t1, SIZE, "t1"), img1, "export at T1")
+                expect_verify_clean(ctl, f"({name}) after the restart")
+
+                # The same with SIGKILL while degraded.
+                blocks = journaled_writes(h, "before SIGKILL")
+                seq = ctl.json("history")["last_seq"]
+                pool.fail(writes=True)
+                rewrite_journaled(h, rng, m, blocks)
+                expect_state_file(state_dir, "while degraded (second episode)", backing, seq)
+                expect_device(h, m, "live export while the pool fails again")
+                h.shutdown()
+                d.crash()
+            log(f"   SIGKILL while degraded: {len(blocks)} journaled blocks rewritten")
+        pool.fail()
+        with checks.check(f"({name}) start after SIGKILL while degraded: every acknowledged "
+                          "write"):
+            expect_backing(backing, m, "the primary file after SIGKILL")
+            with Daemon(backing=backing, pool=pool.path, pool_init=True, extra_args=args,
+                        checks=checks, name=f"{name}-after-kill") as d:
+                ctl = ShadowCtl(d)
+                h = connect(d)
+                got = read_range(h, 0, SIZE)
+                lost = lost_blocks(got, m, written)
+                expect_eq(lost, [], "blocks overwritten by the journal's older data")
+                expect_device(h, m, "after a start that followed SIGKILL")
+                n = not_reapplied(d)
+                log(f"   journal records not re-applied: {n}")
+                expect(n is not None and n > 0, "the start's log names the records it left alone")
+                expect_eq(state_files(state_dir), [], "state files once history restarted")
+                expect_eq(status(ctl)["degraded"], False, "history degraded after the start")
+                expect_verify_clean(ctl, f"({name}) after SIGKILL and a start")
+                h.shutdown()
+            expect_eq(d.returncode, 0, "exit code after SIGTERM")
+            expect_backing(backing, m, "after the last stop")
+        row["injected"] = pool.injected_text()
+        row["history"] = ("degraded; the state file written before the first write was "
+                          "acknowledged; kept through a stop and a start on the failing pool")
+        row["after"] = (f"every start kept all {len(written)} journaled-then-rewritten blocks "
+                        "(nothing re-applied over them); history restarted, state file removed; "
+                        "the same after SIGKILL")
 
 
 # --------------------------------------------------------------------------
@@ -1029,7 +1170,7 @@ def test():
                 ("(c) slow pool", lambda: case_slow_pool(checks, work)),
                 ("(d) primary EIO", lambda: case_primary_eio(checks, work, known)),
                 ("(e) restart while the pool fails",
-                 lambda: case_restart_while_degraded(checks, work, known))):
+                 lambda: case_restart_while_degraded(checks, work))):
             if what[1] not in only:
                 continue
             log(f"===== {what}")
