@@ -192,6 +192,17 @@ void Connection::begin_drain() {
 
 // ---------------------------------------------------------------- input
 
+// Room at the end of in_: rewind it when empty, compact it when the
+// unprocessed bytes reach its end.
+void Connection::make_input_room() {
+  if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
+  if (in_end_ == in_.size() && in_begin_ > 0) {
+    std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
+    in_end_ -= in_begin_;
+    in_begin_ = 0;
+  }
+}
+
 void Connection::arm_recv() {
   if (recv_pending_ || read_eof_ || phase_ == Phase::kDraining || phase_ == Phase::kClosed) {
     return;
@@ -207,12 +218,7 @@ void Connection::arm_recv() {
   // STARTTLS acknowledged: nothing more is read in the clear.
   if (negotiator_.state() == Negotiator::State::kStartTls) return;
   if (!payload_direct_) {
-    if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
-    if (in_end_ == in_.size() && in_begin_ > 0) {  // compact
-      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
-      in_end_ -= in_begin_;
-      in_begin_ = 0;
-    }
+    make_input_room();
     // Full of unprocessed requests (back-pressure): resume when replies go out.
     if (in_end_ == in_.size()) return;
   }
@@ -311,12 +317,7 @@ void Connection::tls_input() {
     }
   }
   while (phase_ == Phase::kHandshake || phase_ == Phase::kTransmission) {
-    if (in_begin_ == in_end_) in_begin_ = in_end_ = 0;
-    if (in_end_ == in_.size() && in_begin_ > 0) {
-      std::memmove(in_.data(), in_.data() + in_begin_, in_end_ - in_begin_);
-      in_end_ -= in_begin_;
-      in_begin_ = 0;
-    }
+    make_input_room();
     if (in_end_ == in_.size()) break;  // full: process_input() makes room later
     std::string err;
     const long n = tls_->read(in_.data() + in_end_, in_.size() - in_end_, err);

@@ -57,6 +57,7 @@ class Connection {
 
   // Input.
   void arm_recv();
+  void make_input_room();
   void on_recv(int res);
   void on_eof(int res);
   void process_input();
