@@ -3461,6 +3461,16 @@ Status StoreImpl::recover() {
       std::erase_if(s.versions, [&](const VEntry& v) { return v.seq < restart_seq || v.ts < restart_ns; });
       std::erase_if(s.records, [&](const REntry& r) { return r.seq <= restart_seq; });
     }
+    // A copy-on-first-write is stamped with the window as it stood in
+    // memory; the retention marker of that move may not have reached the
+    // pool before the crash. The window never reopens below it: the
+    // segment's history before that point is gone (its base was freed).
+    for (const VEntry& v : s.versions) {
+      if (v.cow && v.ts > retention_start_) {
+        retention_start_ = v.ts;
+        window_seq_ = std::max(window_seq_, v.seq);
+      }
+    }
     repair_versions_locked(s);
     if (!s.records.empty() && (s.versions.empty() || s.versions.front().seq >= s.records.front().seq)) {
       spdlog::error("pool: segment {} has journal records without a base version; its history is dropped",

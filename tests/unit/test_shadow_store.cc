@@ -159,6 +159,19 @@ struct Rig {
         INFO("seed " << seed << " segment " << seg << " time " << t - lo << " ns after the window start, model seq "
                      << want.seq);
         INFO("reconstruct: " << got.status().to_string());
+        if (!got) {
+          for (const SegmentHistory& h : store->segments()) {
+            if (h.segment != seg) continue;
+            UNSCOPED_INFO("segment " << seg << ": records " << h.records << " seq " << h.first_record_seq << ".."
+                                     << h.last_record_seq << " ts " << h.first_record_ns - lo << ".."
+                                     << h.last_record_ns - lo);
+            for (const VersionInfo& v : h.versions) {
+              UNSCOPED_INFO("  version seq " << v.seq << " ts " << v.time_ns - lo << " cow " << v.cow << " depth "
+                                             << v.depth);
+            }
+          }
+          UNSCOPED_INFO("window seq " << st.first_seq << ".." << st.last_seq << " t-seq " << store->seq_at(t));
+        }
         REQUIRE(got);
         REQUIRE(test::first_difference(*got, *want.segs[seg]) == -1);
       }
