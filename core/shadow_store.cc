@@ -2825,8 +2825,13 @@ void StoreImpl::tick() {
     std::lock_guard<std::mutex> lock(mu_);
     degraded = degraded_;
     target = now - static_cast<int64_t>(opts_.retention_seconds) * static_cast<int64_t>(kNs);
-    if (!pins_.empty()) target = std::min(target, *pins_.begin());
-    if (target <= retention_start_ + static_cast<int64_t>(kNs)) target = 0;
+    // The window moves in steps of a second or more (a prune per tick
+    // would fold for nothing), but right up to a pinned export's time.
+    const bool to_pin = !pins_.empty() && *pins_.begin() <= target;
+    if (to_pin) target = *pins_.begin();
+    if (target <= retention_start_ || (!to_pin && target <= retention_start_ + static_cast<int64_t>(kNs))) {
+      target = 0;
+    }
     low = any_tier_below_locked();
     due = checkpoint_due_ ||
           now - last_checkpoint_ns_ >= static_cast<int64_t>(opts_.checkpoint_interval_s) * static_cast<int64_t>(kNs);
