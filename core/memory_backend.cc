@@ -128,7 +128,16 @@ int MemoryBackend::apply(BlockOp& op) {
     return -EINVAL;  // a real device rejects it too; the caller should have checked
   }
   if (info_.read_only && is_mutation(op.kind)) return -EROFS;
-  if (int err = draw_fault(op.kind, op.length)) return err;
+  if (int err = draw_fault(op.kind, op.length)) {
+    if (failed_torn_ && is_mutation(op.kind) && op.kind != BlockOpKind::kFlush && op.length > 0) {
+      Pending part{op.offset, op.length, {}, false};
+      if (op.kind == BlockOpKind::kWrite) part.data.assign(op.buf, op.buf + op.length);
+      part.length = surviving_prefix(part);
+      if (!part.data.empty()) part.data.resize(part.length);
+      if (part.length > 0) record(std::move(part));
+    }
+    return err;
+  }
   switch (op.kind) {
     case BlockOpKind::kRead:
       if (op.length > 0) std::memcpy(op.buf, data_.data() + op.offset, op.length);
@@ -225,6 +234,11 @@ void MemoryBackend::enospc_after(uint64_t bytes) {
   enospc_left_ = bytes;
 }
 
+void MemoryBackend::failed_writes_torn(bool torn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  failed_torn_ = torn;
+}
+
 void MemoryBackend::clear_faults() {
   std::lock_guard<std::mutex> lock(mu_);
   for (KindFaults& f : faults_) {
@@ -234,6 +248,7 @@ void MemoryBackend::clear_faults() {
   }
   enospc_armed_ = false;
   enospc_left_ = 0;
+  failed_torn_ = false;
 }
 
 void MemoryBackend::crash(bool torn) {

@@ -39,6 +39,11 @@ class MemoryBackend final : public IoBackend {
   // fail with ENOSPC. A write that does not fit in what is left fails whole
   // and uses nothing up, so a smaller later write may still succeed.
   void enospc_after(uint64_t bytes);
+  // When `torn`, a write, write-zeroes or trim that fails with an injected
+  // fault first writes a prefix of itself (none, all, or cut at a sector
+  // boundary, drawn from the seeded generator), as a device that fails in
+  // the middle of a request may.
+  void failed_writes_torn(bool torn);
   // Remove every fault.
   void clear_faults();
   // Deliver each completion after 0..max_iterations extra loop iterations,
@@ -102,6 +107,7 @@ class MemoryBackend final : public IoBackend {
     uint64_t completed = 0;
   };
   KindFaults faults_[6];
+  bool failed_torn_ = false;
   unsigned delay_max_ = 0;
   bool hold_ = false;
   struct Held {

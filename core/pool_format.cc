@@ -195,6 +195,9 @@ bool decode_body(const uint8_t* body, Record& rec) {
         return false;
       }
       j.op = static_cast<JournalOp>(op);
+      j.flags = r.u8();
+      if ((j.flags & ~kJournalCorrection) != 0 || r.u16() != 0) return false;
+      if ((j.flags & kJournalCorrection) != 0 && j.op != JournalOp::kWrite) return false;
       if (j.op != JournalOp::kWrite) return rec.payload.empty();
       return rec.codec != Codec::kNone || rec.payload.size() == j.length;
     }
@@ -401,7 +404,8 @@ void encode_journal(std::vector<uint8_t>& out, uint64_t zone_gen, const JournalR
   w.u64(r.offset);
   w.u32(r.length);
   w.u8(static_cast<uint8_t>(r.op));
-  w.zeros(3);
+  w.u8(r.flags);
+  w.zeros(2);
   finish_record(out, start, payload);
 }
 

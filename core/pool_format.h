@@ -113,9 +113,14 @@ struct JournalRecord {
   JournalOp op = JournalOp::kWrite;
   uint64_t offset = 0;      // byte offset on the primary; the piece lies in one segment
   uint32_t length = 0;      // bytes of the primary covered
+  uint8_t flags = 0;        // kJournalCorrection
   // payload: for kWrite the data (length bytes), compressed per the codec;
   // empty for kWriteZeroes and kTrim (both read back as zeroes).
 };
+// JournalRecord::flags: the primary refused the request with this seq; this
+// kWrite record holds what the primary read back in the piece's range
+// afterwards, and replaces the request's record with the same seq and offset.
+constexpr uint8_t kJournalCorrection = 1;
 
 struct VersionRecord {
   uint64_t segment = 0;

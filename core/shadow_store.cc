@@ -111,6 +111,7 @@ struct REntry {
   JournalOp op = JournalOp::kWrite;
   uint32_t off = 0;  // within the segment
   uint32_t len = 0;
+  bool correction = false;  // replaces the record with the same seq and off
 };
 
 class Item;
@@ -205,6 +206,11 @@ class Item final : public BlockOp {
   BlockOp* client;
   Type type;
   bool bypass = false;  // history degraded: not journaled
+  // The primary refused the write: the pool thread reads the range back and
+  // journals what the primary holds in place of the request's records
+  // (kJournalCorrection); then the request completes with `failure`.
+  bool correcting = false;
+  Status failure;
   uint64_t seq = 0;
   int64_t ts = 0;
   uint64_t first_seg = 0, last_seg = 0;
@@ -290,6 +296,7 @@ struct Batch final : public BlockOp {
   std::vector<std::pair<uint64_t, VEntry>> versions;
   std::vector<std::pair<uint64_t, REntry>> records;
   uint64_t cows = 0;
+  uint64_t corrections = 0;  // refused requests whose records are replaced
   bool need_flush = false;
   bool degraded = false;  // encoded while history was degraded: nothing journaled
   Status st;              // encoding failed
@@ -549,6 +556,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // pool thread
   void pool_main();
   std::unique_ptr<Batch> encode(std::vector<Item*>& items, EventLoop& loop);
+  Status encode_correction(Item& it, Batch& b);
   void retire(Batch& b, bool& broken);
   void enqueue(Item* it);
   // shadow thread and engine operations (op_mu_ held)
@@ -654,6 +662,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   int64_t last_checkpoint_ns_ = 0;
   uint64_t shadow_queue_ = 0;
   // counters
+  uint64_t journal_corrections_ = 0;
   uint64_t client_bytes_ = 0, cow_stalls_ = 0, versions_made_ = 0, versions_folded_ = 0,
            versions_dropped_ = 0, records_pruned_ = 0, zones_reclaimed_ = 0, retention_shrinks_ = 0,
            checkpoints_ = 0, group_commits_ = 0, group_commits_overlapped_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
@@ -897,6 +906,22 @@ void StoreImpl::add_version_locked(uint64_t seg, const VEntry& v) {
 }
 
 void StoreImpl::add_record_locked(uint64_t seg, const REntry& r) {
+  if (r.correction) {
+    // Replaces the refused request's record; gone (history restarted
+    // since) means there is nothing to correct.
+    auto f = segs_.find(seg);
+    if (f == segs_.end()) return;
+    for (REntry& e : f->second.records) {
+      if (e.seq == r.seq && e.off == r.off) {
+        unref_locked(e.loc);
+        e = r;
+        ref_locked(e.loc, e.ts);
+        ++f->second.gen;
+        return;
+      }
+    }
+    return;
+  }
   Seg& s = segs_[seg];
   if (s.records.empty() || s.records.back().seq < r.seq ||
       (s.records.back().seq == r.seq && s.records.back().off < r.off)) {
@@ -1208,6 +1233,10 @@ void StoreImpl::enqueue(Item* it) {
 }
 
 void Item::proceed() {
+  if (correcting) {  // corrected in the journal: completes with the primary's error
+    store->item_done(*this, failure);
+    return;
+  }
   if (type == Type::kFlush) {
     kind = BlockOpKind::kFlush;
     offset = 0;
@@ -1271,6 +1300,21 @@ void StoreImpl::apply(Item* it) {
 
 void StoreImpl::item_done(Item& it, const Status& st) {
   std::unique_lock<std::mutex> lock(mu_);
+  if (it.type == Item::Type::kWrite && !it.bypass && !st && !it.correcting) {
+    // The journal says the request's bytes are there, the primary may hold
+    // anything in the range now. The request stays in flight (later
+    // overlapping writes wait, its records are not folded) until the pool
+    // thread has journaled what the primary holds.
+    ++primary_write_errors_;
+    it.correcting = true;
+    it.failure = st;
+    it.cow_segs.clear();
+    spdlog::warn("primary {} at {} (+{}) failed: {}; reading the range back to correct the journal",
+                 op_name(it.client->kind), it.client->offset, it.client->length, st.message());
+    lock.unlock();
+    enqueue(&it);
+    return;
+  }
   if (it.type == Item::Type::kWrite) {
     if (it.bypass) {
       --bypass_inflight_;
@@ -1295,10 +1339,10 @@ void StoreImpl::item_done(Item& it, const Status& st) {
         w->loop->post([this, w] { primary_->submit(*w->loop, w); });
       }
     }
-    if (!st) {
+    if (!st && it.bypass) {
       ++primary_write_errors_;
-      spdlog::warn("primary {} at {} (+{}) failed: {}; the journal holds the request, the primary may not",
-                   op_name(it.client->kind), it.client->offset, it.client->length, st.message());
+      spdlog::warn("primary {} at {} (+{}) failed: {}", op_name(it.client->kind), it.client->offset,
+                   it.client->length, st.message());
     }
   }
   // History is degraded and the state file does not record it yet: a write
@@ -1390,6 +1434,10 @@ std::unique_ptr<Batch> StoreImpl::encode(std::vector<Item*>& items, EventLoop& l
     }
     if (it->client->flags & kFua) b->need_flush = true;
     if (degraded || !st) continue;
+    if (it->correcting) {
+      st = encode_correction(*it, *b);
+      continue;
+    }
     for (uint64_t seg : it->cow_segs) {
       // Copy-on-first-write: the before-image goes into the journal stream
       // ahead of the record, so no scan can find the record without it.
@@ -1465,6 +1513,49 @@ std::unique_ptr<Batch> StoreImpl::encode(std::vector<Item*>& items, EventLoop& l
   return b;
 }
 
+// The records that replace a refused request's: per piece, what the primary
+// reads back in its range (whole segments are read: the primary may want
+// aligned I/O).
+Status StoreImpl::encode_correction(Item& it, Batch& b) {
+  uint64_t have_seg = ~0ull;
+  std::vector<uint8_t> content;
+  for (Item::Piece& p : it.pieces) {
+    if (p.segment != have_seg) {
+      auto c = read_primary(p.segment);
+      if (!c) {
+        return Status::error(c.status().code(),
+                             "reading back a range the primary refused to write failed: " + c.status().message(),
+                             c.status().err());
+      }
+      content = std::move(*c);
+      have_seg = p.segment;
+    }
+    pool::JournalRecord rec = p.rec;
+    rec.op = JournalOp::kWrite;
+    rec.flags = pool::kJournalCorrection;
+    const uint64_t in_seg = rec.offset - (p.segment << shift_);
+    const std::span<const uint8_t> raw(content.data() + in_seg, rec.length);
+    std::vector<uint8_t> packed;
+    const bool z = zstd_compress_smaller(raw, opts_.journal_zstd_level, packed);
+    const std::span<const uint8_t> payload = z ? std::span<const uint8_t>(packed) : raw;
+    auto loc = journal_.add(pool::journal_record_bytes(payload.size()), [&](std::vector<uint8_t>& out, uint64_t gen) {
+      pool::encode_journal(out, gen, rec, z ? Codec::kZstd : Codec::kNone, payload);
+    });
+    if (!loc) return loc.status();
+    REntry r;
+    r.seq = rec.seq;
+    r.ts = rec.time_ns;
+    r.loc = *loc;
+    r.op = JournalOp::kWrite;
+    r.off = static_cast<uint32_t>(in_seg);
+    r.len = rec.length;
+    r.correction = true;
+    b.records.emplace_back(p.segment, r);
+  }
+  ++b.corrections;
+  return Status::ok();
+}
+
 void StoreImpl::retire(Batch& b, bool& broken) {
   Status st = !b.st ? b.st : b.write_status;
   if (!b.degraded && !broken && st && b.need_flush) {
@@ -1482,6 +1573,7 @@ void StoreImpl::retire(Batch& b, bool& broken) {
       for (auto& [seg, v] : b.versions) add_version_locked(seg, v);
       for (auto& [seg, r] : b.records) add_record_locked(seg, r);
       cow_stalls_ += b.cows;
+      journal_corrections_ += b.corrections;
       ++group_commits_;
       group_commits_overlapped_ += b.overlapped;
     }
@@ -3009,6 +3101,7 @@ StoreStats StoreImpl::stats() const {
   s.group_commits_overlapped = group_commits_overlapped_;
   s.pool_errors = pool_errors_;
   s.primary_write_errors = primary_write_errors_;
+  s.journal_corrections = journal_corrections_;
   s.shadow_budget_bytes_per_s = budget_;
   s.shadow_busy_budget_bytes_per_s = std::min(budget_, opts_.shadow_busy_budget_bytes_per_s);
   s.foreground_busy = fg_busy_.load(std::memory_order_relaxed);
@@ -3382,6 +3475,7 @@ Status StoreImpl::recover() {
           e.ts = rec.journal.time_ns;
           e.loc = loc;
           e.op = rec.journal.op;
+          e.correction = (rec.journal.flags & pool::kJournalCorrection) != 0;
           const uint64_t seg = rec.journal.offset >> shift_;
           e.off = static_cast<uint32_t>(rec.journal.offset - (seg << shift_));
           e.len = rec.journal.length;
@@ -3462,6 +3556,19 @@ Status StoreImpl::recover() {
     std::stable_sort(s.records.begin(), s.records.end(), [](const REntry& a, const REntry& b) {
       return a.seq != b.seq ? a.seq < b.seq : a.off < b.off;
     });
+    // A correction replaces the record of its (seq, off); the last one
+    // written wins (the scan goes in append order).
+    {
+      std::deque<REntry> rs;
+      for (REntry& r : s.records) {
+        if (!rs.empty() && rs.back().seq == r.seq && rs.back().off == r.off && (r.correction || rs.back().correction)) {
+          if (r.correction) rs.back() = r;
+          continue;
+        }
+        rs.push_back(r);
+      }
+      s.records.swap(rs);
+    }
     if (restart_ns > 0) {
       std::erase_if(s.versions, [&](const VEntry& v) { return v.seq < restart_seq || v.ts < restart_ns; });
       std::erase_if(s.records, [&](const REntry& r) { return r.seq <= restart_seq; });

@@ -142,6 +142,7 @@ struct StoreStats {
   uint64_t group_commits_overlapped = 0;  // of which started while another was in flight
   uint64_t pool_errors = 0;
   uint64_t primary_write_errors = 0;
+  uint64_t journal_corrections = 0;  // refused writes whose records now hold what the primary read back
   // shadowing
   uint64_t shadow_budget_bytes_per_s = 0;
   uint64_t shadow_busy_budget_bytes_per_s = 0;

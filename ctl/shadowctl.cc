@@ -674,7 +674,8 @@ int cmd_pool(const Globals& g, bool zones) {
   t.add({"checkpoints", count(u64(p["checkpoints"])) + " since start, last " +
                             when_ns(p["last_checkpoint_ns"], now_ns)});
   t.add({"errors", count(u64(p["pool_errors"])) + " pool, " +
-                       count(u64(p["primary_write_errors"])) + " primary write"});
+                       count(u64(p["primary_write_errors"])) + " primary write (" +
+                       count(u64(p["journal_corrections"])) + " corrected in the journal)"});
   t.add({"state", degraded_text(p)});
   std::printf("%s", t.render(/*header=*/false).c_str());
   if (p.contains("zones")) {

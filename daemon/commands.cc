@@ -787,6 +787,7 @@ json cmd_pool(DaemonContext& ctx, const json& req) {
       {"last_checkpoint", iso_or_null(st.last_checkpoint_ns)},
       {"pool_errors", st.pool_errors},
       {"primary_write_errors", st.primary_write_errors},
+      {"journal_corrections", st.journal_corrections},
       {"degraded", st.degraded},
       {"degraded_reason", st.degraded_reason},
       {"now_ns", ctx.clock != nullptr ? ctx.clock->now_ns() : 0},

@@ -259,6 +259,13 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          d(st.checkpoints)));
     out.push_back(scalar("shadowd_pool_errors_total", "Shadow pool I/O errors since start", C,
                          d(st.pool_errors)));
+    out.push_back(scalar("shadowd_primary_write_errors_total",
+                         "Writes the backing refused (answered with its error) since start", C,
+                         d(st.primary_write_errors)));
+    out.push_back(scalar("shadowd_journal_corrections_total",
+                         "Refused writes whose journal records were replaced by what the backing "
+                         "read back",
+                         C, d(st.journal_corrections)));
   }
   return out;
 }

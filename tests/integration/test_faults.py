@@ -54,10 +54,6 @@ keeps what was acknowledged:
 At the end a table sums up each case (what was injected, how often, what
 the client and history saw): the figure of docs/RELIABILITY.md.
 
-Known bugs of today's daemon are checked as such (see KNOWN_BUGS): a check
-that fails because of one is reported as XFAIL and does not fail the test; a
-known-bug check that passes is a failure (XPASS: the bug is fixed, drop the
-mark). SHADOWD_TEST_STRICT=1 turns every XFAIL into a failure.
 SHADOWD_FAULT_CASES=ad (say) runs only those cases; SHADOWD_TEST_SEED replays
 the printed seeds.
 
@@ -113,15 +109,6 @@ GOOD2 = 2 * MiB                 # [6 MiB, 8 MiB): a plain file
 BAD_OFF = TABLE + GOOD1
 PRIMARY_SIZE = TABLE + GOOD1 + BAD + GOOD2
 
-# Known bugs of the daemon today, by id: a check marked with one is XFAIL
-# while it fails and a failure (XPASS) once it passes.
-KNOWN_BUGS = {
-    "failed-primary-write-journaled": (
-        "core/shadow_store.cc: a write whose primary write failed keeps its journal record, "
-        "so an export at a later time shows bytes the client was told were not written and "
-        "the live export never showed"),
-}
-STRICT = bool(os.environ.get("SHADOWD_TEST_STRICT"))
 
 # One row per case for the summary printed at the end (the figure in
 # docs/RELIABILITY.md): what was injected and what the client and history saw.
@@ -142,32 +129,6 @@ def print_figure():
     log("|" + "---|" * len(cols))
     for r in FIGURE:
         log("| " + " | ".join(str(r[c]) for c in cols) + " |")
-
-
-class KnownBug:
-    """Runs a check that a known bug makes fail; see KNOWN_BUGS."""
-
-    def __init__(self, checks):
-        self.checks = checks
-        self.xfail = []
-        self.xpass = []
-
-    def check(self, what, bug, fn):
-        log(f"--- {what} (known bug {bug})")
-        try:
-            fn()
-        except AssertionError as e:
-            if STRICT:
-                with self.checks.check(what):
-                    raise
-                return
-            self.xfail.append((what, bug))
-            log(f"XFAIL: {what}: {e}\n       known bug {bug}: {KNOWN_BUGS[bug]}")
-            return
-        self.xpass.append((what, bug))
-        with self.checks.check(what):
-            raise AssertionError(f"XPASS: passes although marked with known bug {bug!r}: "
-                                 "the bug looks fixed, remove the mark")
 
 
 # --------------------------------------------------------------------------
@@ -715,7 +676,7 @@ def case_slow_pool(checks, work, delay_ms=20):
 # (d): the primary fails in one range
 
 
-def case_primary_eio(checks, work, known):
+def case_primary_eio(checks, work):
     name = "primary"
     rng = make_rng(name)
     parts = []
@@ -828,22 +789,24 @@ def case_primary_eio(checks, work, known):
                 s = status(ctl)
                 row["history"] = ("not degraded (" + (s["degraded_reason"] or "ok") + "); an "
                                   "export at a later T equals the model outside the range")
+                corrections = ctl.json("pool")["journal_corrections"]
+                expect(corrections >= m.failed, f"journal corrections {corrections}, failed "
+                                                f"writes {m.failed}")
 
             # The failing range at T3 holds the failed writes' bytes where a
             # segment was written again after T3.
-            known.check("(primary) an export at T3 shows the failing range as the live "
-                        "export did", "failed-primary-write-journaled",
-                        lambda: expect_image(got[BAD_OFF:BAD_OFF + BAD],
-                                             img3[BAD_OFF:BAD_OFF + BAD],
-                                             "export at T3 in the failing range", BAD_OFF))
+            with checks.check("(primary) an export at T3 shows the failing range as the live "
+                              "export did"):
+                expect_image(got[BAD_OFF:BAD_OFF + BAD], img3[BAD_OFF:BAD_OFF + BAD],
+                             "export at T3 in the failing range", BAD_OFF)
+                row["history"] += (" and inside it (each refused write's journal record "
+                                   "replaced by what the primary read back)")
 
             # What the history says about the time between a failed write and
-            # the next write to its segment: only when history was not
-            # restarted since (a primary read error degrades it).
-            def history_never_shows_failed_writes():
+            # the next write to its segment.
+            with checks.check("(primary) an export never shows a write that failed on the "
+                              "primary"):
                 fail_case_history(d, ctl, h, bad, rng, m)
-            known.check("(primary) an export never shows a write that failed on the primary",
-                        "failed-primary-write-journaled", history_never_shows_failed_writes)
             h.shutdown()
         with checks.check("(primary) clean stop: every acknowledged write is in the files"):
             expect_eq(d.returncode, 0, "exit code after SIGTERM")
@@ -863,8 +826,6 @@ def case_primary_eio(checks, work, known):
         log(f"[{name}] faults injected: {bad.injected_text()}; writes acknowledged {m.acked}, "
             f"failed {m.failed}")
         row["injected"] = bad.injected_text()
-        if known.xfail:
-            row["history"] += "; KNOWN BUG: " + ", ".join(sorted({b for _, b in known.xfail}))
 
 
 def background_copy_unreadable(checks, work, bad, prim, rng, m):
@@ -1161,14 +1122,13 @@ def require():
 def test():
     require()
     checks = Checks("faults")
-    known = KnownBug(checks)
     only = os.environ.get("SHADOWD_FAULT_CASES", "abcde")
     with tempfile.TemporaryDirectory(prefix="shadowd-faults-") as work:
         for what, fn in (
                 ("(a) pool EIO", lambda: case_pool_error(checks, work, "EIO", None)),
                 ("(b) pool ENOSPC", lambda: case_pool_error(checks, work, "ENOSPC", None)),
                 ("(c) slow pool", lambda: case_slow_pool(checks, work)),
-                ("(d) primary EIO", lambda: case_primary_eio(checks, work, known)),
+                ("(d) primary EIO", lambda: case_primary_eio(checks, work)),
                 ("(e) restart while the pool fails",
                  lambda: case_restart_while_degraded(checks, work))):
             if what[1] not in only:
@@ -1177,8 +1137,6 @@ def test():
             with checks.check(f"{what}: set-up and teardown"):
                 fn()
     print_figure()
-    for what, bug in known.xfail:
-        log(f"XFAIL (known bug {bug}): {what}")
     checks.finish()
 
 

@@ -171,6 +171,7 @@ TEST_CASE("pool_format: journal records round-trip", "[pool_format]") {
       j.op = JournalOp::kWrite;
       j.offset = 0x123456789abcdef0ull;
       j.length = static_cast<uint32_t>(n);
+      j.flags = n % 2 == 0 ? kJournalCorrection : 0;
       const Bytes data = random_bytes(rng, n);
       Bytes b = {0x55};  // records go at any alignment
       encode_journal(b, kGen, j, codec, data);
@@ -186,6 +187,7 @@ TEST_CASE("pool_format: journal records round-trip", "[pool_format]") {
       CHECK(r.journal.op == j.op);
       CHECK(r.journal.offset == j.offset);
       CHECK(r.journal.length == j.length);
+      CHECK(r.journal.flags == j.flags);
       CHECK(payload_of(r) == data);
       CHECK(r.payload.data() == rec_bytes.data() + rec_bytes.size() - n);  // not a copy
       CHECK(r.total_bytes == rec_bytes.size());
@@ -490,6 +492,12 @@ TEST_CASE("pool_format: intact records with impossible contents are kBadType",
     CHECK(forged("journal trim", kBody + 28, 4, 1) == DecodeError::kBadType);
     CHECK(forged("marker", kBody + 16, 0, 1) == DecodeError::kBadType);  // MarkerKind
     CHECK(forged("marker", kBody + 16, 3, 1) == DecodeError::kBadType);
+    // Journal flags: bit 0 (a correction) on a write only; no other bit.
+    CHECK(forged("journal write", kBody + 29, kJournalCorrection, 1) == DecodeError::kOk);
+    CHECK(forged("journal trim", kBody + 29, kJournalCorrection, 1) == DecodeError::kBadType);
+    CHECK(forged("journal write", kBody + 29, 2, 1) == DecodeError::kBadType);
+    CHECK(forged("journal write", kBody + 29, 0x80, 1) == DecodeError::kBadType);
+    CHECK(forged("journal write", kBody + 30, 1, 2) == DecodeError::kBadType);  // reserved
   }
   SECTION("lengths that disagree with the body") {
     // A raw write's payload is its length; zeroes and trims carry none.
