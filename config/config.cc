@@ -177,6 +177,7 @@ const std::map<std::string, Setter>& setters() {
       {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s)},
       {"shadow_budget_busy_bytes_per_s", u64(&Config::shadow_budget_busy_bytes_per_s)},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s)},
+      {"pool_full_wait_ms", u32(&Config::pool_full_wait_ms)},
       {"shadow_policy", str(&Config::shadow_policy)},
       {"tune_interval_s", u32(&Config::tune_interval_s)},
       {"state_dir", str(&Config::state_dir)},
@@ -315,6 +316,7 @@ Status Config::validate() const {
   if (max_versions_per_segment < 2 || max_versions_per_segment > 64) {
     return Status::invalid("max_versions_per_segment must be 2..64");
   }
+  if (pool_full_wait_ms > 600000) return Status::invalid("pool_full_wait_ms must be 0..600000");
   if (checkpoint_interval_s < 1 || checkpoint_interval_s > 86400) {
     return Status::invalid("checkpoint_interval_s must be 1..86400");
   }

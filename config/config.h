@@ -71,6 +71,7 @@ struct Config {
   uint64_t shadow_budget_bytes_per_s = 64ull << 20;  // 0: no background shadowing
   uint64_t shadow_budget_busy_bytes_per_s = 4ull << 20;  // while clients do I/O (not urgent work)
   uint32_t checkpoint_interval_s = 60;    // 1..86400
+  uint32_t pool_full_wait_ms = 5000;      // 0..600000
   std::string shadow_policy = "auto";     // core/policy.h names, but not "oracle"
   uint32_t tune_interval_s = 3600;        // auto-tuning period; 0 = off
   // Where a degraded history is recorded outside the pool (a file per

@@ -309,6 +309,9 @@ struct Batch final : public BlockOp {
 };
 
 constexpr size_t kBatchesInFlight = 4;
+// Zones of tier 0 the journal leaves to the work that frees the others: one
+// for a checkpoint, one more for the folds and moves that come before it.
+constexpr uint32_t kJournalReserveZones = 2;
 constexpr uint64_t kBusyWindowNs = 200'000'000;  // clients active: a request this recent
 constexpr double kUrgentScore = 1e18;
 
@@ -493,6 +496,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
 
   // ---- for Appender ----
   Result<std::pair<uint32_t, uint64_t>> alloc_zone(uint8_t tier, ZoneKind kind);
+  Result<std::pair<uint32_t, uint64_t>> alloc_journal_zone();
   uint64_t zone_offset(uint32_t zone) const { return pool::kZonesStart + uint64_t{zone} * zone_bytes_; }
   uint32_t zone_bytes() const { return zone_bytes_; }
   IoBackend& device(uint8_t tier) { return *tiers_[tier].dev.backend; }
@@ -564,7 +568,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   void tick();
   void round_locked();
   Status make_version(uint64_t seg, bool force);
-  Status prune_locked(int64_t w);
+  Status prune_locked(int64_t w, bool lean = false);
   Status checkpoint_locked();
   Status shrink_locked();
   Status compact_locked();
@@ -591,8 +595,10 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     int64_t ts = 0;
   };
   Newest newest_records_locked(bool by_seq, int64_t bound) const;
+  // in_window: refuse a bound before the retention window (a fold may
+  // need one: a lean prune leaves the history of busy segments behind).
   Result<std::vector<uint8_t>> reconstruct(uint64_t seg, bool by_seq, int64_t bound,
-                                           SegmentAt* meta = nullptr);
+                                           SegmentAt* meta = nullptr, bool in_window = true);
   Result<std::vector<uint8_t>> read_primary(uint64_t seg);
 
   // index bookkeeping (mu_ held)
@@ -663,6 +669,11 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   uint64_t shadow_queue_ = 0;
   // counters
   uint64_t journal_corrections_ = 0;
+  uint64_t pool_full_waits_ = 0, pool_full_wait_ns_ = 0;  // journal writes held for room (mu_)
+  uint64_t pool_full_logged_ns_ = 0, shrink_logged_ns_ = 0;
+  bool pool_full_waiting_ = false;
+  std::atomic<std::thread::id> pool_tid_{};  // the pool thread (only it waits for room)
+  bool pool_room_ = false;  // (qmu_) a checkpoint freed zones
   uint64_t client_bytes_ = 0, cow_stalls_ = 0, versions_made_ = 0, versions_folded_ = 0,
            versions_dropped_ = 0, records_pruned_ = 0, zones_reclaimed_ = 0, retention_shrinks_ = 0,
            checkpoints_ = 0, group_commits_ = 0, group_commits_overlapped_ = 0, pool_errors_ = 0, primary_write_errors_ = 0,
@@ -770,7 +781,7 @@ Result<Loc> Appender::add(size_t bytes, Fn fn) {
 }
 
 Status Appender::open_zone() {
-  auto z = s_.alloc_zone(tier_, kind_);
+  auto z = kind_ == ZoneKind::kJournal ? s_.alloc_journal_zone() : s_.alloc_zone(tier_, kind_);
   if (!z) return z.status();
   zone_ = z->first;
   gen_ = z->second;
@@ -851,7 +862,7 @@ Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_zone(uint8_t tier, ZoneKi
   // checkpoint, one more for the folds and moves that come before it.
   const uint32_t reserve = tier != 0 || kind == ZoneKind::kCheckpoint ? 0
                            : kind == ZoneKind::kVersions           ? 1
-                                                                    : 2;
+                                                                    : kJournalReserveZones;
   if (free_zones_locked(tier) <= reserve) {
     wake_shadow();
     return Status::error(Status::Code::kNoSpace,
@@ -869,6 +880,53 @@ Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_zone(uint8_t tier, ZoneKi
     return std::make_pair(i, z.gen);
   }
   return Status::error(Status::Code::kNoSpace, "no free zone", ENOSPC);
+}
+
+// The journal's next zone. When tier 0 is down to the zones kept for the
+// work that frees the others, the pool thread waits (its batch, and so the
+// writes in it, wait) while the shadow thread cuts retention, for at most
+// pool_full_wait_ms, rather than fail the append and degrade history:
+// writes slow down to the rate at which the pool is reclaimed.
+Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_journal_zone() {
+  auto z = alloc_zone(0, ZoneKind::kJournal);
+  if (z || z.status().code() != Status::Code::kNoSpace || opts_.pool_full_wait_ms == 0 ||
+      std::this_thread::get_id() != pool_tid_.load(std::memory_order_relaxed)) {
+    return z;
+  }
+  const uint64_t start = monotonic_ns(), limit = uint64_t{opts_.pool_full_wait_ms} * 1'000'000;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++pool_full_waits_;
+    pool_full_waiting_ = true;
+    if (start - pool_full_logged_ns_ >= 10 * kNs || pool_full_logged_ns_ == 0) {
+      pool_full_logged_ns_ = start;
+      spdlog::warn("pool tier 0 is full: journal writes wait (up to {} ms at a time) while retention is cut "
+                   "({} times so far)",
+                   opts_.pool_full_wait_ms, pool_full_waits_);
+    }
+  }
+  for (;;) {
+    wake_shadow();
+    {
+      std::unique_lock<std::mutex> q(qmu_);
+      qcv_.wait_for(q, std::chrono::milliseconds(10), [&] { return pool_room_ || pool_abandon_; });
+      pool_room_ = false;
+      if (pool_abandon_) break;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (degraded_) break;
+    }
+    z = alloc_zone(0, ZoneKind::kJournal);
+    if (z || z.status().code() != Status::Code::kNoSpace || monotonic_ns() - start >= limit) break;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  pool_full_waiting_ = false;
+  pool_full_wait_ns_ += monotonic_ns() - start;
+  if (!z) {
+    spdlog::error("pool tier 0 stayed full for {} ms: the journal cannot go on", opts_.pool_full_wait_ms);
+  }
+  return z;
 }
 
 uint32_t StoreImpl::free_zones_locked(uint8_t tier) const {
@@ -1362,6 +1420,7 @@ void StoreImpl::pool_main() {
     std::lock_guard<std::mutex> q(qmu_);
     pool_loop_ = &loop;
   }
+  pool_tid_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   std::deque<std::unique_ptr<Batch>> inflight;
   auto writes_done = [&] {
     return std::all_of(inflight.begin(), inflight.end(), [](const auto& b) { return b->done; });
@@ -1670,7 +1729,7 @@ Status StoreImpl::apply_record(const REntry& r, std::vector<uint8_t>& content) {
 }
 
 Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, int64_t bound,
-                                                    SegmentAt* meta) {
+                                                    SegmentAt* meta, bool in_window) {
   if ((seg << shift_) >= primary_->size_bytes()) return Status::out_of_range("no such segment");
   auto in_bound = [&](uint64_t seq, int64_t ts) {
     return by_seq ? seq <= static_cast<uint64_t>(bound) : ts <= bound;
@@ -1683,7 +1742,7 @@ Result<std::vector<uint8_t>> StoreImpl::reconstruct(uint64_t seg, bool by_seq, i
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (degraded_) return Status::error(Status::Code::kBusy, "history is degraded: " + degraded_reason_, EAGAIN);
-      if (by_seq ? static_cast<uint64_t>(bound) < window_seq_ : bound < retention_start_) {
+      if (in_window && (by_seq ? static_cast<uint64_t>(bound) < window_seq_ : bound < retention_start_)) {
         return Status::out_of_range("before the retention window");
       }
       auto f = segs_.find(seg);
@@ -2059,7 +2118,7 @@ Status StoreImpl::enforce_max_versions(uint64_t seg) {
 // ---------------------------------------------------------------------------
 // retention
 
-Status StoreImpl::prune_locked(int64_t w) {
+Status StoreImpl::prune_locked(int64_t w, bool lean) {
   std::vector<uint64_t> ids;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -2072,13 +2131,16 @@ Status StoreImpl::prune_locked(int64_t w) {
     for (const auto& [id, s] : segs_) ids.push_back(id);
   }
   uint64_t new_window_seq = 0;
-  uint64_t folded = 0, pruned = 0, dropped = 0;
-  const bool keeps_bases = policy_->keeps_bases();
+  uint64_t folded = 0, pruned = 0, dropped = 0, lean_fold_bytes = 0;
+  // Lean (the pool is full): no speculative bases, so a segment whose
+  // records all leave the window is dropped without a fold to write.
+  const bool keeps_bases = policy_->keeps_bases() && !lean;
   struct Plan {
     uint64_t seg;
     VEntry start;
     bool fold;
     std::vector<std::pair<uint64_t, VEntry>> rewritten;
+    bool drop = false;  // its whole history goes: the primary holds its content
   };
   std::vector<Plan> plans;
   for (uint64_t seg : ids) {
@@ -2102,6 +2164,14 @@ Status StoreImpl::prune_locked(int64_t w) {
       }
       if (vb < 0) continue;  // everything is newer than w
       new_window_seq = std::max(new_window_seq, last_rec_seq);
+      if (!keeps_bases && (s.records.empty() || s.records.back().ts <= w) && s.inflight == 0 && !s.cow_pending) {
+        plans.push_back(Plan{seg, {}, false, {}, true});
+        continue;
+      }
+      // Lean: a segment written after w is folded while the folds fit in
+      // half a zone (the one kept for them); past that it keeps its older
+      // history for now (nothing of it is freed, every time still restores).
+      if (lean && lean_fold_bytes >= zone_bytes_ / 2) continue;
       fold = last_rec_seq > s.versions[vb].seq;
       if (!fold && vb == 0) continue;  // nothing older than the base to free
       vs = s.versions;
@@ -2110,7 +2180,7 @@ Status StoreImpl::prune_locked(int64_t w) {
     VEntry start;
     std::vector<std::pair<uint64_t, VEntry>> rewritten;  // (old seq, new entry)
     if (fold) {
-      auto c = reconstruct(seg, true, static_cast<int64_t>(last_rec_seq));
+      auto c = reconstruct(seg, true, static_cast<int64_t>(last_rec_seq), nullptr, /*in_window=*/false);
       if (!c) {
         spdlog::error("prune: segment {} cannot be folded: {}", seg, c.status().message());
         enter_degraded("fold failed: " + c.status().message());
@@ -2120,6 +2190,15 @@ Status StoreImpl::prune_locked(int64_t w) {
       proto.seq = last_rec_seq;
       proto.ts = last_rec_ts;
       Status st = write_version(vs[vb].loc.tier, seg, proto, *c, nullptr, start);
+      if (st) lean_fold_bytes += start.loc.bytes;
+      if (!st && st.code() == Status::Code::kNoSpace) {
+        // No room for the folds: give up this prune (nothing in the index
+        // changed; what was appended is unreferenced). A full pool's shrink
+        // goes on with a lean prune, which writes none.
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& a : versions_) a->reset_locked();
+        return st;
+      }
       if (!st) {
         enter_degraded("fold write failed: " + st.message());
         return st;
@@ -2173,6 +2252,24 @@ Status StoreImpl::prune_locked(int64_t w) {
       const VEntry& start = p.start;
       const bool fold = p.fold;
       Seg& s = segs_[seg];
+      if (p.drop) {
+        // Unless a write came meanwhile (then it stays as it is: nothing
+        // of it is freed, so every time in the window still restores).
+        if ((s.records.empty() || s.records.back().ts <= w) && s.inflight == 0 && !s.cow_pending) {
+          for (const VEntry& v : s.versions) {
+            unref_locked(v.loc);
+            ++dropped;
+          }
+          s.versions.clear();
+          for (const REntry& r : s.records) {
+            unref_locked(r.loc);
+            ++pruned;
+          }
+          s.records.clear();
+          ++bases_freed_;
+        }
+        continue;
+      }
       for (auto& [old_seq, v] : p.rewritten) add_version_locked(seg, v);
       // Remove versions older than the start, and records up to it.
       std::vector<VEntry> kept;
@@ -2401,6 +2498,11 @@ Status StoreImpl::checkpoint_locked() {
   for (auto [t, z] : freeing) {
     tiers_[t].zones[z] = Zone{};
   }
+  if (!freeing.empty()) {
+    std::lock_guard<std::mutex> q(qmu_);  // journal batches waiting for room may go
+    pool_room_ = true;
+    qcv_.notify_one();
+  }
   zones_reclaimed_ += freeing.size() - std::min(freeing.size(), ckpt_zones_.size());
   ckpt_zones_ = zones;
   ++checkpoints_;
@@ -2457,24 +2559,37 @@ Status StoreImpl::shrink_locked() {
   // Oldest history first: move the window start past the oldest journal
   // zone, fold, move surviving versions out of mostly-dead zones, and free
   // zones with a checkpoint; repeat until there is room again.
+  bool lean_next = false;
   for (int round = 0; round < 16; ++round) {
     int64_t w = 0;
-    bool low;
+    bool low, critical = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       low = any_tier_below_locked();
       if (!low) return Status::ok();
-      uint64_t oldest_gen = ~0ull;
+      // Past as many of the oldest journal zones as tier 0 is short of
+      // half again its low-water mark: one prune that frees enough, rather
+      // than a prune (and a fold of every segment) per zone while writes
+      // keep filling the pool.
+      std::vector<std::pair<uint64_t, int64_t>> journal;  // (gen, max_ts) of closed journal zones
       for (const Zone& z : tiers_[0].zones) {
-        if (z.kind == ZoneKind::kJournal && !z.open && z.live > 0 && z.gen < oldest_gen) {
-          oldest_gen = z.gen;
-          w = z.max_ts;
-        }
+        if (z.kind == ZoneKind::kJournal && !z.open && z.live > 0) journal.emplace_back(z.gen, z.max_ts);
       }
+      std::sort(journal.begin(), journal.end());
+      const uint32_t lw = low_water_locked(0), free = free_zones_locked(0);
+      const size_t want = lw + lw / 2 > free ? lw + lw / 2 - free : 1;
+      if (!journal.empty()) w = journal[std::min(want, journal.size()) - 1].second;
+      // Down to the zones kept for this work (journal writes wait for it):
+      // cut the window to the present, dropping what leaves it rather than
+      // folding it into versions there is no room to write.
+      critical = lean_next || free <= kJournalReserveZones + 1;
+      lean_next = false;
+      if (critical) w = last_ts_;
     }
     // Cheap first: move live versions out of mostly-dead zones and free
-    // what no longer holds anything.
-    Status st = compact_locked();
+    // what no longer holds anything (not when there is no room to move
+    // them to: then the window goes first).
+    Status st = critical ? Status::ok() : compact_locked();
     if (st) st = checkpoint_locked();
     if (!st) return st;
     {
@@ -2483,7 +2598,7 @@ Status StoreImpl::shrink_locked() {
     }
     if (!low) return Status::ok();
     // Then speculative bases, lowest value first: the window comes first.
-    {
+    if (!critical) {
       uint64_t need = 0;
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -2507,17 +2622,25 @@ Status StoreImpl::shrink_locked() {
         std::lock_guard<std::mutex> lock(mu_);
         before = retention_start_;
       }
-      Status st = prune_locked(w);
+      Status st = prune_locked(w, critical);
+      if (!st && st.code() == Status::Code::kNoSpace && !critical) {
+        lean_next = true;  // no room for its folds: cut to the present instead
+        continue;
+      }
       if (!st) return st;
       std::lock_guard<std::mutex> lock(mu_);
       if (retention_start_ > before) {
         ++retention_shrinks_;
         retention_shrunk_ = true;
-        spdlog::warn("pool nearly full: retention shrunk, the window now starts {} s ago",
-                     (clock_.now_ns() - retention_start_) / static_cast<int64_t>(kNs));
+        const uint64_t mono = monotonic_ns();
+        if (shrink_logged_ns_ == 0 || mono - shrink_logged_ns_ >= 10 * kNs) {  // at most every 10 s
+          shrink_logged_ns_ = mono;
+          spdlog::warn("pool nearly full: retention shrunk, the window now starts {} s ago ({} shrinks so far)",
+                       (clock_.now_ns() - retention_start_) / static_cast<int64_t>(kNs), retention_shrinks_);
+        }
       }
     }
-    st = compact_locked();
+    st = critical ? Status::ok() : compact_locked();
     if (st) st = checkpoint_locked();
     if (!st) return st;
     if (w == 0) break;  // nothing more to give up
@@ -3102,6 +3225,9 @@ StoreStats StoreImpl::stats() const {
   s.pool_errors = pool_errors_;
   s.primary_write_errors = primary_write_errors_;
   s.journal_corrections = journal_corrections_;
+  s.pool_full_waits = pool_full_waits_;
+  s.pool_full_wait_ns = pool_full_wait_ns_;
+  s.pool_full_waiting = pool_full_waiting_;
   s.shadow_budget_bytes_per_s = budget_;
   s.shadow_busy_budget_bytes_per_s = std::min(budget_, opts_.shadow_busy_budget_bytes_per_s);
   s.foreground_busy = fg_busy_.load(std::memory_order_relaxed);

@@ -74,6 +74,11 @@ struct StoreOptions {
   // still go at the full budget.
   uint64_t shadow_busy_budget_bytes_per_s = 4ull << 20;
   uint32_t checkpoint_interval_s = 60;
+  // When tier 0 is down to the zones kept for reclaiming space, new journal
+  // batches wait up to this long for retention to be cut (writes slow down
+  // to the rate at which the pool is reclaimed) before history gives up
+  // and degrades; 0: degrade at once.
+  uint32_t pool_full_wait_ms = 5000;
   int journal_zstd_level = 1;
   int version_zstd_level = 3;
   uint32_t max_records_per_segment = 4096;  // more: a version is made at once
@@ -142,7 +147,10 @@ struct StoreStats {
   uint64_t group_commits_overlapped = 0;  // of which started while another was in flight
   uint64_t pool_errors = 0;
   uint64_t primary_write_errors = 0;
-  uint64_t journal_corrections = 0;  // refused writes whose records now hold what the primary read back
+  uint64_t journal_corrections = 0;
+  uint64_t pool_full_waits = 0;    // times journal writes waited for retention to be cut
+  uint64_t pool_full_wait_ns = 0;  // time they waited, summed (episodes that ended)
+  bool pool_full_waiting = false;  // journal writes wait for room now  // refused writes whose records now hold what the primary read back
   // shadowing
   uint64_t shadow_budget_bytes_per_s = 0;
   uint64_t shadow_busy_budget_bytes_per_s = 0;

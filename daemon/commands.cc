@@ -212,6 +212,7 @@ json config_json(const Config& c) {
       {"shadow_budget_bytes_per_s", c.shadow_budget_bytes_per_s},
       {"shadow_budget_busy_bytes_per_s", c.shadow_budget_busy_bytes_per_s},
       {"checkpoint_interval_s", c.checkpoint_interval_s},
+      {"pool_full_wait_ms", c.pool_full_wait_ms},
       {"shadow_policy", c.shadow_policy},
       {"tune_interval_s", c.tune_interval_s},
   };
@@ -788,6 +789,8 @@ json cmd_pool(DaemonContext& ctx, const json& req) {
       {"pool_errors", st.pool_errors},
       {"primary_write_errors", st.primary_write_errors},
       {"journal_corrections", st.journal_corrections},
+      {"pool_full_waits", st.pool_full_waits},
+      {"pool_full_wait_seconds", static_cast<double>(st.pool_full_wait_ns) / 1e9},
       {"degraded", st.degraded},
       {"degraded_reason", st.degraded_reason},
       {"now_ns", ctx.clock != nullptr ? ctx.clock->now_ns() : 0},

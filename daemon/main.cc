@@ -266,6 +266,12 @@ void build_cli(CLI::App& app, Cli& cli) {
       "controls it")
       ->type_name("SECONDS")
       ->group(pool_group);
+  opt(app, cli, "--pool-full-wait", &Config::pool_full_wait_ms,
+      "Milliseconds that journal writes may wait, when the pool is down to its last free zones, "
+      "for retention to be cut and zones reclaimed (writes slow down to that rate) before "
+      "history gives up and is marked degraded, 0..600000 (default 5000; 0: degrade at once)")
+      ->type_name("MS")
+      ->group(pool_group);
   opt(app, cli, "--checkpoint-interval", &Config::checkpoint_interval_s,
       "Seconds between checkpoints of the pool's index, 1..86400 (default 60): shorter "
       "means less journal to scan after a crash, more pool writes")
@@ -652,6 +658,7 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   so.shadow_budget_bytes_per_s = cfg.shadow_budget_bytes_per_s;
   so.shadow_busy_budget_bytes_per_s = cfg.shadow_budget_busy_bytes_per_s;
   so.checkpoint_interval_s = cfg.checkpoint_interval_s;
+  so.pool_full_wait_ms = cfg.pool_full_wait_ms;
   so.policy = *parse_policy(cfg.shadow_policy);  // validated with the config
   so.state_dir = cfg.state_dir;
   so.export_name = cfg.export_name;

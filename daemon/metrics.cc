@@ -266,6 +266,12 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          "Refused writes whose journal records were replaced by what the backing "
                          "read back",
                          C, d(st.journal_corrections)));
+    out.push_back(scalar("shadowd_pool_full_waits_total",
+                         "Times journal writes waited for retention to be cut (pool tier 0 full)", C,
+                         d(st.pool_full_waits)));
+    out.push_back(scalar("shadowd_pool_full_wait_seconds_total",
+                         "Time journal writes spent waiting for room in the pool", C,
+                         static_cast<double>(st.pool_full_wait_ns) / 1e9));
   }
   return out;
 }

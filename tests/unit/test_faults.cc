@@ -29,6 +29,7 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <atomic>
 #include <thread>
 #include <vector>
 

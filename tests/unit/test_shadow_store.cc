@@ -9,6 +9,7 @@
 #include <memory>
 #include <random>
 #include <atomic>
+#include <deque>
 #include <thread>
 
 #include "core/memory_backend.h"
@@ -989,6 +990,106 @@ TEST_CASE("store: seeded simulation with policy none and a short window matches 
 }
 TEST_CASE("store: seeded simulation with copies ahead of need matches the model", "[store][sim]") {
   run_sim(1, SimPolicy{PolicyKind::kSequential, 64 * kSeg, 1});
+}
+
+// Incompressible writes much faster than any retention: the pool (12 zones)
+// takes eight times its size in journal. Journal writes wait at the last
+// free zones while retention is cut to the present; history never
+// degrades, nothing acknowledged is lost, and the window that is left
+// restores exactly. Reclaimed by the shadow thread as in the daemon, or by
+// a thread that reclaims only while journal writes wait (the pool then
+// fills to its last zones every time).
+TEST_CASE("faults: a pool filled faster than retention frees it slows writes, never degrades", "[store][pool_full]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  // 64 segments: the few that writes in flight pin leave most of the pool
+  // to reclaim (with a handful, no prune could free anything).
+  constexpr uint64_t kSegs = 64, kPool = (1u << 20) + 12 * (4u << 20);
+  Rig rig(seed, kSegs * kSeg, kPool);
+  std::vector<uint8_t> model = rig.read_all();
+  rig.store->abandon();
+  rig.store.reset();
+  rig.opts.pool_full_wait_ms = 60000;  // only a store that stops reclaiming gives up (and degrades)
+  bool late = false;
+  SECTION("the shadow thread") { rig.opts.shadow_thread = true; }
+  SECTION("reclaimed only while journal writes wait") { late = true; }
+  rig.open();
+  std::atomic<bool> done{false};
+  std::thread reclaimer;
+  if (late) {
+    reclaimer = std::thread([&] {
+      while (!done) {
+        if (rig.store->stats().pool_full_waiting) {
+          rig.store->shadow_round();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    });
+  }
+  struct Join {
+    std::atomic<bool>& done;
+    std::thread& t;
+    ~Join() {
+      done = true;
+      if (t.joinable()) t.join();
+    }
+  } join{done, reclaimer};
+  std::deque<std::pair<int64_t, std::vector<uint8_t>>> states;
+  uint64_t written = 0;
+  while (written < 8 * kPool) {
+    rig.clock.advance_ns(kMs);
+    std::vector<std::unique_ptr<RecordingOp>> ops;
+    std::vector<std::vector<uint8_t>> data;
+    std::vector<uint64_t> offs;
+    for (int k = 0; k < 4; ++k) {  // four in flight, in disjoint quarters of the device
+      const uint64_t quarter = kSegs * kSeg / 4;
+      const uint64_t len = 4096 * (1 + rig.rng() % 32);
+      const uint64_t off = k * quarter + 4096 * (rig.rng() % ((quarter - len) / 4096 + 1));
+      data.push_back(test::random_bytes(rig.rng, len));
+      offs.push_back(off);
+      ops.push_back(std::make_unique<RecordingOp>(BlockOpKind::kWrite, off, len, data.back().data(),
+                                                  rig.rng() % 8 == 0 ? uint32_t{kFua} : 0u));
+      written += len;
+    }
+    for (auto& op : ops) rig.store->backend()->submit(*rig.loop, op.get());
+    test::run_until_done(*rig.loop, ops);
+    for (size_t k = 0; k < ops.size(); ++k) {
+      REQUIRE(ops[k]->status);
+      std::copy(data[k].begin(), data[k].end(), model.begin() + static_cast<std::ptrdiff_t>(offs[k]));
+    }
+    const StoreStats st = rig.store->stats();
+    INFO("degraded: " << st.degraded_reason);
+    REQUIRE_FALSE(st.degraded);
+    // Requests in the same nanosecond get the next ones as their times:
+    // the state is the one after this round's four.
+    states.emplace_back(rig.clock.now_ns() + 1000, model);
+    if (states.size() > 32) states.pop_front();  // the window is short here
+  }
+  const StoreStats st = rig.store->stats();
+  INFO("shrinks " << st.retention_shrinks << ", waits " << st.pool_full_waits);
+  REQUIRE(st.retention_shrinks > 0);
+  if (late) REQUIRE(st.pool_full_waits > 0);
+  REQUIRE(test::first_difference(rig.read_all(), model) == -1);
+  // Every state still in the window restores exactly.
+  size_t checked = 0;
+  for (const auto& [t, image] : states) {
+    if (t < rig.store->stats().retention_start_ns) continue;
+    ++checked;
+    for (uint64_t seg = 0; seg < kSegs; ++seg) {
+      auto got = rig.store->reconstruct_time(seg, t);
+      if (!got && got.status().code() == Status::Code::kOutOfRange &&
+          t < rig.store->stats().retention_start_ns) {
+        break;  // the window moved on meanwhile
+      }
+      INFO("segment " << seg << ": " << got.status().to_string());
+      REQUIRE(got);
+      const std::vector<uint8_t> want(image.begin() + static_cast<std::ptrdiff_t>(seg * kSeg),
+                                      image.begin() + static_cast<std::ptrdiff_t>((seg + 1) * kSeg));
+      REQUIRE(test::first_difference(*got, want) == -1);
+    }
+  }
+  REQUIRE(checked > 0);
 }
 
 TEST_CASE("restore: the gate holds new requests and waits for those in flight", "[restore]") {
