@@ -217,6 +217,15 @@ struct FaultRig {
     return std::vector<uint8_t>(model.begin() + static_cast<std::ptrdiff_t>(seg * kSeg),
                                 model.begin() + static_cast<std::ptrdiff_t>((seg + 1) * kSeg));
   }
+  // The host crashes: the store stops dead, the devices drop what was not
+  // made durable (the pool's last writes may survive torn). open() starts
+  // the daemon again.
+  void crash(bool pool_torn = false) {
+    store->abandon();
+    store.reset();
+    pool->crash(pool_torn);
+    primary->crash();
+  }
   // Let the history restart (it is tried at most once a second).
   void restart_history() {
     clock.advance_ns(2 * kSec);
@@ -558,10 +567,7 @@ TEST_CASE("faults: a write acknowledged while history is degraded survives a cra
   REQUIRE(rig.write(2 * kSeg, rig.bytes(kSeg), kFua));
   REQUIRE(rig.write(2 * kSeg, rig.bytes(kSeg), kFua));
   REQUIRE(rig.store->stats().degraded);
-  rig.store->abandon();  // the process dies: nothing more is written
-  rig.store.reset();
-  rig.pool->crash();
-  rig.primary->crash();
+  rig.crash();  // the process dies: nothing more is written
   REQUIRE(test::first_difference(rig.primary->durable_contents(), rig.model) == -1);
   REQUIRE(rig.state_record());
   rig.pool->clear_faults();
@@ -664,10 +670,7 @@ TEST_CASE("faults: a crash in a degraded episode keeps every FUA and flushed wri
   REQUIRE(test::first_difference(rig.read_all(), m.live) == -1);
   // The host crashes: the process is gone, the devices drop what was not
   // made durable (the pool's last writes may survive torn).
-  rig.store->abandon();
-  rig.store.reset();
-  rig.pool->crash(/*torn=*/rig.rng() % 2 == 0);
-  rig.primary->crash();
+  rig.crash(/*pool_torn=*/rig.rng() % 2 == 0);
   REQUIRE(test::first_difference(rig.primary->durable_contents(), m.durable) == -1);
   rig.pool->clear_faults();
   rig.open();
@@ -929,10 +932,7 @@ TEST_CASE("faults: history never shows a write that the primary refused", "[faul
   // the correction; the primary is flushed first so that the redo of
   // records past the checkpoint changes nothing.
   REQUIRE(rig.io(BlockOpKind::kFlush, 0, 0));
-  rig.store->abandon();
-  rig.store.reset();
-  rig.pool->crash(false);
-  rig.primary->crash(false);
+  rig.crash();
   rig.open();
   REQUIRE(test::first_difference(rig.read_all(), rig.model) == -1);
   got = rig.store->reconstruct_time(4, t);
@@ -998,10 +998,7 @@ TEST_CASE("faults: refused writes that land in part: history follows the primary
   };
   check("running");
   REQUIRE(rig.io(BlockOpKind::kFlush, 0, 0));
-  rig.store->abandon();
-  rig.store.reset();
-  rig.pool->crash(false);
-  rig.primary->crash(false);
+  rig.crash();
   rig.open();
   REQUIRE(test::first_difference(rig.read_all(), states.back().second) == -1);
   check("after a restart");
