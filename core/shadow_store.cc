@@ -2812,6 +2812,7 @@ Status StoreImpl::migrate_tiers_locked() {
 Status StoreImpl::try_restart_locked() {
   // Start history again once the pool takes writes: everything before now is
   // dropped (a write may have missed the journal), and a marker says so.
+  std::string was;  // why history was degraded
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (!degraded_ || bypass_inflight_ > 0 || !inflight_seqs_.empty()) return Status::ok();
@@ -2832,6 +2833,7 @@ Status StoreImpl::try_restart_locked() {
     retention_start_ = next_ts_locked();
     window_seq_ = last_seq_;
     degraded_ = false;
+    was = degraded_reason_;
   }
   // The checkpoint records the empty index and the new window start and
   // frees every zone; until it is durable the old one still stands. It
@@ -2861,7 +2863,13 @@ Status StoreImpl::try_restart_locked() {
     return loc ? st : loc.status();
   }
   versions_[0]->commit_locked();
-  spdlog::warn("history restarted after '{}': restorable from now on", degraded_reason_);
+  if (degraded_) {
+    // Another failure started a new episode while this one restarted: it
+    // stands (with its own reason); the next try restarts from it.
+    return Status::error(Status::Code::kBusy, "history degraded again while it restarted: " + degraded_reason_,
+                         EAGAIN);
+  }
+  spdlog::warn("history restarted after '{}': restorable from now on", was);
   degraded_reason_.clear();
   if (state_) {
     // The checkpoint above covers what the state file protected, and the
