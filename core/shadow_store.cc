@@ -1292,7 +1292,8 @@ void StoreImpl::enqueue(Item* it) {
 
 void Item::proceed() {
   if (correcting) {  // corrected in the journal: completes with the primary's error
-    store->item_done(*this, failure);
+    const Status st = failure;  // a copy: completing deletes this item
+    store->item_done(*this, st);
     return;
   }
   if (type == Type::kFlush) {
