@@ -2144,6 +2144,14 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
     bool drop = false;  // its whole history goes: the primary holds its content
   };
   std::vector<Plan> plans;
+  // No room for the folds and rewrites: give up this prune (nothing in the
+  // index changed; what was appended is unreferenced). A full pool's shrink
+  // goes on with a lean prune, which writes little.
+  auto give_up_no_room = [&](const Status& st) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& a : versions_) a->reset_locked();
+    return st;
+  };
   for (uint64_t seg : ids) {
     std::vector<VEntry> vs;
     int vb = -1;
@@ -2192,14 +2200,7 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
       proto.ts = last_rec_ts;
       Status st = write_version(vs[vb].loc.tier, seg, proto, *c, nullptr, start);
       if (st) lean_fold_bytes += start.loc.bytes;
-      if (!st && st.code() == Status::Code::kNoSpace) {
-        // No room for the folds: give up this prune (nothing in the index
-        // changed; what was appended is unreferenced). A full pool's shrink
-        // goes on with a lean prune, which writes none.
-        std::lock_guard<std::mutex> lock(mu_);
-        for (auto& a : versions_) a->reset_locked();
-        return st;
-      }
+      if (!st && st.code() == Status::Code::kNoSpace) return give_up_no_room(st);
       if (!st) {
         enter_degraded("fold write failed: " + st.message());
         return st;
@@ -2211,6 +2212,8 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
         auto c = version_content(vs, vb);
         if (!c) return c.status();
         Status st = write_version(start.loc.tier, seg, start, *c, nullptr, start);
+        if (st) lean_fold_bytes += start.loc.bytes;
+        if (!st && st.code() == Status::Code::kNoSpace) return give_up_no_room(st);
         if (!st) {
           enter_degraded("version rewrite failed: " + st.message());
           return st;
@@ -2224,6 +2227,8 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
         if (!c) return c.status();
         VEntry full;
         Status st = write_version(vs[i].loc.tier, seg, vs[i], *c, nullptr, full);
+        if (st) lean_fold_bytes += full.loc.bytes;
+        if (!st && st.code() == Status::Code::kNoSpace) return give_up_no_room(st);
         if (!st) {
           enter_degraded("version rewrite failed: " + st.message());
           return st;
@@ -2247,6 +2252,12 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
   }
   {
     std::lock_guard<std::mutex> lock(mu_);
+    // The window moves before anything older than w is freed, in the same
+    // locked section: a reconstruction never finds a segment emptied for a
+    // time the window still claims, and a copy-on-first-write made after
+    // this is stamped with the new start (the recovery floor).
+    retention_start_ = std::max(retention_start_, w);
+    window_seq_ = std::max({window_seq_, new_window_seq, last_ts_ <= w ? last_seq_ : 0});
     for (auto& a : versions_) a->commit_locked();
     for (Plan& p : plans) {
       const uint64_t seg = p.seg;
@@ -2315,8 +2326,6 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
   pool::MarkerRecord m;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    retention_start_ = w;
-    window_seq_ = std::max({window_seq_, new_window_seq, last_ts_ <= w ? last_seq_ : 0});
     m.kind = pool::MarkerKind::kRetention;
     m.seq = window_seq_;
     m.time_ns = w;
@@ -2564,10 +2573,14 @@ Status StoreImpl::shrink_locked() {
   for (int round = 0; round < 16; ++round) {
     int64_t w = 0;
     bool low, critical = false;
+    int64_t round_start;
+    uint32_t round_free;
     {
       std::lock_guard<std::mutex> lock(mu_);
       low = any_tier_below_locked();
       if (!low) return Status::ok();
+      round_start = retention_start_;
+      round_free = free_zones_locked(0);
       // Past as many of the oldest journal zones as tier 0 is short of
       // half again its low-water mark: one prune that frees enough, rather
       // than a prune (and a fold of every segment) per zone while writes
@@ -2583,7 +2596,7 @@ Status StoreImpl::shrink_locked() {
       // Down to the zones kept for this work (journal writes wait for it):
       // cut the window to the present, dropping what leaves it rather than
       // folding it into versions there is no room to write.
-      critical = lean_next || free <= kJournalReserveZones + 1;
+      critical = lean_next || pool_full_waiting_;
       lean_next = false;
       if (critical) w = last_ts_;
     }
@@ -2645,6 +2658,12 @@ Status StoreImpl::shrink_locked() {
     if (st) st = checkpoint_locked();
     if (!st) return st;
     if (w == 0) break;  // nothing more to give up
+    {
+      // Cut to the present and nothing freed: more rounds would only write
+      // checkpoints (writes in flight hold what is left).
+      std::lock_guard<std::mutex> lock(mu_);
+      if (critical && retention_start_ == round_start && free_zones_locked(0) <= round_free) break;
+    }
   }
   return Status::ok();
 }
