@@ -309,6 +309,13 @@ struct Batch final : public BlockOp {
 };
 
 constexpr size_t kBatchesInFlight = 4;
+// A warning repeated while a condition lasts goes to the log at most every
+// 10 s: true (and `last` becomes `now`, monotonic ns) when one is due.
+bool log_due(uint64_t& last, uint64_t now) {
+  if (last != 0 && now - last < 10 * kNs) return false;
+  last = now;
+  return true;
+}
 // Zones of tier 0 the journal leaves to the work that frees the others: one
 // for a checkpoint, one more for the folds and moves that come before it.
 constexpr uint32_t kJournalReserveZones = 2;
@@ -898,8 +905,7 @@ Result<std::pair<uint32_t, uint64_t>> StoreImpl::alloc_journal_zone() {
     std::lock_guard<std::mutex> lock(mu_);
     ++pool_full_waits_;
     pool_full_waiting_ = true;
-    if (start - pool_full_logged_ns_ >= 10 * kNs || pool_full_logged_ns_ == 0) {
-      pool_full_logged_ns_ = start;
+    if (log_due(pool_full_logged_ns_, start)) {
       spdlog::warn("pool tier 0 is full: journal writes wait (up to {} ms at a time) while retention is cut "
                    "({} times so far)",
                    opts_.pool_full_wait_ms, pool_full_waits_);
@@ -2152,6 +2158,20 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
     for (auto& a : versions_) a->reset_locked();
     return st;
   };
+  // (mu_ held) Nothing of the segment is written after w or on its way:
+  // without speculative bases its history can go whole.
+  auto quiet_since_w = [&](const Seg& s) {
+    return (s.records.empty() || s.records.back().ts <= w) && s.inflight == 0 && !s.cow_pending;
+  };
+  // (mu_ held) Frees the segment's versions: its content is the primary's.
+  auto free_base = [&](Seg& s) {
+    for (const VEntry& v : s.versions) {
+      unref_locked(v.loc);
+      ++dropped;
+    }
+    s.versions.clear();
+    ++bases_freed_;
+  };
   for (uint64_t seg : ids) {
     std::vector<VEntry> vs;
     int vb = -1;
@@ -2173,7 +2193,7 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
       }
       if (vb < 0) continue;  // everything is newer than w
       new_window_seq = std::max(new_window_seq, last_rec_seq);
-      if (!keeps_bases && (s.records.empty() || s.records.back().ts <= w) && s.inflight == 0 && !s.cow_pending) {
+      if (!keeps_bases && quiet_since_w(s)) {
         plans.push_back(Plan{seg, {}, false, {}, true});
         continue;
       }
@@ -2267,18 +2287,13 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
       if (p.drop) {
         // Unless a write came meanwhile (then it stays as it is: nothing
         // of it is freed, so every time in the window still restores).
-        if ((s.records.empty() || s.records.back().ts <= w) && s.inflight == 0 && !s.cow_pending) {
-          for (const VEntry& v : s.versions) {
-            unref_locked(v.loc);
-            ++dropped;
-          }
-          s.versions.clear();
+        if (quiet_since_w(s)) {
           for (const REntry& r : s.records) {
             unref_locked(r.loc);
             ++pruned;
           }
           s.records.clear();
-          ++bases_freed_;
+          free_base(s);
         }
         continue;
       }
@@ -2312,14 +2327,7 @@ Status StoreImpl::prune_locked(int64_t w, bool lean) {
       }
       // Its last record left the window: a policy that keeps no speculative
       // bases frees the base (the segment's content is the primary's).
-      if (s.records.empty() && s.inflight == 0 && !s.cow_pending && !keeps_bases) {
-        for (const VEntry& v : s.versions) {
-          unref_locked(v.loc);
-          ++dropped;
-        }
-        s.versions.clear();
-        ++bases_freed_;
-      }
+      if (s.records.empty() && s.inflight == 0 && !s.cow_pending && !keeps_bases) free_base(s);
     }
   }
   Status st = flush_all_pool();
@@ -2646,9 +2654,7 @@ Status StoreImpl::shrink_locked() {
       if (retention_start_ > before) {
         ++retention_shrinks_;
         retention_shrunk_ = true;
-        const uint64_t mono = monotonic_ns();
-        if (shrink_logged_ns_ == 0 || mono - shrink_logged_ns_ >= 10 * kNs) {  // at most every 10 s
-          shrink_logged_ns_ = mono;
+        if (log_due(shrink_logged_ns_, monotonic_ns())) {
           spdlog::warn("pool nearly full: retention shrunk, the window now starts {} s ago ({} shrinks so far)",
                        (clock_.now_ns() - retention_start_) / static_cast<int64_t>(kNs), retention_shrinks_);
         }
