@@ -459,7 +459,8 @@ TEST_CASE("config: retention_seconds takes seconds or a duration", "[config]") {
 }
 
 TEST_CASE("config: pool numeric keys refuse wrong types, naming the key", "[config]") {
-  const char* u32_keys[] = {"zone_size_bytes", "max_versions_per_segment", "checkpoint_interval_s"};
+  const char* u32_keys[] = {"zone_size_bytes", "max_versions_per_segment", "checkpoint_interval_s",
+                            "pool_full_wait_ms"};
   const char* u64_keys[] = {"pool_max_bytes", "shadow_budget_bytes_per_s",
                             "shadow_budget_busy_bytes_per_s"};
   std::vector<std::pair<std::string, std::string>> bad;
@@ -517,6 +518,9 @@ TEST_CASE("config: validate() checks the pool keys, naming them", "[config]") {
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 1), true},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 86400), true},
       {"checkpoint_interval_s", u32(&Config::checkpoint_interval_s, 86401), false},
+      {"pool_full_wait_ms", u32(&Config::pool_full_wait_ms, 0), true},
+      {"pool_full_wait_ms", u32(&Config::pool_full_wait_ms, 600000), true},
+      {"pool_full_wait_ms", u32(&Config::pool_full_wait_ms, 600001), false},
       {"shadow_budget_bytes_per_s", u64(&Config::shadow_budget_bytes_per_s, 0), true},
       {"pool_max_bytes", u64(&Config::pool_max_bytes, 0), true},
       {"pool", pool({"/p0"}), true},

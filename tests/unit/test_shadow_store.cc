@@ -1092,6 +1092,42 @@ TEST_CASE("faults: a pool filled faster than retention frees it slows writes, ne
   REQUIRE(checked > 0);
 }
 
+// Nothing reclaims (no shadow thread): with --pool-full-wait 0 the first
+// journal write that finds no zone degrades history at once; with a wait,
+// it waits that long first, then degrades. Either way every write is
+// acknowledged and lands on the primary.
+TEST_CASE("store: journal writes wait at most pool_full_wait_ms for room, then history degrades",
+          "[store][pool_full]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  constexpr uint64_t kSegs = 64, kPool = (1u << 20) + 12 * (4u << 20);
+  Rig rig(seed, kSegs * kSeg, kPool);
+  std::vector<uint8_t> model = rig.read_all();
+  rig.store->abandon();
+  rig.store.reset();
+  uint32_t wait_ms = 0;
+  SECTION("no wait") { wait_ms = 0; }
+  SECTION("a short wait") { wait_ms = 20; }
+  rig.opts.pool_full_wait_ms = wait_ms;
+  rig.open();
+  uint64_t written = 0;
+  while (!rig.store->stats().degraded) {
+    INFO("written " << written);
+    REQUIRE(written < 4 * kPool);  // the pool holds far less
+    const uint64_t off = kSeg * (rig.rng() % kSegs);
+    std::vector<uint8_t> d = test::random_bytes(rig.rng, kSeg);
+    REQUIRE(rig.io(BlockOpKind::kWrite, off, d.size(), d.data()));
+    std::copy(d.begin(), d.end(), model.begin() + static_cast<std::ptrdiff_t>(off));
+    written += d.size();
+  }
+  const StoreStats st = rig.store->stats();
+  INFO(st.degraded_reason);
+  REQUIRE(st.degraded_reason.find("no free zone") != std::string::npos);
+  REQUIRE(st.pool_full_waits == (wait_ms == 0 ? 0u : 1u));
+  if (wait_ms > 0) REQUIRE(st.pool_full_wait_ns >= uint64_t{wait_ms} * 1'000'000);
+  REQUIRE(test::first_difference(rig.read_all(), model) == -1);
+}
+
 TEST_CASE("restore: the gate holds new requests and waits for those in flight", "[restore]") {
   auto loop = test::make_loop();
   auto mem = std::make_shared<MemoryBackend>(16 * kSeg, 7);
