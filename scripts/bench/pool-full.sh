@@ -40,7 +40,7 @@ sock=$sockdir/nbd.sock
 ctl=$sockdir/ctl.sock
 slog=$work/shadowd.log
 cmd=("$shadowd_bin" --backing "$backing" --pool "$pool" --init --zone-size "$zone_size"
-     --unix "$sock" --control "$ctl" --state-dir "$work/state" --log-level info
+     --unix "$sock" --control "$ctl" --state-dir "$work/state" --foreground --log-level info
      "${shadowd_extra[@]}")
 log "shadowd: $(q "${cmd[@]}")"
 start_notified 30 "$slog" "${cmd[@]}" || die "shadowd did not start: $(tail -n 5 "$slog")"
