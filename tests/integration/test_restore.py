@@ -14,6 +14,14 @@ keeps its own copy of the device at T1, T2 and now, and then:
 - a T before the window or in the future is refused, the message names the
   restorable range, and nothing is exported;
 - `shadowctl restore --at T2 --output FILE --verify` writes the image at T2;
+- a restore into an immutable directory, a missing directory or below a
+  file fails naming the output and creates nothing; an existing file is not
+  overwritten without --force, the daemon's own pool device not even with it;
+- a restore onto a tmpfs too small for it fails with an io error, leaves the
+  state file (--state) and a message that says the output is incomplete and
+  how to resume; a plain restore onto it and a resume at another time are
+  refused; after the tmpfs grows, --resume --verify finishes the copy with
+  only the missing bytes and the file equals the image at T1;
 - `shadowctl rollback --at T2` without --yes changes nothing; with --yes the
   live export equals the image at T2, and a rollback to the sequence number
   just before it (which it prints) brings back state C;
@@ -221,6 +229,85 @@ def test():
                        "no restore state file left after a finished restore")
                 expect_eq([x["name"] for x in ctl.json("exports")["exports"]], ["disk"],
                           "the restore's temporary export is gone")
+
+            with checks.check("restore to an unwritable or taken path is refused, nothing changed"):
+                locked = os.path.join(work, "locked")
+                os.mkdir(locked)
+                run(["chattr", "+i", locked])  # not even root may create files in it
+                try:
+                    target = os.path.join(locked, "t1.img")
+                    rc, out, err = ctl.run("restore", "--at", at(t1), "--output", target,
+                                           "--no-progress")
+                    expect(rc != 0, f"restore into an immutable directory: exit {rc}")
+                    reply = json.loads(out)
+                    expect(reply.get("ok") is False and target in reply.get("message", ""),
+                           f"the error names the output: {reply}")
+                    expect_eq(sorted(os.listdir(locked)), [], "nothing created in it")
+                finally:
+                    run(["chattr", "-i", locked])
+                for target in (os.path.join(work, "no", "such", "dir.img"),
+                               os.path.join(work, "pool.img", "x.img")):
+                    rc, out, err = ctl.run("restore", "--at", at(t1), "--output", target,
+                                           "--no-progress")
+                    expect(rc != 0 and json.loads(out).get("ok") is False,
+                           f"restore to {target}: exit {rc} {out.strip()}")
+                    expect(not os.path.exists(target + ".shadowd-restore"),
+                           f"no state file for {target}")
+                # An existing file is not overwritten without --force.
+                taken = os.path.join(work, "taken.img")
+                with open(taken, "wb") as f:
+                    f.write(b"precious" * 512)
+                r = ctl.fails("refused", "restore", "--at", at(t1), "--output", taken,
+                              "--no-progress")
+                expect("--force" in r["message"], f"the message says how: {r['message']}")
+                with open(taken, "rb") as f:
+                    expect_eq(f.read(), b"precious" * 512, "the existing file is unchanged")
+                # Nor the daemon's own pool device, even with --force.
+                ctl.fails("refused", "restore", "--at", at(t1), "--output", pool, "--force",
+                          "--no-progress")
+                expect_eq([x["name"] for x in ctl.json("exports")["exports"]], ["disk"],
+                          "no temporary export left by refused restores")
+
+            with checks.check("a restore cut short by a full disk is marked incomplete and resumes"):
+                small = os.path.join(work, "small")
+                os.mkdir(small)
+                # 4 MiB of room for 9 MiB of data (the rest of T1 is zeros,
+                # written as holes): the copy fails part way.
+                run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", small])
+                try:
+                    target = os.path.join(small, "t1.img")
+                    state = os.path.join(work, "t1.state")
+                    rc, out, err = ctl.run("restore", "--at", at(t1), "--output", target,
+                                           "--state", state, "--no-progress")
+                    expect_eq(rc, 1, f"restore onto a full disk fails: {err.strip()}")
+                    reply = json.loads(out)
+                    expect(reply.get("ok") is False and reply.get("code") == "io",
+                           f"an io error: {reply}")
+                    expect(os.path.exists(state), "the state file marks the output incomplete")
+                    expect("incomplete" in reply.get("message", "") and
+                           "--resume" in reply.get("message", ""),
+                           f"the message says the output is incomplete and how to resume: {reply}")
+                    # Without --resume or --force the incomplete output is not
+                    # taken for a finished one nor silently started over.
+                    r = ctl.fails("refused", "restore", "--at", at(t1), "--output", target,
+                                  "--state", state, "--no-progress")
+                    expect("--resume" in r["message"], f"says --resume: {r['message']}")
+                    # A resume at another time is refused.
+                    ctl.fails("refused", "restore", "--at", at(t2), "--output", target,
+                              "--state", state, "--resume", "--no-progress")
+                    run(["mount", "-o", "remount,size=128m", small])
+                    r = ctl.json("restore", "--output", target, "--state", state, "--resume",
+                                 "--verify", "--no-progress")
+                    expect(r["resumed"] is True and r["earlier_bytes"] > 0,
+                           f"the resume continued the earlier copy: {r}")
+                    expect(r["copied_bytes"] < SIZE, f"only what was missing is copied: {r}")
+                    with open(target, "rb") as f:
+                        expect_image(f.read(), img_t1, "resumed restore at T1")
+                    expect(not os.path.exists(state), "the state file is gone when complete")
+                finally:
+                    run(["umount", small])
+                expect_eq([x["name"] for x in ctl.json("exports")["exports"]], ["disk"],
+                          "no temporary export left")
 
             with checks.check("rollback --at T2: dry run, then for real, then undone"):
                 r = ctl.json("rollback", "--at", at(t2))
