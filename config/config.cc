@@ -181,6 +181,11 @@ const std::map<std::string, Setter>& setters() {
       {"shadow_policy", str(&Config::shadow_policy)},
       {"tune_interval_s", u32(&Config::tune_interval_s)},
       {"state_dir", str(&Config::state_dir)},
+      {"replica", str(&Config::replica)},
+      {"replica_sync", boolean(&Config::replica_sync)},
+      {"replica_max_lag_seconds", u32(&Config::replica_max_lag_seconds)},
+      {"replica_max_backlog_bytes", u64(&Config::replica_max_backlog_bytes)},
+      {"rbd_break_lock", boolean(&Config::rbd_break_lock)},
   };
   return m;
 }
@@ -321,6 +326,15 @@ Status Config::validate() const {
     return Status::invalid("checkpoint_interval_s must be 1..86400");
   }
   if (state_dir.empty()) return Status::invalid("state_dir must not be empty");
+  if (!replica.empty() && pool.empty()) {
+    return Status::invalid("replica needs a pool: it replicates the pool's history (add --pool)");
+  }
+  if (replica_max_lag_seconds < 1 || replica_max_lag_seconds > 3600) {
+    return Status::invalid("replica_max_lag_seconds must be 1..3600");
+  }
+  if (replica_max_backlog_bytes < (1ull << 20)) {
+    return Status::invalid("replica_max_backlog_bytes must be at least 1048576 (1 MiB)");
+  }
   return Status::ok();
 }
 

@@ -74,6 +74,16 @@ struct Config {
   uint32_t pool_full_wait_ms = 5000;      // 0..600000
   std::string shadow_policy = "auto";     // core/policy.h names, but not "oracle"
   uint32_t tune_interval_s = 3600;        // auto-tuning period; 0 = off
+  // A replica of the history (core/replica.h, docs/REPLICA.md): the pool's
+  // devices and a mirror of the primary, shipped in flush order to an RBD
+  // image ("rbd:POOL/IMAGE[:conf=...]") or a file/block device.
+  std::string replica;
+  bool replica_sync = false;               // a flush waits for the replica
+  uint32_t replica_max_lag_seconds = 5;    // 1..3600: sync waits at most this
+  uint64_t replica_max_backlog_bytes = 256ull << 20;  // queued before it falls behind
+  // An RBD image (backing, pool device or replica) locked by another client:
+  // break the lock (blocklisting that client) instead of refusing to start.
+  bool rbd_break_lock = false;
   // Where a degraded history is recorded outside the pool (a file per
   // export and pool, core/degraded_state.h); created if missing.
   std::string state_dir = "/var/lib/shadowd";

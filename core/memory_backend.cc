@@ -262,6 +262,16 @@ void MemoryBackend::crash(bool torn) {
   data_ = durable_;
 }
 
+std::vector<uint8_t> MemoryBackend::crash_image(bool torn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<uint8_t> image = durable_;
+  for (const Pending& p : pending_) {
+    const uint64_t keep = p.fua ? p.length : torn ? surviving_prefix(p) : 0;
+    apply_prefix(image, p, keep);
+  }
+  return image;
+}
+
 std::vector<uint8_t> MemoryBackend::contents() const {
   std::lock_guard<std::mutex> lock(mu_);
   return data_;

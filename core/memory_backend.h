@@ -62,6 +62,9 @@ class MemoryBackend final : public IoBackend {
   // torn=true, each dropped write may instead survive whole or in part (a
   // prefix of 512-byte sectors), chosen by the seeded generator.
   void crash(bool torn = false);
+  // The image crash(torn) would leave now, without crashing (the torn
+  // survivors drawn afresh on each call).
+  std::vector<uint8_t> crash_image(bool torn);
 
   // ---- inspection ----
   // The bytes a read would return now / what survives crash(false) now.

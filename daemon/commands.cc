@@ -533,6 +533,30 @@ json monitor_status(const DaemonContext& ctx, const Config& cfg) {
               {"priority", priority_json(ctx.monitor->priority())}};
 }
 
+// The "replica" object of `status`: null without --replica.
+json replica_status(const DaemonContext& ctx) {
+  if (ctx.replica == nullptr) return nullptr;
+  const ReplicaStats st = ctx.replica->stats();
+  return {{"target", ctx.replica->target_name()},
+          {"state", replica_state_name(st.state)},
+          {"sync", st.sync},
+          {"lag_seconds", st.lag_seconds},
+          {"lag_p50_seconds", st.lag_p50_seconds},
+          {"lag_p99_seconds", st.lag_p99_seconds},
+          {"backlog_bytes", st.backlog_bytes},
+          {"backlog_entries", st.backlog_entries},
+          {"dirty_bytes", st.dirty_bytes},
+          {"shipped_bytes", st.shipped_bytes},
+          {"copied_bytes", st.copied_bytes},
+          {"epochs", st.epochs},
+          {"overflows", st.overflows},
+          {"target_errors", st.target_errors},
+          {"sync_lapses", st.sync_lapses},
+          {"last_error", st.last_error},
+          {"in_sync_since_ns", st.in_sync_since_ns},
+          {"in_sync_since", st.in_sync_since_ns != 0 ? iso_utc_ns(st.in_sync_since_ns) : ""}};
+}
+
 json cmd_status(DaemonContext& ctx, const json& req) {
   Args a(req, {});
   if (a.failed()) return a.error();
@@ -571,6 +595,7 @@ json cmd_status(DaemonContext& ctx, const json& req) {
   r["uptime_seconds"] = std::max<int64_t>(0, now - ctx.started_s);
   r["monitor"] = monitor_status(ctx, cfg);
   r["shadow"] = shadow_status(ctx, cfg);
+  r["replica"] = replica_status(ctx);
   return ctl::ok_reply(std::move(r));
 }
 

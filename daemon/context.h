@@ -14,6 +14,7 @@
 #include "core/gate_backend.h"
 #include "core/monitor.h"
 #include "core/reconstructor.h"
+#include "core/replica.h"
 #include "core/shadow_store.h"
 #include "core/tune.h"
 #include "nbd/export.h"
@@ -34,6 +35,7 @@ struct DaemonContext {
   std::shared_ptr<const nbd::TlsContext> tls;  // null when TLS is off
   Monitor* monitor = nullptr;    // null when the monitor is disabled
   ShadowStore* store = nullptr;  // the shadow pool; null without --pool
+  Replica* replica = nullptr;    // the history's replica; null without --replica
 
   // Restore (with a pool): the exports the NBD server offers, the
   // reconstructor shared by point-in-time exports and commands, the gate in

@@ -36,6 +36,9 @@
 #include "ctl/format.h"
 #include "core/io_backend.h"
 #include "core/monitored_backend.h"
+#include "core/nbd_backend.h"
+#include "core/rbd_backend.h"
+#include "core/replica.h"
 #include "core/shadow_store.h"
 #include "daemon/commands.h"
 #include "daemon/context.h"
@@ -115,7 +118,7 @@ CLI::Option* flag(CLI::App& app, Cli& cli, const std::string& name, bool Config:
 
 void build_cli(CLI::App& app, Cli& cli) {
   app.description(
-      "shadowd serves an NBD export over a backing file or block device (fixed newstyle,\n"
+      "shadowd serves an NBD export over a backing file, block device or NBD URI (fixed newstyle,\n"
       "structured replies, base:allocation; every command incl. TRIM, WRITE_ZEROES, CACHE,\n"
       "BLOCK_STATUS, FUA). Socket and disk I/O run on io_uring.\n\n"
       "Options override the keys of the same name (dashes become underscores) in the JSON\n"
@@ -124,7 +127,8 @@ void build_cli(CLI::App& app, Cli& cli) {
       "Examples:\n"
       "  shadowd --backing disk.img --unix /run/shadowd/disk.sock --foreground\n"
       "  nbdinfo 'nbd+unix:///disk?socket=/run/shadowd/disk.sock'\n"
-      "  nbd-client -unix /run/shadowd/disk.sock -N disk /dev/nbd0\n\n"
+      "  nbd-client -unix /run/shadowd/disk.sock -N disk /dev/nbd0\n"
+      "  shadowd --backing 'nbd+unix:///vol?socket=/run/qemu-nbd.sock' --unix /run/shadowd/vol.sock\n\n"
       "History: with --pool, every write is journaled into a shadow pool (a separate block\n"
       "device or preallocated file) and segments are shadowed into compressed versions in\n"
       "the background, so that the device can be restored to any moment of the retention\n"
@@ -134,7 +138,11 @@ void build_cli(CLI::App& app, Cli& cli) {
   app.footer("Exit status: 0 on clean shutdown, 1 on a runtime failure, 2 on bad usage.");
   app.set_version_flag("--version", std::string("shadowd ") + SHADOWD_VERSION);
   opt(app, cli, "--backing", &Config::backing,
-      "Backing file or block device to export (required)");
+      "Backing file or block device to export (required), or an NBD URI served through "
+      "libnbd: nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket=PATH, and with TLS "
+      "nbds://... and nbds+unix://...?socket=PATH&tls-psk-file=FILE (or tls-certificates=DIR). "
+      "A pool records the URI as the backing's name: use the same URI to find it again")
+      ->type_name("PATH|URI");
   opt(app, cli, "--unix", &Config::unix_sockets,
       "Listen on this Unix socket (repeatable; a stale socket file is replaced)");
   opt(app, cli, "--listen", &Config::listen,
@@ -284,6 +292,33 @@ void build_cli(CLI::App& app, Cli& cli) {
       "creatable there)")
       ->type_name("DIR")
       ->group(pool_group);
+  const std::string replica_group = "Replica (history beyond this host)";
+  opt(app, cli, "--replica", &Config::replica,
+      "Keep a complete copy of the history on another device: the pool's devices and a mirror "
+      "of the backing, shipped in flush order (docs/REPLICA.md). An RBD image "
+      "rbd:POOL/IMAGE[:conf=PATH][:id=USER][:keyring=PATH] or a file or block device; it "
+      "must hold 1 MiB + the pool devices + the backing. Needs --pool")
+      ->type_name("URI|PATH")
+      ->group(replica_group);
+  flag(app, cli, "--replica-sync", &Config::replica_sync,
+       "A flush (and so every write a client made durable) completes only once it is on the "
+       "replica too (RPO 0), waiting at most --replica-max-lag")
+      ->group(replica_group);
+  opt(app, cli, "--replica-max-lag", &Config::replica_max_lag_seconds,
+      "Seconds a flush waits for the replica with --replica-sync before it completes without "
+      "it (counted and logged), 1..3600 (default 5)")
+      ->type_name("SECONDS")
+      ->group(replica_group);
+  parsed_opt(app, cli, "--replica-max-backlog", &Config::replica_max_backlog_bytes, parse_bytes,
+             "BYTES",
+             "Writes queued for the replica before it is marked behind and copies what changed "
+             "from the local devices instead (default 256M)")
+      ->group(replica_group);
+  flag(app, cli, "--rbd-break-lock", &Config::rbd_break_lock,
+       "An RBD image (--backing, --pool or --replica) whose exclusive lock another client "
+       "holds: break the lock and blocklist that client (fencing a dead or hung shadowd at "
+       "once) instead of refusing to start")
+      ->group(replica_group);
 }
 
 void setup_logging(const std::string& level) {
@@ -367,6 +402,28 @@ class Roller {
 };
 
 std::shared_ptr<IoBackend> open_primary(const Config& cfg) {
+  if (is_rbd_spec(cfg.backing)) {
+    RbdBackendOptions ro;
+    ro.read_only = cfg.read_only;
+    ro.break_lock = cfg.rbd_break_lock;
+    auto backend = open_rbd_backend(cfg.backing, ro);
+    if (!backend) {
+      spdlog::error("{}", backend.status().message());
+      return nullptr;
+    }
+    return std::shared_ptr<IoBackend>(std::move(*backend));
+  }
+  if (is_nbd_uri(cfg.backing)) {
+    if (cfg.direct_io != "auto") spdlog::warn("--direct-io applies to a file backing, not to an NBD URI");
+    NbdBackendOptions no;
+    no.read_only = cfg.read_only;
+    auto backend = open_nbd_backend(cfg.backing, no);
+    if (!backend) {
+      spdlog::error("{}", backend.status().message());
+      return nullptr;
+    }
+    return std::shared_ptr<IoBackend>(std::move(*backend));
+  }
   FileBackendOptions fo;
   fo.read_only = cfg.read_only;
   fo.direct = cfg.direct_io == "on"    ? FileBackendOptions::Direct::kOn
@@ -477,14 +534,30 @@ struct PoolError {
 };
 
 // Open the pool devices, format them as --init/--force say, and open the
-// store over `primary`. The store is not started.
+// store over `primary`. The store is not started. With --replica, `replica`
+// is opened and started, and its taps stand between the store and the devices.
 std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
     const Config& cfg, bool force, const std::shared_ptr<IoBackend>& primary, const Clock& clock,
-    Monitor* monitor, PoolLocks& locks) {
+    Monitor* monitor, PoolLocks& locks, std::unique_ptr<Replica>& replica) {
   auto fail = [](int rc, std::string message) { return PoolError{rc, std::move(message)}; };
-  const std::optional<std::string> primary_id = canonical_path(cfg.backing);
+  // The primary's identity in the pool: a file's canonical path, or an NBD
+  // URI as given (without a password), so the same URI finds its pool again.
+  // An RBD image is named by pool/namespace/image, without its options.
+  auto rbd_name = [](const std::string& spec) {
+    auto p = parse_rbd_spec(spec);
+    return p ? rbd_spec_name(*p) : spec;
+  };
+  const std::optional<std::string> primary_id =
+      is_nbd_uri(cfg.backing)    ? std::optional(redact_nbd_uri(cfg.backing))
+      : is_rbd_spec(cfg.backing) ? std::optional(rbd_name(cfg.backing))
+                                 : canonical_path(cfg.backing);
   if (!primary_id) {
     return fail(kExitFailure, "cannot resolve " + cfg.backing + ": " + std::strerror(errno));
+  }
+  if (primary_id->size() > pool::kMaxPrimaryId) {
+    return fail(kExitUsage, "the backing's name is " + std::to_string(primary_id->size()) +
+                                " bytes long; a shadow pool records at most " +
+                                std::to_string(pool::kMaxPrimaryId));
   }
   const uint64_t primary_bytes = primary->info().size_bytes;
 
@@ -494,9 +567,12 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
     FileBackendOptions fo;
     fo.read_only = false;
     fo.direct = FileBackendOptions::Direct::kAuto;
-    auto dev = open_uring_backend(path, fo);
+    RbdBackendOptions ro;
+    ro.break_lock = cfg.rbd_break_lock;
+    const bool rbd = is_rbd_spec(path);
+    auto dev = rbd ? open_rbd_backend(path, ro) : open_uring_backend(path, fo);
     if (!dev) return fail(kExitFailure, "pool device " + path + ": " + dev.status().message());
-    const std::string real = canonical_path(path).value_or(path);
+    const std::string real = rbd ? rbd_name(path) : canonical_path(path).value_or(path);
     if (real == *primary_id) {
       return fail(kExitUsage, "pool device " + path + " is the backing " + cfg.backing +
                                   " itself: the pool must be a separate device or file");
@@ -508,7 +584,7 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
       }
     }
     canonical.push_back(real);
-    Status locked = locks.lock(path);
+    Status locked = rbd ? Status::ok() : locks.lock(path);  // an RBD image has its exclusive lock
     if (!locked) return fail(kExitFailure, locked.message());
     devices.push_back(PoolDevice{path, std::shared_ptr<IoBackend>(std::move(*dev))});
   }
@@ -662,7 +738,55 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   so.policy = *parse_policy(cfg.shadow_policy);  // validated with the config
   so.state_dir = cfg.state_dir;
   so.export_name = cfg.export_name;
-  auto store = ShadowStore::open(std::move(devices), primary, so, clock, monitor);
+  std::shared_ptr<IoBackend> store_primary = primary;
+  if (!cfg.replica.empty()) {
+    // The replica's taps sit right above the devices: every write the
+    // store makes to a pool device or the primary is shipped.
+    const bool rbd = is_rbd_spec(cfg.replica);
+    const std::string real = rbd ? rbd_name(cfg.replica) : canonical_path(cfg.replica).value_or(cfg.replica);
+    if (real == *primary_id || std::find(canonical.begin(), canonical.end(), real) != canonical.end()) {
+      return fail(kExitUsage, "the replica " + cfg.replica +
+                                  " is the backing or a pool device: it must be a device of its own");
+    }
+    std::shared_ptr<IoBackend> target;
+    if (rbd) {
+      RbdBackendOptions ro;
+      ro.break_lock = cfg.rbd_break_lock;
+      ro.op_timeout_s = 30;
+      auto t = open_rbd_backend(cfg.replica, ro);
+      if (!t) return fail(kExitFailure, "replica " + cfg.replica + ": " + t.status().message());
+      target = std::move(*t);
+    } else {
+      FileBackendOptions fo;
+      auto t = open_uring_backend(cfg.replica, fo);
+      if (!t) return fail(kExitFailure, "replica " + cfg.replica + ": " + t.status().message());
+      target = std::move(*t);
+      Status locked = locks.lock(cfg.replica);
+      if (!locked) return fail(kExitFailure, locked.message());
+    }
+    ReplicaHeader layout;
+    layout.primary_id = *primary_id;
+    layout.primary_bytes = primary_bytes;
+    std::vector<std::shared_ptr<IoBackend>> areas;
+    for (const PoolDevice& d : devices) {
+      layout.pool_bytes.push_back(d.backend->size_bytes());
+      areas.push_back(d.backend);
+    }
+    areas.push_back(primary);
+    ReplicaOptions ropts;
+    ropts.sync = cfg.replica_sync;
+    ropts.max_lag_s = cfg.replica_max_lag_seconds;
+    ropts.max_backlog_bytes = cfg.replica_max_backlog_bytes;
+    ropts.resync_bytes_per_s = cfg.shadow_budget_bytes_per_s;
+    auto r = Replica::open(target, layout, std::move(areas), ropts,
+                           rbd ? rbd_name(cfg.replica) : cfg.replica);
+    if (!r) return fail(kExitUsage, r.status().message());
+    replica = std::move(*r);
+    for (size_t i = 0; i < devices.size(); ++i) devices[i].backend = replica->tap(i);
+    store_primary = replica->tap(devices.size());
+    replica->start();
+  }
+  auto store = ShadowStore::open(std::move(devices), store_primary, so, clock, monitor);
   if (!store) {
     const Status::Code code = store.status().code();
     // A pool that does not belong here is the operator's to fix (exit 2);
@@ -758,6 +882,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   // The shadow pool journals every write before the primary sees it; the
   // monitor stays outermost so that it counts what clients asked for.
   PoolLocks pool_locks;  // released after the store is gone
+  std::unique_ptr<Replica> replica;  // stopped after the store (its last checkpoint is shipped)
   std::unique_ptr<ShadowStore> store;
   // Leaving serve(), the context lets go of what ends here: the export's
   // backend may refer to the store and the monitor. (Declared after them,
@@ -775,11 +900,12 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
       ctx.reconstructor.reset();
       ctx.export_.reset();
       ctx.store = nullptr;
+      ctx.replica = nullptr;
       ctx.monitor = nullptr;
     }
   } release{ctx};
   if (!cfg.pool.empty()) {
-    auto opened = open_pool(cfg, force_format, primary, *ctx.clock, monitor.get(), pool_locks);
+    auto opened = open_pool(cfg, force_format, primary, *ctx.clock, monitor.get(), pool_locks, replica);
     if (auto* e = std::get_if<PoolError>(&opened)) {
       spdlog::error("{}", e->message);
       return e->rc;
@@ -787,6 +913,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     store = std::move(std::get<std::unique_ptr<ShadowStore>>(opened));
     store->start();
     ctx.store = store.get();
+    ctx.replica = replica.get();
     served = store->backend();
     log_pool(*store);
     // Restore: point-in-time exports and commands reconstruct through one
@@ -814,6 +941,13 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     ctx.store = nullptr;
     Status ss = store->stop();
     if (!ss) spdlog::error("shadow pool: stop: {}", ss.message());
+    if (replica) {
+      ctx.replica = nullptr;
+      replica->stop();  // ships what is queued if the target takes it within 5 s
+      const ReplicaStats rs = replica->stats();
+      spdlog::info("replica {}: stopped {} ({} queued bytes not shipped)", replica->target_name(),
+                   replica_state_name(rs.state), rs.backlog_bytes);
+    }
   };
   if (monitor) served = std::make_shared<MonitoredBackend>(served, *monitor);
 
@@ -870,8 +1004,9 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
 
   std::string where;
   for (const auto& e : server.endpoints()) where += (where.empty() ? "" : ", ") + e;
+  const char* access = is_nbd_uri(cfg.backing) ? "over NBD" : info.direct_io ? "O_DIRECT" : "buffered";
   spdlog::info("serving export '{}' ({}{}, {}) on {}", exp->name, ctl::format_bytes(info.size_bytes),
-               cfg.read_only ? ", read-only" : "", info.direct_io ? "O_DIRECT" : "buffered", where);
+               cfg.read_only ? ", read-only" : "", access, where);
   if (ctx.tls) {
     spdlog::info("TLS {}: {}", nbd::tls_mode_name(ctx.tls->mode()), ctx.tls->describe());
   }

@@ -273,6 +273,31 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          "Time journal writes spent waiting for room in the pool", C,
                          static_cast<double>(st.pool_full_wait_ns) / 1e9));
   }
+  if (ctx.replica != nullptr) {
+    const ReplicaStats r = ctx.replica->stats();
+    auto d = [](uint64_t v) { return static_cast<double>(v); };
+    out.push_back(scalar("shadowd_replica_in_sync",
+                         "1 while the replica is the pool's and the primary's state at a flush", G,
+                         r.state == ReplicaState::kInSync ? 1.0 : 0.0));
+    out.push_back(scalar("shadowd_replica_lag_seconds",
+                         "Age of the oldest write not yet on the replica (or time behind)", G,
+                         r.lag_seconds));
+    out.push_back(scalar("shadowd_replica_backlog_bytes", "Bytes queued for the replica", G,
+                         d(r.backlog_bytes)));
+    out.push_back(scalar("shadowd_replica_dirty_bytes",
+                         "Bytes of 1 MiB chunks still to copy to the replica (syncing or behind)", G,
+                         d(r.dirty_bytes)));
+    out.push_back(scalar("shadowd_replica_shipped_bytes_total", "Bytes written to the replica", C,
+                         d(r.shipped_bytes)));
+    out.push_back(scalar("shadowd_replica_overflows_total",
+                         "Times the replica's backlog overflowed and it fell behind", C,
+                         d(r.overflows)));
+    out.push_back(scalar("shadowd_replica_target_errors_total",
+                         "Failed requests to the replica target (retried)", C, d(r.target_errors)));
+    out.push_back(scalar("shadowd_replica_sync_lapses_total",
+                         "Flushes completed without the replica after replica_max_lag_seconds", C,
+                         d(r.sync_lapses)));
+  }
   return out;
 }
 

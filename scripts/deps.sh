@@ -21,6 +21,11 @@ PACKAGES=(
   gnutls-bin
   # fuzzing: clang with libFuzzer and the sanitizer runtimes
   clang libclang-rt-14-dev
+  # Ceph: the RADOS/RBD client libraries, and a throwaway single-node test
+  # cluster (scripts/ceph-cluster.sh) with the ceph, rados and rbd CLIs
+  librados-dev librbd-dev ceph-mon ceph-mgr ceph-osd ceph-common
+  # qemu's rbd block driver (qemu-nbd and qemu-img on rbd: images)
+  qemu-block-extra
 )
 
 is_installed() {

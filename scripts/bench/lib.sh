@@ -65,8 +65,9 @@ build_shadowd() {
 # BENCH_DIR/NAME.XXXXXX (sets work), and sockdir for Unix sockets (the work
 # directory, or a directory NAME.XXXXXX in TMPDIR when the work directory's
 # path is too long for socket paths); removes them at exit (the work directory
-# stays with BENCH_KEEP=1), stopping $helper_pid and $server_pid first. Writes
-# the sd_notify helper used by start_notified.
+# stays with BENCH_KEEP=1), stopping $helper_pid, $server_pid and $under_pid
+# (nbd-peers.sh's qemu-nbd below shadowd-nbd) first. Writes the sd_notify
+# helper used by start_notified.
 bench_workdir() {
   local name=$1 outdir=$2 bench_parent=${BENCH_DIR:-$root/var}
   mkdir -p "$bench_parent" "$outdir"
@@ -86,7 +87,7 @@ bench_workdir() {
 
 cleanup() {
   local rc=$?
-  for p in $helper_pid $server_pid; do
+  for p in $helper_pid $server_pid ${under_pid:-}; do
     if kill -0 "$p" 2>/dev/null; then
       kill -TERM "$p" 2>/dev/null || true
       for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done

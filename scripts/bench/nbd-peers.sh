@@ -4,7 +4,10 @@
 # (4k randread and 4k randwrite at iodepth 32, 1 MiB sequential read and write
 # at iodepth 8). Prints a table (IOPS for 4k, MB/s for 1 MiB, and the ratio
 # shadowd/qemu-nbd) and writes the raw fio results as JSON to
-# var/bench/nbd-peers-<timestamp>.json.
+# var/bench/nbd-peers-<timestamp>.json. The server shadowd-nbd is shadowd with
+# an NBD backing, `--backing nbd+unix:///?socket=...` of a qemu-nbd serving
+# the file (started with it, as qemu-nbd is below): its ratio to plain
+# qemu-nbd is the cost of the extra hop.
 #
 # Environment:
 #   BUILD_DIR=DIR              build directory (default build/); scripts/build.sh
@@ -18,8 +21,8 @@
 #   BENCH_RUNTIME=SECONDS      measured time per fio job (default 15)
 #   BENCH_RAMP=SECONDS         fio ramp_time per job, not measured (default 2)
 #   BENCH_PREFILL=0|1          fill the file with random data first (default 1)
-#   BENCH_SERVERS="..."        subset/order of: shadowd qemu-nbd nbdkit
-#                              (default all three)
+#   BENCH_SERVERS="..."        subset/order of: shadowd qemu-nbd nbdkit shadowd-nbd
+#                              (default: shadowd qemu-nbd nbdkit)
 #   BENCH_JOBS="..."           subset/order of: randread randwrite seqread seqwrite
 #   BENCH_SHADOWD_ARGS="..."   extra shadowd options, e.g. "--io-threads 1"
 #   BENCH_NBDKIT_CACHE=MODE    nbdkit file plugin cache= (default none)
@@ -44,16 +47,20 @@ tls=${BENCH_TLS:-0}
 out_json=${BENCH_OUT:-$root/var/bench/nbd-peers-$stamp.json}
 
 # --- prerequisites --------------------------------------------------------
-check_words server BENCH_SERVERS "shadowd qemu-nbd nbdkit" "${servers[@]}"
+check_words server BENCH_SERVERS "shadowd qemu-nbd nbdkit shadowd-nbd" "${servers[@]}"
 need=(fio nbdinfo)
 ((tls == 0)) || need+=(certtool psktool setpriv)
 for s in "${servers[@]}"; do
-  [[ $s == shadowd ]] || need+=("$s")
+  case $s in
+    shadowd) ;;
+    shadowd-nbd) need+=(qemu-nbd) ;;
+    *) need+=("$s") ;;
+  esac
 done
 check_words job BENCH_JOBS "randread randwrite seqread seqwrite" "${jobs[@]}"
 need_tools "${need[@]}"
 
-if [[ " ${servers[*]} " == *" shadowd "* && ! -x $shadowd_bin ]]; then
+if [[ " ${servers[*]} " == *" shadowd"* && ! -x $shadowd_bin ]]; then
   build_shadowd "$shadowd_bin"
 fi
 
@@ -107,12 +114,19 @@ probe_uri() {  # socket
 }
 
 # --- servers ----------------------------------------------------------------
+# shadowd-nbd's backing: qemu-nbd on this socket, over the same file.
+under_sock=$sockdir/under.sock
+under_cmd=(qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=16 -k "$under_sock" "$file")
+under_pid=
+
 server_cmd() {  # server socket -> prints nothing, sets cmd=()
-  local s=$1 sock=$2
+  local s=$1 sock=$2 backing=$file
+  [[ $s != shadowd-nbd ]] || backing="nbd+unix:///?socket=$under_sock"
   if ((tls)); then
     case $s in
-      shadowd) cmd=("$shadowd_bin" --backing "$file" --listen "127.0.0.1:$tls_port" --foreground
-                    --log-level warn --tls require --tls-certificates "$pki/server" "${shadowd_extra[@]}") ;;
+      shadowd|shadowd-nbd)
+        cmd=("$shadowd_bin" --backing "$backing" --listen "127.0.0.1:$tls_port" --foreground
+             --log-level warn --tls require --tls-certificates "$pki/server" "${shadowd_extra[@]}") ;;
       qemu-nbd) cmd=(qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=16
                      --object "tls-creds-x509,id=tls0,endpoint=server,dir=$pki/server"
                      --tls-creds tls0 -b 127.0.0.1 -p "$tls_port" "$file") ;;
@@ -122,8 +136,9 @@ server_cmd() {  # server socket -> prints nothing, sets cmd=()
     return
   fi
   case $s in
-    shadowd) cmd=("$shadowd_bin" --backing "$file" --unix "$sock" --foreground
-                  --log-level warn "${shadowd_extra[@]}") ;;
+    shadowd|shadowd-nbd)
+      cmd=("$shadowd_bin" --backing "$backing" --unix "$sock" --foreground
+           --log-level warn "${shadowd_extra[@]}") ;;
     qemu-nbd) cmd=(qemu-nbd -f raw --cache=none --aio=io_uring -t --shared=16
                    -k "$sock" "$file") ;;
     nbdkit) cmd=(nbdkit -U "$sock" --foreground --exit-with-parent file "$file"
@@ -134,9 +149,21 @@ server_cmd() {  # server socket -> prints nothing, sets cmd=()
 server_version() {
   case $1 in
     shadowd) "$shadowd_bin" --version 2>&1 | head -n1 ;;
+    shadowd-nbd) echo "$("$shadowd_bin" --version 2>&1 | head -n1) over $(qemu-nbd --version 2>&1 | head -n1)" ;;
     qemu-nbd) qemu-nbd --version 2>&1 | head -n1 ;;
     nbdkit) nbdkit --version 2>&1 | head -n1 ;;
   esac
+}
+
+# qemu-nbd and nbdkit have no readiness notification here: poll (bounded)
+# until process $1 answers nbdinfo on URI $3 (socket $2, when not TLS).
+wait_polled() {  # pid socket uri
+  for _ in $(seq 200); do
+    kill -0 "$1" 2>/dev/null || return 1
+    if { ((tls)) || [[ -S $2 ]]; } && nbdinfo --size "$3" >/dev/null 2>&1; then return 0; fi
+    sleep 0.05
+  done
+  return 1
 }
 
 # Start server $1 on socket $2, log to $3; sets server_pid; returns nonzero on failure.
@@ -145,22 +172,30 @@ start_server() {
   uri=$(probe_uri "$2")
   server_cmd "$s" "$sock"
   rm -f "$sock"
-  if [[ $s == shadowd ]]; then
+  if [[ $s == shadowd-nbd ]]; then
+    rm -f "$under_sock"
+    "${under_cmd[@]}" >"${slog%.log}-under.log" 2>&1 &
+    under_pid=$!
+    wait_polled "$under_pid" "$under_sock" "nbd+unix:///?socket=$under_sock" ||
+      { log "$s: qemu-nbd below it did not become ready"; return 1; }
+  fi
+  if [[ $s == shadowd || $s == shadowd-nbd ]]; then
     start_notified 30 "$slog" "${cmd[@]}" ||
-      { log "shadowd did not report READY=1 (helper rc $notify_rc)"; return 1; }
+      { log "$s did not report READY=1 (helper rc $notify_rc)"; return 1; }
   else
     "${cmd[@]}" >"$slog" 2>&1 &
     server_pid=$!
-    # qemu-nbd and nbdkit have no readiness notification here: poll (bounded).
-    local ok=0
-    for _ in $(seq 200); do
-      kill -0 "$server_pid" 2>/dev/null || break
-      if { ((tls)) || [[ -S $sock ]]; } && nbdinfo --size "$uri" >/dev/null 2>&1; then ok=1; break; fi
-      sleep 0.05
-    done
-    (( ok )) || { log "$s did not become ready"; return 1; }
+    wait_polled "$server_pid" "$sock" "$uri" || { log "$s did not become ready"; return 1; }
   fi
   nbdinfo --size "$uri" >/dev/null 2>&1 || { log "$s: nbdinfo failed"; return 1; }
+}
+
+stop_under() {  # the qemu-nbd below shadowd-nbd, if running
+  [[ -n $under_pid ]] || return 0
+  local p=$under_pid
+  under_pid=
+  kill -TERM "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
 }
 
 # CPU accounting around a job, to see who used the CPUs (this machine may be
@@ -192,7 +227,10 @@ header=$work/header.txt
   for s in "${servers[@]}"; do
     server_cmd "$s" SOCK
     printf '  %-9s %s   [%s]\n' "$s" "$(q "${cmd[@]}")" "$(server_version "$s")"
+    [[ $s != shadowd-nbd ]] || printf '  %-9s %s\n' "  below:" "$(q "${under_cmd[@]}")"
   done
+  [[ " ${servers[*]} " != *" shadowd-nbd "* ]] ||
+    echo "  (shadowd-nbd's CPU column counts shadowd only: the qemu-nbd below it is in 'other')"
   [[ " ${servers[*]} " != *" nbdkit "* || $nbdkit_cache != none ]] ||
     echo "  (nbdkit uses cache=none: pages are evicted after use; qemu-nbd and shadowd use O_DIRECT)"
   ((tls == 0)) || echo "TLS: x509 (scripts/tls-certs.sh: RSA keys, certtool defaults), TCP 127.0.0.1:$tls_port; fio runs as nobody with HOME=$fio_home (client certificates in .pki/libnbd)"
@@ -217,6 +255,7 @@ for s in "${servers[@]}"; do
   if ! start_server "$s" "$sock" "$slog"; then
     log "$s failed to start; log:"; tail -n 20 "$slog" >&2 || true
     if [[ -n $server_pid ]]; then stop_server; fi
+    stop_under
     printf '%s\t-\tstart-failed\t\n' "$s" >>"$manifest"
     continue
   fi
@@ -244,6 +283,7 @@ for s in "${servers[@]}"; do
     printf '%s\t%s\tfio-rc=%s\t%s\n' "$s" "$j" "$frc" "$out" >>"$manifest"
   done
   stop_server
+  stop_under
   printf '%s\t-\tserver-exit=%s\t%s\n' "$s" "$server_rc" "$slog" >>"$manifest"
   [[ $server_rc == 0 ]] || log "$s exited with status $server_rc"
   if [[ -s $slog ]]; then
@@ -304,19 +344,21 @@ def value(s, j):
     return r["iops"] if j.startswith("rand") else r["bw_bytes"] / 1e6
 
 cols = list(servers)
-show_ratio = "shadowd" in servers and "qemu-nbd" in servers
+# Ratio columns: shadowd over the file, and shadowd over qemu-nbd (the NBD
+# backing), each to plain qemu-nbd.
+ratios = [(s, f"{s}/qemu") for s in ("shadowd", "shadowd-nbd")
+          if s in servers and "qemu-nbd" in servers]
 head = f"{'job':<26}" + "".join(f"{c:>12}" for c in cols)
-if show_ratio:
-    head += f"{'shadowd/qemu':>14}"
+head += "".join(f"{title:>18}" for _, title in ratios)
 lines = [head, "-" * len(head)]
 for j in jobs:
     row = f"{labels[j]:<26}"
     for c in cols:
         v = value(c, j)
         row += f"{'ERR':>12}" if v is None else f"{v:>12,.0f}"
-    if show_ratio:
-        a, b = value("shadowd", j), value("qemu-nbd", j)
-        row += f"{(a / b):>13.2f}x" if a is not None and b else f"{'-':>14}"
+    for s, _ in ratios:
+        a, b = value(s, j), value("qemu-nbd", j)
+        row += f"{(a / b):>17.2f}x" if a is not None and b else f"{'-':>18}"
     lines.append(row)
 table = "\n".join(lines)
 print(table)

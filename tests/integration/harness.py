@@ -677,3 +677,24 @@ def expect(cond, msg):
 def expect_eq(got, want, what):
     if got != want:
         raise AssertionError(f"{what}: got {got!r}, want {want!r}")
+
+
+def first_difference(a, b):
+    """Offset of the first byte where two images differ (or where the
+    shorter one ends); None when they are equal. Keeps a failure message
+    short instead of printing whole images."""
+    if a == b:
+        return None
+    n = min(len(a), len(b))
+    for i in range(0, n, 4096):
+        if a[i:i + 4096] != b[i:i + 4096]:
+            for j in range(i, min(i + 4096, n)):
+                if a[j] != b[j]:
+                    return j
+    return n
+
+
+def expect_same_image(got, want, what):
+    d = first_difference(got, want)
+    if d is not None:
+        raise AssertionError(f"{what}: differs at offset {d}")

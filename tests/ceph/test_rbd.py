@@ -1,0 +1,165 @@
+#!/usr/bin/python3
+"""shadowd on Ceph RBD images, against a real throwaway cluster.
+
+1. --backing rbd:POOL/IMAGE:conf=CONF with a local pool: nbdinfo sees the
+   image's size; libnbd writes random blocks (FUA, flush, trim, zeroes);
+   nbdcopy of the export, `rbd export` of the image and the test's model
+   agree byte for byte; `qemu-img compare` of the export with the image
+   (qemu's rbd driver) finds them identical; `shadowctl export --at T1`
+   reads the content at T1 while the image has changed since.
+2. The pool on RBD too (--pool rbd:...) and --replica rbd:...: the replica
+   comes in sync, writes are shipped; after a clean stop `rbd export` of the
+   replica image holds the pool image and the backing image in its areas.
+3. A shadowd killed (SIGKILL) while it holds the backing image's exclusive
+   lock: a new one without --rbd-break-lock refuses at once and names the
+   lock's owner; with --rbd-break-lock it breaks the lock (the dead client is
+   blocklisted) and serves the image with its content.
+
+Synchronisation: sd_notify READY=1; `shadowctl status` polled with deadlines.
+"""
+
+import os
+import sys
+import tempfile
+
+import nbd
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "integration"))
+from ceph_cluster import CephCluster  # noqa: E402
+from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
+                     main, make_pool_file, make_rng, run, run_shadowd, wait_until)
+
+SIZE = 64 * MiB
+POOL_SIZE = 64 * MiB
+HEADER = 1 * MiB
+POOL_ARGS = ["--segment-size", str(64 * KiB), "--zone-size", "4M"]
+
+
+def at(ns):
+    return f"@{ns // 10**9}.{ns % 10**9:09d}"
+
+
+def read_all(h, size=SIZE, chunk=8 * MiB):
+    return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
+
+
+def export_image(c, name, path):
+    c.rbd("export", c.image(name), path, quiet=True)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def test():
+    checks = Checks("ceph-rbd")
+    rng = make_rng("ceph-rbd")
+    with tempfile.TemporaryDirectory(prefix="shadowd-rbd-") as work, CephCluster() as c:
+        for name, size in (("vol", SIZE), ("pool", POOL_SIZE),
+                           ("replica", HEADER + POOL_SIZE + SIZE), ("vol2", SIZE)):
+            c.rbd("create", "--size", f"{size // MiB}M", c.image(name))
+        backing = c.rbd_uri("vol")
+        import time
+        with checks.check("--backing rbd: serves the image, history works"):
+            pool = make_pool_file(os.path.join(work, "pool.img"), POOL_SIZE)
+            model = bytearray(SIZE)
+            with Daemon(size=SIZE, checks=checks, backing=backing, pool=pool, pool_init=True,
+                        extra_args=POOL_ARGS) as d:
+                ctl = ShadowCtl(d)
+                rc, out = run(["nbdinfo", "--size", d.uri_unix])
+                expect_eq(int(out.strip().splitlines()[-1]), SIZE, "nbdinfo --size")
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                for i in range(100):
+                    n = 512 * rng.randrange(1, 512)
+                    off = 512 * rng.randrange(0, (SIZE - n) // 512)
+                    data = rng.randbytes(n)
+                    h.pwrite(data, off, nbd.CMD_FLAG_FUA if i % 5 == 0 else 0)
+                    model[off:off + n] = data
+                h.zero(256 * KiB, 1 * MiB)
+                model[1 * MiB:1 * MiB + 256 * KiB] = bytes(256 * KiB)
+                h.flush()
+                t1 = time.time_ns()
+                img_t1 = bytes(model)
+                later = rng.randbytes(2 * MiB)
+                h.pwrite(later, 10 * MiB)
+                model[10 * MiB:12 * MiB] = later
+                h.flush()
+                expect(read_all(h) == bytes(model), "the export reads the model")
+                h.shutdown()
+                out_file = os.path.join(work, "copy.img")
+                run(["nbdcopy", d.uri_unix, out_file])
+                with open(out_file, "rb") as f:
+                    expect(f.read() == bytes(model), "nbdcopy of the export equals the model")
+                r = ctl.json("export", "--at", at(t1), "--name", "t1")
+                h1 = nbd.NBD()
+                h1.connect_uri(r["uri_unix"])
+                expect(read_all(h1) == img_t1, "the export at T1 reads the image at T1")
+                h1.shutdown()
+                ctl.json("unexport", "t1")
+            expect(export_image(c, "vol", os.path.join(work, "vol.img")) == bytes(model),
+                   "rbd export of the image equals the model")
+
+        with checks.check("--pool rbd: and --replica rbd: the replica holds the pool and the backing"):
+            args = ["--segment-size", str(64 * KiB), "--zone-size", "4M",
+                    "--replica", c.rbd_uri("replica")]
+            with Daemon(size=SIZE, checks=checks, backing=c.rbd_uri("vol2"),
+                        pool=c.rbd_uri("pool"), pool_init=True, extra_args=args) as d:
+                ctl = ShadowCtl(d)
+
+                def in_sync():
+                    r = ctl.json("status")["replica"]
+                    return r if r["state"] == "in-sync" and r["backlog_bytes"] == 0 else None
+                wait_until(in_sync, "the replica's initial copy", timeout=120)
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                for i in range(50):
+                    n = 4096 * rng.randrange(1, 64)
+                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
+                    h.pwrite(rng.randbytes(n), off)
+                h.flush()
+                h.shutdown()
+                r = wait_until(in_sync, "the replica to drain", timeout=120)
+                expect(r["epochs"] > 0, f"epochs shipped: {r}")
+            rep = export_image(c, "replica", os.path.join(work, "replica.img"))
+            expect(rep[:8] == b"REPLICP1", "the replica header")
+            expect(rep[HEADER:HEADER + POOL_SIZE] ==
+                   export_image(c, "pool", os.path.join(work, "pool-rbd.img")),
+                   "the replica's pool area is the pool image")
+            expect(rep[HEADER + POOL_SIZE:] ==
+                   export_image(c, "vol2", os.path.join(work, "vol2.img")),
+                   "the replica's mirror is the backing image")
+
+        with checks.check("a killed shadowd's exclusive lock: refused at once, broken on request"):
+            d = Daemon(size=SIZE, checks=checks, backing=backing)
+            d.__enter__()
+            try:
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                h.pwrite(b"\x77" * 4096, 0)
+                h.flush()
+                h.shutdown()
+                d.crash()
+            finally:
+                d.__exit__(None, None, None)
+            rc, out = run_shadowd(["--backing", backing, "--unix", os.path.join(work, "l.sock"),
+                                   "--control", os.path.join(work, "l.ctl")], timeout=60)
+            expect_eq(rc, 1, "a locked image is refused")
+            expect("is locked by" in out and "--rbd-break-lock" in out, f"message: {out}")
+            with Daemon(size=SIZE, checks=checks, backing=backing,
+                        extra_args=["--rbd-break-lock"]) as d2:
+                h = nbd.NBD()
+                h.connect_unix(d2.unix_path)
+                expect(h.pread(4096, 0) == b"\x77" * 4096, "the image's content")
+                h.pwrite(b"\x78" * 4096, 4096)
+                h.flush()
+                h.shutdown()
+            bl = c.ceph("osd", "blocklist", "ls").stdout.decode() + \
+                c.ceph("osd", "blocklist", "ls").stderr.decode()
+            expect("listed" in bl and not bl.strip().startswith("listed 0"),
+                   f"the dead client is blocklisted: {bl}")
+        checks.finish()
+
+
+if __name__ == "__main__":
+    main(test)

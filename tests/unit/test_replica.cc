@@ -1,0 +1,364 @@
+// The replica shipper (core/replica.h) over in-memory devices: the initial
+// copy, writes shipped in flush order, crash consistency of the target,
+// falling behind and catching up, sync mode, and the header.
+#include <catch2/catch.hpp>
+
+#include <cstring>
+#include <map>
+#include <random>
+#include <mutex>
+#include <thread>
+
+#include "core/memory_backend.h"
+#include "core/replica.h"
+#include "tests/unit/test_util.h"
+
+namespace shadowd {
+namespace {
+
+constexpr uint64_t kMiB = 1ull << 20;
+
+struct Rig {
+  explicit Rig(uint64_t seed, ReplicaOptions o = {}, uint64_t pool_bytes = 4 * kMiB,
+               uint64_t primary_bytes = 8 * kMiB)
+      : rng(seed) {
+    pool = std::make_shared<MemoryBackend>(pool_bytes, seed + 1);
+    primary = std::make_shared<MemoryBackend>(primary_bytes, seed + 2);
+    layout.primary_id = "/test/primary.img";
+    layout.primary_bytes = primary_bytes;
+    layout.pool_bytes = {pool_bytes};
+    target = std::make_shared<MemoryBackend>(layout.total_bytes(), seed + 3);
+    // Some content before the replica starts: the initial copy's job.
+    fill(*primary, 0, primary_bytes * 3 / 8);
+    fill(*pool, pool_bytes / 4, pool_bytes / 4);
+    opts = o;
+    if (opts.resync_bytes_per_s == 64ull << 20) opts.resync_bytes_per_s = 0;
+  }
+
+  void open() {
+    auto r = Replica::open(target, layout, {pool, primary}, opts, "memory");
+    REQUIRE(r);
+    replica = std::move(*r);
+    pool_tap = replica->tap(0);
+    primary_tap = replica->tap(1);
+  }
+
+  void fill(IoBackend& dev, uint64_t off, uint64_t len) {
+    std::vector<uint8_t> d(len);
+    for (auto& b : d) b = static_cast<uint8_t>(rng());
+    REQUIRE(run_sync(dev, BlockOpKind::kWrite, off, len, d.data()));
+  }
+
+  // The target's bytes of an area.
+  std::vector<uint8_t> target_area(const std::vector<uint8_t>& img, size_t area) const {
+    const uint64_t off = area == 0 ? layout.pool_offset(0) : layout.primary_offset();
+    const uint64_t len = area == 0 ? layout.pool_bytes[0] : layout.primary_bytes;
+    return {img.begin() + static_cast<ptrdiff_t>(off), img.begin() + static_cast<ptrdiff_t>(off + len)};
+  }
+
+  void expect_equal() {
+    const auto img = target->contents();
+    CHECK(target_area(img, 0) == pool->contents());
+    CHECK(target_area(img, 1) == primary->contents());
+  }
+
+  std::mt19937_64 rng;
+  std::shared_ptr<MemoryBackend> pool, primary, target;
+  ReplicaHeader layout;
+  ReplicaOptions opts;
+  std::unique_ptr<Replica> replica;
+  std::shared_ptr<IoBackend> pool_tap, primary_tap;
+};
+
+TEST_CASE("replica: the initial copy, then writes in flush order, equal after draining",
+          "[replica]") {
+  const uint64_t seed = test::test_seed();
+  Rig rig(seed);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, /*whole=*/true));
+  ReplicaStats s = rig.replica->stats();
+  CHECK(s.state == ReplicaState::kInSync);
+  CHECK(s.copied_bytes == rig.layout.pool_bytes[0] + rig.layout.primary_bytes);
+  rig.expect_equal();
+  auto h = read_replica_header(*rig.target);
+  REQUIRE(h);
+  CHECK(h->state == ReplicaState::kInSync);
+  CHECK(h->primary_id == rig.layout.primary_id);
+
+  // Writes, zeroes and trims through the taps, flushed now and then.
+  for (int i = 0; i < 300; ++i) {
+    const bool to_pool = rig.rng() % 2 == 0;
+    IoBackend& tap = to_pool ? *rig.pool_tap : *rig.primary_tap;
+    const uint64_t size = tap.size_bytes();
+    const uint64_t len = 512 * (1 + rig.rng() % 256);
+    const uint64_t off = (rig.rng() % ((size - len) / 512)) * 512;
+    switch (rig.rng() % 8) {
+      case 0:
+        REQUIRE(run_sync(tap, BlockOpKind::kWriteZeroes, off, len));
+        break;
+      case 1:
+        REQUIRE(run_sync(tap, BlockOpKind::kFlush, 0, 0));
+        break;
+      default: {
+        std::vector<uint8_t> d(len);
+        for (auto& b : d) b = static_cast<uint8_t>(rig.rng());
+        REQUIRE(run_sync(tap, BlockOpKind::kWrite, off, len, d.data(),
+                         rig.rng() % 10 == 0 ? uint32_t{kFua} : 0u));
+      }
+    }
+  }
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.expect_equal();
+  s = rig.replica->stats();
+  CHECK(s.epochs > 0);
+  CHECK(s.shipped_bytes > s.copied_bytes);
+  CHECK(s.backlog_bytes == 0);
+  // What was flushed on the target survives its crash.
+  rig.target->crash(false);
+  rig.expect_equal();
+}
+
+// Checks, before every request the shipper sends to the target, what a
+// crash of the target would leave then (unflushed writes surviving whole,
+// in part or not at all): with blocks written once each, epoch by epoch, an
+// image that holds a block of epoch k holds every block of epochs < k.
+class CheckingTarget final : public LayeredBackend {
+ public:
+  CheckingTarget(std::shared_ptr<MemoryBackend> t, uint64_t primary_offset)
+      : LayeredBackend(t), mem_(std::move(t)), poff_(primary_offset) {}
+  void submit(EventLoop& loop, BlockOp* op) override {
+    check(mem_->crash_image(/*torn=*/true));
+    inner_->submit(loop, op);
+  }
+  void written(uint64_t block, int epoch, std::vector<uint8_t> data) {
+    std::lock_guard<std::mutex> lock(mu_);
+    epoch_of_[block] = epoch;
+    data_of_[block] = std::move(data);
+  }
+  void check(const std::vector<uint8_t>& img) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++checks_;
+    int newest = -1;
+    for (const auto& [b, e] : epoch_of_) {
+      if (has(img, b)) newest = std::max(newest, e);
+    }
+    for (const auto& [b, e] : epoch_of_) {
+      if (e < newest && !has(img, b) && violation_.empty()) {
+        violation_ = "block " + std::to_string(b) + " of epoch " + std::to_string(e) +
+                     " is missing while epoch " + std::to_string(newest) + " is there";
+      }
+    }
+  }
+  std::string violation() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return violation_;
+  }
+  uint64_t checks() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return checks_;
+  }
+  static constexpr uint64_t kBlock = 4096;
+
+ private:
+  bool has(const std::vector<uint8_t>& img, uint64_t b) {
+    return std::memcmp(img.data() + poff_ + b * kBlock, data_of_[b].data(), kBlock) == 0;
+  }
+  std::shared_ptr<MemoryBackend> mem_;
+  uint64_t poff_;
+  std::mutex mu_;
+  std::map<uint64_t, int> epoch_of_;
+  std::map<uint64_t, std::vector<uint8_t>> data_of_;
+  std::string violation_;
+  uint64_t checks_ = 0;
+};
+
+TEST_CASE("replica: the target only ever holds the devices' state at a flush", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  INFO("seed " << seed);
+  Rig rig(seed, {}, kMiB, kMiB);
+  rig.target->delay_completions(3);
+  auto checking = std::make_shared<CheckingTarget>(rig.target, rig.layout.primary_offset());
+  auto r = Replica::open(checking, rig.layout, {rig.pool, rig.primary}, rig.opts, "checked");
+  REQUIRE(r);
+  rig.replica = std::move(*r);
+  rig.primary_tap = rig.replica->tap(1);
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  // Several epochs queue up while the target holds its completions, then
+  // ship in one go.
+  rig.target->hold_completions();
+  const uint64_t blk = CheckingTarget::kBlock;
+  std::vector<uint64_t> order(rig.layout.primary_bytes / blk);
+  for (uint64_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::shuffle(order.begin(), order.end(), rig.rng);
+  size_t next = 0;
+  for (int epoch = 0; epoch < 40 && next < order.size(); ++epoch) {
+    const int n = 1 + static_cast<int>(rig.rng() % 6);
+    for (int i = 0; i < n && next < order.size(); ++i) {
+      const uint64_t b = order[next++];
+      std::vector<uint8_t> d(blk);
+      for (auto& x : d) x = static_cast<uint8_t>(rig.rng() | 1);  // never a zero byte
+      checking->written(b, epoch, d);
+      REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, b * blk, blk, d.data()));
+    }
+    REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
+  }
+  CHECK(rig.replica->stats().backlog_entries > 40);
+  rig.target->release_completions();
+  REQUIRE(rig.replica->drain(20000, true));
+  checking->check(rig.target->crash_image(true));
+  INFO(checking->checks() << " images checked");
+  CHECK(checking->checks() > 100);
+  CHECK(checking->violation() == "");
+  rig.expect_equal();
+}
+
+TEST_CASE("replica: a failing target falls behind, then catches up by copying", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  ReplicaOptions o;
+  o.max_backlog_bytes = 256 * 1024;
+  Rig rig(seed, o);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.target->fail_randomly(BlockOpKind::kWrite, 1.0, EIO);
+  rig.target->fail_randomly(BlockOpKind::kFlush, 1.0, EIO);
+  // More than the backlog limit: writes complete at once, whatever the target does.
+  for (int i = 0; i < 64; ++i) {
+    std::vector<uint8_t> d(64 * 1024);
+    for (auto& b : d) b = static_cast<uint8_t>(rig.rng());
+    const uint64_t off = (rig.rng() % (rig.layout.primary_bytes / d.size())) * d.size();
+    REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, off, d.size(), d.data()));
+  }
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
+  ReplicaStats s = rig.replica->stats();
+  CHECK(s.state == ReplicaState::kBehind);
+  CHECK(s.overflows == 1);
+  CHECK(s.backlog_bytes == 0);
+  CHECK(s.dirty_bytes > 0);
+  rig.target->clear_faults();
+  REQUIRE(rig.replica->drain(20000, true));
+  s = rig.replica->stats();
+  CHECK(s.state == ReplicaState::kInSync);
+  CHECK(s.target_errors > 0);
+  rig.expect_equal();
+}
+
+TEST_CASE("replica: sync mode holds a flush until its epoch is on the target", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  ReplicaOptions o;
+  o.sync = true;
+  o.max_lag_s = 600;
+  Rig rig(seed, o);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.target->hold_completions();
+  auto loop = EventLoop::create(8);
+  REQUIRE(loop);
+  struct Op final : BlockOp {
+    void on_done(Status s) override {
+      st = s;
+      done = true;
+    }
+    Status st;
+    bool done = false;
+  };
+  std::vector<uint8_t> d(8192, 0x5a);
+  Op w;
+  w.kind = BlockOpKind::kWrite;
+  w.offset = 0;
+  w.length = d.size();
+  w.buf = d.data();
+  rig.primary_tap->submit(**loop, &w);
+  while (!w.done) (*loop)->run_once(true);  // a write alone is not held
+  Op f;
+  f.kind = BlockOpKind::kFlush;
+  rig.primary_tap->submit(**loop, &f);
+  // The flush reached the local device, but the target holds everything:
+  // wait until the shipper's write is held there, then some more loop turns.
+  for (int i = 0; i < 100000 && rig.target->held_completions() == 0; ++i) std::this_thread::yield();
+  REQUIRE(rig.target->held_completions() > 0);
+  for (int i = 0; i < 20; ++i) (*loop)->run_once(false);
+  CHECK_FALSE(f.done);
+  rig.target->release_completions();  // and stop holding: the shipper goes on
+  while (!f.done) (*loop)->run_once(true);
+  CHECK(f.st.is_ok());
+  // The flushed write is durable on the target.
+  const auto img = rig.target->durable_contents();
+  CHECK(std::memcmp(img.data() + rig.layout.primary_offset(), d.data(), d.size()) == 0);
+}
+
+TEST_CASE("replica: a restart compares with its earlier copy; another backing's is overwritten",
+          "[replica]") {
+  const uint64_t seed = test::test_seed();
+  Rig rig(seed);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.replica.reset();
+  // Same layout: nothing changed, nothing written but the header.
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  CHECK(rig.replica->stats().shipped_bytes == 0);
+  rig.replica.reset();
+  // A changed primary while no replica ran: only what differs is written.
+  rig.fill(*rig.primary, 5 * kMiB, 100000);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  CHECK(rig.replica->stats().shipped_bytes == kMiB);  // the one chunk it touches
+  rig.expect_equal();
+  rig.replica.reset();
+  // Another backing: everything is copied again.
+  rig.layout.primary_id = "/another/primary.img";
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  CHECK(rig.replica->stats().copied_bytes == rig.layout.pool_bytes[0] + rig.layout.primary_bytes);
+  auto h = read_replica_header(*rig.target);
+  REQUIRE(h);
+  CHECK(h->primary_id == "/another/primary.img");
+}
+
+TEST_CASE("replica: a target too small or read-only is refused", "[replica]") {
+  Rig rig(test::test_seed());
+  auto small = std::make_shared<MemoryBackend>(rig.layout.total_bytes() - 4096, 9);
+  auto r = Replica::open(small, rig.layout, {rig.pool, rig.primary}, {}, "small");
+  REQUIRE_FALSE(r);
+  CHECK(r.status().message().find("needs") != std::string::npos);
+  auto ro = std::make_shared<MemoryBackend>(rig.layout.total_bytes(), 9, /*read_only=*/true);
+  CHECK_FALSE(Replica::open(ro, rig.layout, {rig.pool, rig.primary}, {}, "ro"));
+  CHECK_FALSE(Replica::open(rig.target, rig.layout, {rig.pool}, {}, "one area"));
+}
+
+TEST_CASE("replica: header round trip and damage", "[replica]") {
+  ReplicaHeader h;
+  h.state = ReplicaState::kBehind;
+  h.primary_id = "rbd:pool/img";
+  h.primary_bytes = 123456789;
+  h.pool_bytes = {1ull << 30, 4ull << 30};
+  h.epoch = 77;
+  h.updated_ns = 1795000000123456789;
+  auto block = encode_replica_header(h);
+  REQUIRE(block.size() == 4096);
+  auto d = decode_replica_header(block);
+  REQUIRE(d);
+  CHECK(d->state == h.state);
+  CHECK(d->primary_id == h.primary_id);
+  CHECK(d->primary_bytes == h.primary_bytes);
+  CHECK(d->pool_bytes == h.pool_bytes);
+  CHECK(d->epoch == 77);
+  CHECK(d->updated_ns == h.updated_ns);
+  CHECK(h.primary_offset() == (1ull << 20) + (5ull << 30));
+  block[100] ^= 1;
+  CHECK(decode_replica_header(block).status().code() == Status::Code::kCorruption);
+  std::vector<uint8_t> zero(4096, 0);
+  CHECK(decode_replica_header(zero).status().code() == Status::Code::kNotFound);
+}
+
+}  // namespace
+}  // namespace shadowd
