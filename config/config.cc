@@ -186,6 +186,8 @@ const std::map<std::string, Setter>& setters() {
       {"replica_max_lag_seconds", u32(&Config::replica_max_lag_seconds)},
       {"replica_max_backlog_bytes", u64(&Config::replica_max_backlog_bytes)},
       {"rbd_break_lock", boolean(&Config::rbd_break_lock)},
+      {"restore_from", str(&Config::restore_from)},
+      {"restore_at", str(&Config::restore_at)},
   };
   return m;
 }
@@ -328,6 +330,14 @@ Status Config::validate() const {
   if (state_dir.empty()) return Status::invalid("state_dir must not be empty");
   if (!replica.empty() && pool.empty()) {
     return Status::invalid("replica needs a pool: it replicates the pool's history (add --pool)");
+  }
+  if (!restore_from.empty()) {
+    if (restore_at.empty()) return Status::invalid("restore_from needs restore_at (--at T): the time to serve");
+    if (!backing.empty() || !pool.empty() || !replica.empty()) {
+      return Status::invalid("restore_from serves from the replica alone: leave out backing, pool and replica");
+    }
+  } else if (!restore_at.empty()) {
+    return Status::invalid("restore_at (--at) goes with restore_from (--restore-from)");
   }
   if (replica_max_lag_seconds < 1 || replica_max_lag_seconds > 3600) {
     return Status::invalid("replica_max_lag_seconds must be 1..3600");

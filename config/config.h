@@ -84,6 +84,10 @@ struct Config {
   // An RBD image (backing, pool device or replica) locked by another client:
   // break the lock (blocklisting that client) instead of refusing to start.
   bool rbd_break_lock = false;
+  // Serve the device at `restore_at` from a replica alone (no backing, no
+  // pool): read-only, the replica never written.
+  std::string restore_from;
+  std::string restore_at;
   // Where a degraded history is recorded outside the pool (a file per
   // export and pool, core/degraded_state.h); created if missing.
   std::string state_dir = "/var/lib/shadowd";

@@ -32,6 +32,7 @@
 #include "ctl/client.h"
 #include "ctl/format.h"
 #include "ctl/protocol.h"
+#include "ctl/replica_daemon.h"
 #include "ctl/restore.h"
 #include "ctl/simulate.h"
 #include "ctl/timespec.h"
@@ -1323,6 +1324,7 @@ struct RestoreOptions {
   bool no_progress = false;
   bool resume = false;
   bool force = false;
+  std::string from;  // a replica: restore from it alone (a private shadowd --restore-from)
 };
 
 ProgressLine::Mode progress_mode(const Globals& g, const RestoreOptions& o) {
@@ -1826,7 +1828,7 @@ struct Cli {
   std::string top_by = "priority", top_window;
   std::string segment_target;
   std::string config_key, config_assignment;
-  std::string history_format = "csv", history_out;
+  std::string history_format = "csv", history_out, history_from;
   std::string versions_segment;
   uint64_t versions_limit = 50;
   bool pool_zones = false;
@@ -1960,6 +1962,11 @@ void add_restore(CLI::App& app, Cli& c) {
   r->add_flag("--resume", o.resume, "Continue an interrupted restore into PATH");
   r->add_flag("--force", o.force,
               "Overwrite a non-empty PATH or a block device; start over an incomplete one");
+  r->add_option("--from", o.from,
+                "Restore from a replica alone (an RBD image rbd:POOL/IMAGE[:conf=...] or a file "
+                "written by shadowd --replica), on any host: a private `shadowd --restore-from` "
+                "serves it for the restore; --socket is not used")
+      ->type_name("URI|PATH");
 }
 
 void add_rollback_verify(CLI::App& app, Cli& c) {
@@ -2106,6 +2113,10 @@ void add_config_history_debug(CLI::App& app, Cli& c) {
       "Examples:\n"
       "  shadowctl history\n"
       "  shadowctl --json history | jq .from");
+  history->add_option("--from", c.history_from,
+                      "The window of a replica (an RBD image or a file written by shadowd "
+                      "--replica) instead of a running daemon's")
+      ->type_name("URI|PATH");
   CLI::App* exp = history->add_subcommand("export", "Write the access history as CSV or JSON");
   exp->footer(
       "One row per time bucket, segment and operation with a nonzero count:\n"
@@ -2183,6 +2194,15 @@ int dispatch(CLI::App& app, Cli& c) {
     if (history->got_subcommand("export")) {
       return cmd_history_export(g, c.history_format, c.history_out);
     }
+    if (!c.history_from.empty()) {
+      ctl::ReplicaDaemon rd;
+      if (std::string e = rd.start(c.history_from, "now"); !e.empty()) {
+        return report(g, ControlError{"unavailable", e});
+      }
+      Globals g2 = g;
+      g2.socket = rd.control_socket();
+      return cmd_history(g2);
+    }
     return cmd_history(g);
   }
   if (app.got_subcommand("versions")) return cmd_versions(g, c.versions_segment, c.versions_limit);
@@ -2190,7 +2210,19 @@ int dispatch(CLI::App& app, Cli& c) {
   if (app.got_subcommand("export")) return cmd_export(g, c.export_at, c.export_name);
   if (app.got_subcommand("exports")) return cmd_exports(g);
   if (app.got_subcommand("unexport")) return cmd_unexport(g, c.unexport_name);
-  if (app.got_subcommand("restore")) return cmd_restore(g, c.restore);
+  if (app.got_subcommand("restore")) {
+    if (!c.restore.from.empty()) {
+      ctl::ReplicaDaemon rd;
+      if (std::string e = rd.start(c.restore.from, c.restore.at.empty() ? "now" : c.restore.at);
+          !e.empty()) {
+        return report(g, ControlError{"unavailable", e});
+      }
+      Globals g2 = g;
+      g2.socket = rd.control_socket();
+      return cmd_restore(g2, c.restore);
+    }
+    return cmd_restore(g, c.restore);
+  }
   if (app.got_subcommand("rollback")) return cmd_rollback(g, c.rollback_at, c.rollback_yes);
   if (app.got_subcommand("verify")) {
     return cmd_verify(g, c.verify_at, c.verify_all ? std::optional<uint64_t>(0) : c.verify_sample);

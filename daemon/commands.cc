@@ -1541,6 +1541,15 @@ bool is_mutating_command(std::string_view cmd) {
   return false;
 }
 
+std::variant<RestorePoint, std::string> resolve_restore_point(DaemonContext& ctx, const json& at) {
+  json req = at;
+  req["cmd"] = "restore-from";
+  Args a(req, {"at_ns", "seq"});
+  auto p = resolve_point(ctx, a, true);
+  if (a.failed() || !p) return a.error().value("message", std::string("bad time"));
+  return RestorePoint{p->seq, p->time_ns};
+}
+
 json run_command(DaemonContext& ctx, const json& request, bool may_write) {
   ctl::Request req;
   if (auto err = ctl::check_request(request, req)) return ctl::error_reply(*err);

@@ -37,6 +37,7 @@
 
 #include <string>
 #include <string_view>
+#include <variant>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -49,6 +50,15 @@ namespace shadowd {
 // Run one parsed request. `may_write`: the peer may run mutating commands.
 // Never throws; the reply always has "ok" and "version".
 nlohmann::json run_command(DaemonContext& ctx, const nlohmann::json& request, bool may_write);
+
+// The journal sequence number and time that `at` ({"at_ns": T} or {"seq":
+// N}) names in ctx.store's window, or a message naming the window.
+struct RestorePoint {
+  uint64_t seq = 0;
+  int64_t time_ns = 0;
+};
+std::variant<RestorePoint, std::string> resolve_restore_point(DaemonContext& ctx,
+                                                              const nlohmann::json& at);
 // Parse one request line (without '\n') and run it. `cmd`, if given, gets
 // the command's name when the line was a request at all.
 nlohmann::json run_command_line(DaemonContext& ctx, std::string_view line, bool may_write,

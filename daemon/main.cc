@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -39,6 +40,8 @@
 #include "core/nbd_backend.h"
 #include "core/rbd_backend.h"
 #include "core/replica.h"
+#include "core/overlay_backend.h"
+#include "ctl/timespec.h"
 #include "core/shadow_store.h"
 #include "daemon/commands.h"
 #include "daemon/context.h"
@@ -313,6 +316,19 @@ void build_cli(CLI::App& app, Cli& cli) {
              "BYTES",
              "Writes queued for the replica before it is marked behind and copies what changed "
              "from the local devices instead (default 256M)")
+      ->group(replica_group);
+  opt(app, cli, "--restore-from", &Config::restore_from,
+      "Serve, read-only, the device as it was at --at T, reconstructed from a replica alone "
+      "(an RBD image or a file written by --replica): no backing, no pool, and the replica is "
+      "never written. It must be in sync (its header says so; a replica still being written "
+      "is best restored from a snapshot, rbd:POOL/IMAGE@SNAP). `shadowctl history`, "
+      "`export --at` and `restore` work against it as against any shadowd")
+      ->type_name("URI|PATH")
+      ->group(replica_group);
+  opt(app, cli, "--at", &Config::restore_at,
+      "With --restore-from: the time to serve, in any form `shadowctl ... --at` takes "
+      "(ISO 8601, @EPOCH, -15min, '2h ago', now, seq:N)")
+      ->type_name("T")
       ->group(replica_group);
   flag(app, cli, "--rbd-break-lock", &Config::rbd_break_lock,
        "An RBD image (--backing, --pool or --replica) whose exclusive lock another client "
@@ -852,9 +868,111 @@ void reload(DaemonContext& ctx) {
   }
 }
 
+// --restore-from: the replica's pool areas and mirror, each through an
+// overlay that takes recovery's writes in memory (the replica is opened
+// read-only and never written).
+struct ReplicaView {
+  std::string name;
+  ReplicaHeader header;
+  std::vector<PoolDevice> devices;
+  std::shared_ptr<IoBackend> primary;
+  std::string state_dir;  // a temporary one, removed at the end
+};
+
+std::variant<ReplicaView, std::string> open_replica_view(const Config& cfg) {
+  ReplicaView v;
+  std::shared_ptr<IoBackend> target;
+  if (is_rbd_spec(cfg.restore_from)) {
+    RbdBackendOptions ro;
+    ro.read_only = true;
+    ro.op_timeout_s = 30;
+    auto t = open_rbd_backend(cfg.restore_from, ro);
+    if (!t) return "replica " + cfg.restore_from + ": " + t.status().message();
+    target = std::move(*t);
+    auto p = parse_rbd_spec(cfg.restore_from);
+    v.name = p ? rbd_spec_name(*p) : cfg.restore_from;
+  } else {
+    FileBackendOptions fo;
+    fo.read_only = true;
+    auto t = open_uring_backend(cfg.restore_from, fo);
+    if (!t) return "replica " + cfg.restore_from + ": " + t.status().message();
+    target = std::move(*t);
+    v.name = cfg.restore_from;
+  }
+  auto h = read_replica_header(*target);
+  if (!h) return "replica " + v.name + ": " + h.status().message();
+  v.header = *h;
+  if (h->state != ReplicaState::kInSync) {
+    return "replica " + v.name + " is " + replica_state_name(h->state) +
+           " (its writer was copying changed chunks to it, so it is not a state a crash could "
+           "leave, last updated " + ctl::format_at_utc(h->updated_ns) +
+           "): nothing can be restored from it until it is in sync again";
+  }
+  if (target->size_bytes() < h->total_bytes()) {
+    return "replica " + v.name + " has " + std::to_string(target->size_bytes()) +
+           " bytes, less than its header's layout (" + std::to_string(h->total_bytes()) + ")";
+  }
+  for (size_t i = 0; i < h->pool_bytes.size(); ++i) {
+    v.devices.push_back(PoolDevice{v.name + " (pool tier " + std::to_string(i) + ")",
+                                   std::make_shared<OverlayBackend>(target, h->pool_offset(i),
+                                                                    h->pool_bytes[i])});
+  }
+  v.primary = std::make_shared<OverlayBackend>(target, h->primary_offset(), h->primary_bytes);
+  return v;
+}
+
+void stop_store_now(DaemonContext& ctx, std::unique_ptr<ShadowStore>& store) {
+  ctx.reconstructor.reset();
+  ctx.store = nullptr;
+  if (store) (void)store->stop();
+}
+
+// The store over a replica view: nothing pruned, nothing shadowed.
+Result<std::unique_ptr<ShadowStore>> open_replica_store(const Config& cfg, ReplicaView& v,
+                                                        const Clock& clock) {
+  StoreOptions so;
+  so.primary_id = v.header.primary_id;
+  so.segment_bytes = 0;  // the pool's
+  so.retention_seconds = 100ull * 366 * 86400;
+  so.shadow_budget_bytes_per_s = 0;
+  so.shadow_busy_budget_bytes_per_s = 0;
+  so.checkpoint_interval_s = 86400;
+  so.pool_full_wait_ms = 0;
+  so.policy = PolicyKind::kNone;
+  so.shadow_thread = false;
+  so.export_name = cfg.export_name;
+  // Recovery's degraded-state record goes to a directory of its own: the
+  // state of the host that wrote the replica is not here.
+  char tmpl[] = "/tmp/shadowd-restore-from.XXXXXX";
+  const char* dir = mkdtemp(tmpl);
+  if (dir == nullptr) return Status::from_errno(errno, "mkdtemp");
+  so.state_dir = dir;
+  v.state_dir = dir;
+  return ShadowStore::open(std::move(v.devices), v.primary, so, clock, nullptr);
+}
+
 int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
   const Config& cfg = ctx.config;
-  auto primary = open_primary(cfg);
+  std::optional<ReplicaView> view;
+  struct RemoveStateDir {  // declared before the store: runs after it is gone
+    std::optional<ReplicaView>& v;
+    ~RemoveStateDir() {
+      std::error_code ec;
+      if (v && !v->state_dir.empty()) std::filesystem::remove_all(v->state_dir, ec);
+    }
+  } remove_state_dir{view};
+  std::shared_ptr<IoBackend> primary;
+  if (!cfg.restore_from.empty()) {
+    auto v = open_replica_view(cfg);
+    if (auto* e = std::get_if<std::string>(&v)) {
+      spdlog::error("{}", *e);
+      return kExitFailure;
+    }
+    view = std::move(std::get<ReplicaView>(v));
+    primary = view->primary;
+  } else {
+    primary = open_primary(cfg);
+  }
   if (!primary) return kExitFailure;
   const BackendInfo info = primary->info();
 
@@ -925,6 +1043,37 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     auto gate = std::make_shared<GateBackend>(served);
     ctx.gate = gate.get();
     served = gate;
+  } else if (view) {
+    auto opened = open_replica_store(cfg, *view, *ctx.clock);
+    if (!opened) {
+      spdlog::error("cannot open the history in the replica {}: {}", view->name,
+                    opened.status().message());
+      return kExitFailure;
+    }
+    store = std::move(*opened);
+    store->start();
+    ctx.store = store.get();
+    ctx.reconstructor = std::make_shared<Reconstructor>(*store, primary->size_bytes(), store->segment_bytes(), 2,
+                                                        uint64_t{64} << 20);
+    auto at = ctl::parse_at(cfg.restore_at, ctx.clock->now_ns());
+    if (auto* e = std::get_if<std::string>(&at)) {
+      spdlog::error("--at: {}", *e);
+      stop_store_now(ctx, store);
+      return kExitUsage;
+    }
+    const ctl::AtSpec& spec = std::get<ctl::AtSpec>(at);
+    const nlohmann::json args = spec.kind == ctl::AtSpec::Kind::kSeq ? nlohmann::json{{"seq", spec.seq}}
+                                                                     : nlohmann::json{{"at_ns", spec.time_ns}};
+    auto point = resolve_restore_point(ctx, args);
+    if (auto* e = std::get_if<std::string>(&point)) {
+      spdlog::error("--at {}: {}", cfg.restore_at, *e);
+      stop_store_now(ctx, store);
+      return kExitUsage;
+    }
+    const RestorePoint rp = std::get<RestorePoint>(point);
+    served = std::make_shared<PointInTimeBackend>(ctx.reconstructor, rp.seq);
+    spdlog::info("serving {} at {} (seq {}) from the replica {} (written for {})", cfg.export_name,
+                 ctl::format_at_utc(rp.time_ns), rp.seq, view->name, view->header.primary_id);
   } else {
     // Without the pool nothing is replayed; its state file must stay for
     // when it is used again (the writes made now bypass its journal too).
@@ -1085,7 +1234,13 @@ int main(int argc, char** argv) {
   }
   for (auto& apply : cli.overrides) apply(cfg);
   Status st = cfg.validate();
-  if (st && cfg.backing.empty()) st = Status::invalid("--backing (or config key 'backing') is required");
+  if (st && cfg.backing.empty() && cfg.restore_from.empty()) {
+    st = Status::invalid("--backing (or config key 'backing') is required");
+  }
+  if (!cfg.restore_from.empty()) {
+    cfg.read_only = true;  // a restored state is served read-only
+    cfg.monitor = false;
+  }
   if (st && cfg.init && cfg.pool.empty()) {
     st = Status::invalid("--init (config key 'init') formats the shadow pool: it needs --pool");
   }

@@ -10,7 +10,10 @@
 2. The pool on RBD too (--pool rbd:...) and --replica rbd:...: the replica
    comes in sync, writes are shipped; after a clean stop `rbd export` of the
    replica image holds the pool image and the backing image in its areas.
-3. A shadowd killed (SIGKILL) while it holds the backing image's exclusive
+3. Restore from the replica alone: --replica-sync, writes, T1, more
+   writes, kill -9; `shadowd --restore-from rbd:...replica --at T1` and
+   `shadowctl restore --from rbd:... --at T1 --verify` give the device at T1.
+4. A shadowd killed (SIGKILL) while it holds the backing image's exclusive
    lock: a new one without --rbd-break-lock refuses at once and names the
    lock's owner; with --rbd-break-lock it breaks the lock (the dead client is
    blocklisted) and serves the image with its content.
@@ -21,6 +24,7 @@ Synchronisation: sd_notify READY=1; `shadowctl status` polled with deadlines.
 import os
 import sys
 import tempfile
+import time
 
 import nbd
 
@@ -59,7 +63,6 @@ def test():
                            ("replica", HEADER + POOL_SIZE + SIZE), ("vol2", SIZE)):
             c.rbd("create", "--size", f"{size // MiB}M", c.image(name))
         backing = c.rbd_uri("vol")
-        import time
         with checks.check("--backing rbd: serves the image, history works"):
             pool = make_pool_file(os.path.join(work, "pool.img"), POOL_SIZE)
             model = bytearray(SIZE)
@@ -129,6 +132,46 @@ def test():
             expect(rep[HEADER + POOL_SIZE:] ==
                    export_image(c, "vol2", os.path.join(work, "vol2.img")),
                    "the replica's mirror is the backing image")
+
+        with checks.check("restore from the RBD replica alone after a kill -9"):
+            for name in ("vol3", "pool3", "replica3"):
+                size = {"vol3": SIZE, "pool3": POOL_SIZE, "replica3": HEADER + POOL_SIZE + SIZE}[name]
+                c.rbd("create", "--size", f"{size // MiB}M", c.image(name))
+            args = ["--segment-size", str(64 * KiB), "--zone-size", "4M",
+                    "--replica", c.rbd_uri("replica3"), "--replica-sync"]
+            with Daemon(size=SIZE, checks=checks, backing=c.rbd_uri("vol3"),
+                        pool=c.rbd_uri("pool3"), pool_init=True, extra_args=args) as d:
+                ctl = ShadowCtl(d)
+                wait_until(lambda: ctl.json("status")["replica"]["state"] == "in-sync",
+                           "the replica's initial copy", timeout=120)
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                img = bytearray(SIZE)
+                for _ in range(30):
+                    n = 4096 * rng.randrange(1, 64)
+                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
+                    data = rng.randbytes(n)
+                    h.pwrite(data, off)
+                    img[off:off + n] = data
+                h.flush()
+                t1 = time.time_ns()
+                img_t1 = bytes(img)
+                h.pwrite(rng.randbytes(4 * MiB), 8 * MiB)
+                h.flush()
+                d.crash()
+            rep = c.rbd_uri("replica3")
+            with Daemon(size=SIZE, checks=checks, backing=False,
+                        extra_args=["--restore-from", rep, "--at", at(t1)]) as r:
+                h = nbd.NBD()
+                h.connect_unix(r.unix_path)
+                expect(read_all(h) == img_t1, "the device at T1 from the RBD replica alone")
+                h.shutdown()
+            out_file = os.path.join(work, "t1.img")
+            ctl = ShadowCtl(os.path.join(work, "none.sock"))
+            res = ctl.json("restore", "--from", rep, "--at", at(t1), "--output", out_file,
+                           "--verify", "--no-progress")
+            with open(out_file, "rb") as f:
+                expect(f.read() == img_t1, f"shadowctl restore --from: {res}")
 
         with checks.check("a killed shadowd's exclusive lock: refused at once, broken on request"):
             d = Daemon(size=SIZE, checks=checks, backing=backing)

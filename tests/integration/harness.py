@@ -212,6 +212,8 @@ class Daemon:
 
     with Daemon(size=64 * MiB) as d:
         d.unix_path, d.port, d.uri_unix, d.uri_tcp, d.backing
+
+    backing=False starts it without --backing (for --restore-from).
     """
 
     def __init__(self, size=64 * MiB, read_only=False, extra_args=(),
@@ -275,7 +277,9 @@ class Daemon:
         return self
 
     def _start(self):
-        if self._backing_arg is None:
+        if self._backing_arg is False:  # no --backing at all (--restore-from)
+            self.backing = None
+        elif self._backing_arg is None:
             self.backing = os.path.join(self.tmpdir, "backing.img")
             with open(self.backing, "wb") as f:
                 f.truncate(self.size)  # sparse
@@ -290,8 +294,8 @@ class Daemon:
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self.notify.bind(self.notify_path)
 
-        cmd = [shadowd_path(), "--backing", self.backing, "--foreground",
-               "--log-level", os.environ.get("SHADOWD_TEST_LOG_LEVEL", "info")]
+        cmd = [shadowd_path()] + (["--backing", self.backing] if self.backing else []) + [
+            "--foreground", "--log-level", os.environ.get("SHADOWD_TEST_LOG_LEVEL", "info")]
         if self.unix_path:
             cmd += ["--unix", self.unix_path]
         if self.port:

@@ -12,7 +12,15 @@ daemon and real clients.
    backing already holds the write (RPO 0 for what a client flushed).
 3. A restart on the same replica resynchronises by comparing: what did not
    change is not written again.
-4. Refusals at start: --replica without --pool, a replica file too small
+4. Restore from the replica alone: with --replica-sync, writes, a flush,
+   T1, more writes, a flush, kill -9; the backing and the pool are deleted;
+   `shadowd --restore-from REPLICA --at T1` serves exactly the device at T1
+   read-only, `export --at now` on it the last flushed state;
+   `shadowctl restore --from REPLICA --at T1 --verify` writes the device at
+   T1 and `shadowctl history --from REPLICA` shows a window holding T1, with
+   no daemon running; the replica file is not written; a T outside its
+   window and a missing replica are refused.
+5. Refusals at start: --replica without --pool, a replica file too small
    (the message says how many bytes it needs), the replica being the backing
    or the pool.
 
@@ -23,6 +31,7 @@ replica's state (wait_until), never a sleep.
 import os
 import sys
 import tempfile
+import time
 
 import nbd
 
@@ -35,6 +44,10 @@ POOL_SIZE = 64 * MiB
 HEADER = 1 * MiB
 REPLICA_SIZE = HEADER + POOL_SIZE + SIZE
 POOL_ARGS = ["--segment-size", str(64 * KiB), "--zone-size", "4M"]
+
+
+def at(ns):
+    return f"@{ns // 10**9}.{ns % 10**9:09d}"
 
 
 def replica_state(ctl):
@@ -123,6 +136,74 @@ def test():
                 # most chunks are what the replica already holds.
                 expect(r["copied_bytes"] >= SIZE + POOL_SIZE, f"every chunk checked: {r}")
                 expect(r["shipped_bytes"] < r["copied_bytes"], f"not every chunk written: {r}")
+
+        with checks.check("restore from the replica alone: kill -9, backing and pool gone"):
+            back2 = make_replica(os.path.join(work, "backing2.img"), SIZE)
+            pool2 = make_pool_file(os.path.join(work, "pool2.img"), POOL_SIZE)
+            rep2 = make_replica(os.path.join(work, "replica2.img"))
+            with Daemon(size=SIZE, checks=checks, pool=pool2, pool_init=True, backing=back2,
+                        extra_args=POOL_ARGS + ["--replica", rep2, "--replica-sync"]) as d:
+                ctl = ShadowCtl(d)
+                wait_in_sync(ctl, "the initial copy")
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                img = bytearray(SIZE)
+                for _ in range(40):
+                    n = 4096 * rng.randrange(1, 64)
+                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
+                    data = rng.randbytes(n)
+                    h.pwrite(data, off)
+                    img[off:off + n] = data
+                h.flush()
+                t1 = time.time_ns()
+                img_t1 = bytes(img)
+                for _ in range(40):
+                    n = 4096 * rng.randrange(1, 64)
+                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
+                    data = rng.randbytes(n)
+                    h.pwrite(data, off)
+                    img[off:off + n] = data
+                h.flush()
+                d.crash()
+            os.unlink(back2)
+            os.unlink(pool2)
+            with Daemon(size=SIZE, checks=checks, backing=False,
+                        extra_args=["--restore-from", rep2, "--at", at(t1)]) as r:
+                h = nbd.NBD()
+                h.connect_unix(r.unix_path)
+                expect(h.is_read_only(), "the restored export is read-only")
+                got = b"".join(h.pread(8 * MiB, o) for o in range(0, SIZE, 8 * MiB))
+                expect(got == img_t1, "the device at T1, from the replica alone")
+                h.shutdown()
+                ctl = ShadowCtl(r)
+                hist = ctl.json("history")
+                expect(hist["from_ns"] <= t1 <= hist["to_ns"], f"the window holds T1: {hist}")
+                # The latest flushed state is in the replica too (sync mode).
+                e = ctl.json("export", "--at", "now", "--name", "latest")
+                h = nbd.NBD()
+                h.connect_uri(e["uri_unix"])
+                got = b"".join(h.pread(8 * MiB, o) for o in range(0, SIZE, 8 * MiB))
+                expect(got == bytes(img), "the latest flushed state, from the replica alone")
+                h.shutdown()
+            # shadowctl on any host: restore --from and history --from.
+            ctl = ShadowCtl(os.path.join(work, "no-daemon.sock"))
+            out_file = os.path.join(work, "t1.img")
+            r = ctl.json("restore", "--from", rep2, "--at", at(t1), "--output", out_file,
+                         "--verify", "--no-progress")
+            expect(r["verified"] is True, f"restore --from: {r}")
+            with open(out_file, "rb") as f:
+                expect(f.read() == img_t1, "restore --from --at T1 writes the device at T1")
+            hist = ctl.json("history", "--from", rep2)
+            expect(hist["from_ns"] <= t1 <= hist["to_ns"], f"history --from: {hist}")
+            rc, out, err = ctl.run("history", "--from", os.path.join(work, "nothing.img"))
+            expect(rc == 1 and "nothing.img" in err, f"a missing replica: {rc} {err.strip()}")
+            with open(rep2, "rb") as f:
+                expect(f.read(4096)[12] == 1, "the replica was not written (still in sync)")
+            rc, out = run_shadowd(["--restore-from", rep2, "--at", at(t1 - 3600 * 10**9),
+                                   "--unix", os.path.join(work, "r.sock"),
+                                   "--control", os.path.join(work, "r.ctl")])
+            expect_eq(rc, 2, "a time outside the replica's window")
+            expect("outside the restorable window" in out, f"message: {out}")
 
         with checks.check("bad settings are refused at start"):
             rc, out = run_shadowd(["--backing", pool, "--replica", replica, "--unix",
