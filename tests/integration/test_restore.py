@@ -25,8 +25,9 @@ keeps its own copy of the device at T1, T2 and now, and then:
 - `shadowctl rollback --at T2` without --yes changes nothing; with --yes the
   live export equals the image at T2, and a rollback to the sequence number
   just before it (which it prints) brings back state C;
-- `shadowctl verify` is clean; at the end, after one byte of the pool file
-  is flipped behind the daemon's back, it reports the damage and exits 1.
+- `shadowctl verify` is clean; at the end, after a byte of every copy of a
+  freshly journaled block is flipped in the pool file behind the daemon's
+  back, it reports the damage and exits 1.
 
 Synchronisation: sd_notify READY=1; every control command answers when its
 work is done.
@@ -347,15 +348,26 @@ def test():
                            "retention to move past T2 once the export is gone")
 
             with checks.check("verify finds a damaged byte in the pool and exits 1"):
-                # The last data written (e, random) is in the pool literally
-                # (in a journal record or a version; zstd keeps incompressible
-                # blocks raw). Flip one byte of it behind the daemon's back.
+                # Fresh random data in a journal record that nothing folds
+                # or prunes meanwhile (a long window again); it is in the
+                # pool file literally (zstd keeps incompressible blocks raw).
+                # Flip one byte of every copy behind the daemon's back.
+                ctl.json("config", "set", "retention_seconds=3600")
+                fresh = rng.randbytes(64 * KiB)
+                live.pwrite(fresh, 20 * MiB)
+                live.flush()
+                piece = fresh[4096:4096 + 64]
                 with open(pool, "r+b") as f:
                     blob = f.read()
-                    at_ = blob.find(e[4096:4096 + 64])
-                    expect(at_ >= 0, "the last data written is in the pool file")
-                    f.seek(at_ + 10)
-                    f.write(bytes([blob[at_ + 10] ^ 0xFF]))
+                    hits = []
+                    i = blob.find(piece)
+                    while i >= 0:
+                        hits.append(i)
+                        i = blob.find(piece, i + 1)
+                    expect(hits, "the data just written is in the pool file")
+                    for i in hits:
+                        f.seek(i + 10)
+                        f.write(bytes([blob[i + 10] ^ 0xFF]))
                     f.flush()
                     os.fsync(f.fileno())
                 del blob
