@@ -23,31 +23,24 @@ void BlockOp::on_complete(int res, uint32_t) {
   backend_->on_cqe(*this, res);
 }
 
-namespace {
-class SyncOp final : public BlockOp {
- public:
-  void on_done(Status st) override {
-    status = std::move(st);
-    done = true;
-  }
-  Status status;
-  bool done = false;
-};
-}  // namespace
-
-Status run_sync(IoBackend& backend, BlockOpKind kind, uint64_t offset, uint64_t length,
-                uint8_t* buf, uint32_t flags) {
-  auto loop = EventLoop::create(8);
-  if (!loop) return loop.status();
+Status run_on(EventLoop& loop, IoBackend& backend, BlockOpKind kind, uint64_t offset,
+              uint64_t length, uint8_t* buf, uint32_t flags) {
   SyncOp op;
   op.kind = kind;
   op.offset = offset;
   op.length = length;
   op.buf = buf;
   op.flags = flags;
-  backend.submit(**loop, &op);
-  while (!op.done) (*loop)->run_once(true);
+  backend.submit(loop, &op);
+  while (!op.done) loop.run_once(true);
   return op.status;
+}
+
+Status run_sync(IoBackend& backend, BlockOpKind kind, uint64_t offset, uint64_t length,
+                uint8_t* buf, uint32_t flags) {
+  auto loop = EventLoop::create(8);
+  if (!loop) return loop.status();
+  return run_on(**loop, backend, kind, offset, length, buf, flags);
 }
 
 }  // namespace shadowd

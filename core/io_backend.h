@@ -131,6 +131,21 @@ class LayeredBackend : public IoBackend {
   std::shared_ptr<IoBackend> inner_;
 };
 
+// An op its caller waits for by driving the loop it was submitted on.
+class SyncOp final : public BlockOp {
+ public:
+  void on_done(Status st) override {
+    status = std::move(st);
+    done = true;
+  }
+  Status status;
+  bool done = false;
+};
+
+// Runs one op on `loop`, which the calling thread drives, until it is done.
+Status run_on(EventLoop& loop, IoBackend& backend, BlockOpKind kind, uint64_t offset,
+              uint64_t length, uint8_t* buf = nullptr, uint32_t flags = 0);
+
 // Synchronous helpers for tools and tests: run one op on a private loop.
 Status run_sync(IoBackend& backend, BlockOpKind kind, uint64_t offset, uint64_t length,
                 uint8_t* buf = nullptr, uint32_t flags = 0);

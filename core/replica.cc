@@ -45,15 +45,7 @@ int64_t mono_ns() {
 }
 
 // A request of the shipper's own, on its private loop.
-class ShipOp final : public BlockOp {
- public:
-  void on_done(Status st) override {
-    status = std::move(st);
-    done = true;
-  }
-  Status status;
-  bool done = false;
-};
+using ShipOp = SyncOp;
 
 }  // namespace
 
@@ -373,15 +365,7 @@ class Replica::Impl {
   // One request on the shipper's loop (a local device or the target).
   Status io(IoBackend& dev, BlockOpKind kind, uint64_t off, uint64_t len, uint8_t* buf,
             uint32_t flags = 0) {
-    ShipOp op;
-    op.kind = kind;
-    op.offset = off;
-    op.length = len;
-    op.buf = buf;
-    op.flags = flags;
-    dev.submit(*loop_, &op);
-    while (!op.done) loop_->run_once(true);
-    return op.status;
+    return run_on(*loop_, dev, kind, off, len, buf, flags);
   }
 
   void note_error(const Status& st) {

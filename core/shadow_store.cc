@@ -45,16 +45,6 @@ ABuf aligned_buf(size_t n) {
   return ABuf(static_cast<uint8_t*>(std::aligned_alloc(kB, round_up(std::max<size_t>(n, 1), kB))));
 }
 
-class SyncOp final : public BlockOp {
- public:
-  void on_done(Status st) override {
-    status = std::move(st);
-    done = true;
-  }
-  Status status;
-  bool done = false;
-};
-
 // Every thread that touches a pool device or the primary synchronously has
 // its own small loop.
 EventLoop& thread_loop() {
@@ -72,16 +62,7 @@ EventLoop& thread_loop() {
 
 Status sync_io(IoBackend& b, BlockOpKind kind, uint64_t off, uint64_t len, uint8_t* buf,
                uint32_t flags = 0) {
-  EventLoop& loop = thread_loop();
-  SyncOp op;
-  op.kind = kind;
-  op.offset = off;
-  op.length = len;
-  op.buf = buf;
-  op.flags = flags;
-  b.submit(loop, &op);
-  while (!op.done) loop.run_once(true);
-  return op.status;
+  return run_on(thread_loop(), b, kind, off, len, buf, flags);
 }
 
 // Where a record lives.

@@ -33,7 +33,8 @@ sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "integration"))
 from ceph_cluster import CephCluster  # noqa: E402
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, make_rng, run, run_shadowd, wait_until)
+                     main, make_pool_file, make_rng, run, run_shadowd, wait_until,
+                     write_random_blocks)
 
 SIZE = 64 * MiB
 POOL_SIZE = 64 * MiB
@@ -147,12 +148,7 @@ def test():
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
                 img = bytearray(SIZE)
-                for _ in range(30):
-                    n = 4096 * rng.randrange(1, 64)
-                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
-                    data = rng.randbytes(n)
-                    h.pwrite(data, off)
-                    img[off:off + n] = data
+                write_random_blocks(h, rng, img, 30)
                 h.flush()
                 t1 = time.time_ns()
                 img_t1 = bytes(img)

@@ -698,6 +698,18 @@ def first_difference(a, b):
     return n
 
 
+def write_random_blocks(h, rng, img, count, block=4096, max_blocks=64):
+    """``count`` writes of 1..max_blocks random blocks at random block
+    offsets through libnbd handle ``h``, also applied to the bytearray
+    ``img`` (the test's model of the device)."""
+    for _ in range(count):
+        n = block * rng.randrange(1, max_blocks)
+        off = block * rng.randrange(0, (len(img) - n) // block)
+        data = rng.randbytes(n)
+        h.pwrite(data, off)
+        img[off:off + n] = data
+
+
 def expect_same_image(got, want, what):
     d = first_difference(got, want)
     if d is not None:

@@ -37,7 +37,8 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, make_rng, run_shadowd, wait_until)
+                     main, make_pool_file, make_rng, run_shadowd, wait_until,
+                     write_random_blocks)
 
 SIZE = 32 * MiB
 POOL_SIZE = 64 * MiB
@@ -148,21 +149,11 @@ def test():
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
                 img = bytearray(SIZE)
-                for _ in range(40):
-                    n = 4096 * rng.randrange(1, 64)
-                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
-                    data = rng.randbytes(n)
-                    h.pwrite(data, off)
-                    img[off:off + n] = data
+                write_random_blocks(h, rng, img, 40)
                 h.flush()
                 t1 = time.time_ns()
                 img_t1 = bytes(img)
-                for _ in range(40):
-                    n = 4096 * rng.randrange(1, 64)
-                    off = 4096 * rng.randrange(0, (SIZE - n) // 4096)
-                    data = rng.randbytes(n)
-                    h.pwrite(data, off)
-                    img[off:off + n] = data
+                write_random_blocks(h, rng, img, 40)
                 h.flush()
                 d.crash()
             os.unlink(back2)

@@ -43,7 +43,7 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, make_rng, run, wait_until)
+                     expect_same_image, main, make_pool_file, make_rng, run, wait_until)
 
 SIZE = 64 * MiB
 SEG = 64 * KiB
@@ -66,21 +66,8 @@ def read_all(h, size=SIZE, chunk=8 * MiB):
     return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
 
 
-def first_diff(a, b):
-    if a == b:
-        return None
-    n = min(len(a), len(b))
-    for i in range(0, n, 4096):
-        if a[i:i + 4096] != b[i:i + 4096]:
-            for j in range(i, min(i + 4096, n)):
-                if a[j] != b[j]:
-                    return j
-    return n
-
-
 def expect_image(got, want, what):
-    d = first_diff(got, want)
-    expect(d is None, f"{what}: differs at offset {d}")
+    expect_same_image(got, want, what)
 
 
 def source_map(uri, size):
