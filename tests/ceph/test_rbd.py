@@ -13,7 +13,12 @@
 3. Restore from the replica alone: --replica-sync, writes, T1, more
    writes, kill -9; `shadowd --restore-from rbd:...replica --at T1` and
    `shadowctl restore --from rbd:... --at T1 --verify` give the device at T1.
-4. A shadowd killed (SIGKILL) while it holds the backing image's exclusive
+4. The OSD stopped (SIGTERM, memstore keeps its data) during writes with a
+   1 MiB replica backlog: every write and flush completes, the replica is
+   marked behind with chunks to copy; after the OSD is back it catches up
+   (in sync, backlog empty), and --restore-from at a time inside the outage
+   gives exactly the device then.
+5. A shadowd killed (SIGKILL) while it holds the backing image's exclusive
    lock: a new one without --rbd-break-lock refuses at once and names the
    lock's owner; with --rbd-break-lock it breaks the lock (the dead client is
    blocklisted) and serves the image with its content.
@@ -168,6 +173,51 @@ def test():
                            "--verify", "--no-progress")
             with open(out_file, "rb") as f:
                 expect(f.read() == img_t1, f"shadowctl restore --from: {res}")
+
+        with checks.check("the OSD stopped under writes: serving goes on, the replica catches up"):
+            c.rbd("create", "--size", f"{(HEADER + POOL_SIZE + SIZE) // MiB}M", c.image("replica4"))
+            back4 = os.path.join(work, "back4.img")
+            with open(back4, "wb") as f:
+                f.truncate(SIZE)
+            pool4 = make_pool_file(os.path.join(work, "pool4.img"), POOL_SIZE)
+            rep = c.rbd_uri("replica4")
+            args = ["--segment-size", str(64 * KiB), "--zone-size", "4M", "--replica", rep,
+                    "--replica-max-backlog", "1M"]
+            with Daemon(size=SIZE, checks=checks, backing=back4, pool=pool4, pool_init=True,
+                        extra_args=args) as d:
+                ctl = ShadowCtl(d)
+
+                def in_sync():
+                    r = ctl.json("status")["replica"]
+                    return r if r["state"] == "in-sync" and r["backlog_bytes"] == 0 else None
+                wait_until(in_sync, "the replica's initial copy", timeout=120)
+                h = nbd.NBD()
+                h.connect_unix(d.unix_path)
+                img = bytearray(SIZE)
+                write_random_blocks(h, rng, img, 20)
+                h.flush()
+                c.stop_osd()
+                # Ceph is down: every write and flush still completes.
+                write_random_blocks(h, rng, img, 60)
+                h.flush()
+                t_out = time.time_ns()
+                img_out = bytes(img)
+                write_random_blocks(h, rng, img, 20)
+                h.flush()
+                r = ctl.json("status")["replica"]
+                expect_eq(r["state"], "behind", f"the replica fell behind: {r}")
+                expect(r["dirty_bytes"] > 0, f"chunks to copy: {r}")
+                c.start_osd()
+                r = wait_until(in_sync, "the replica to catch up", timeout=300)
+                expect(r["overflows"] >= 1, f"it overflowed once at least: {r}")
+                expect(read_all(h) == bytes(img), "the live export kept every write")
+                h.shutdown()
+            with Daemon(size=SIZE, checks=checks, backing=False,
+                        extra_args=["--restore-from", rep, "--at", at(t_out)]) as r:
+                h = nbd.NBD()
+                h.connect_unix(r.unix_path)
+                expect(read_all(h) == img_out, "a time inside the outage, from the replica alone")
+                h.shutdown()
 
         with checks.check("a killed shadowd's exclusive lock: refused at once, broken on request"):
             d = Daemon(size=SIZE, checks=checks, backing=backing)
