@@ -55,6 +55,14 @@ def read_all(h, size=SIZE, chunk=8 * MiB):
     return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
 
 
+def in_sync_check(ctl):
+    """A wait_until predicate: the replica's status once in sync and drained."""
+    def in_sync():
+        r = ctl.json("status")["replica"]
+        return r if r["state"] == "in-sync" and r["backlog_bytes"] == 0 else None
+    return in_sync
+
+
 def export_image(c, name, path):
     c.rbd("export", c.image(name), path, quiet=True)
     with open(path, "rb") as f:
@@ -115,10 +123,7 @@ def test():
             with Daemon(size=SIZE, checks=checks, backing=c.rbd_uri("vol2"),
                         pool=c.rbd_uri("pool"), pool_init=True, extra_args=args) as d:
                 ctl = ShadowCtl(d)
-
-                def in_sync():
-                    r = ctl.json("status")["replica"]
-                    return r if r["state"] == "in-sync" and r["backlog_bytes"] == 0 else None
+                in_sync = in_sync_check(ctl)
                 wait_until(in_sync, "the replica's initial copy", timeout=120)
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
@@ -186,10 +191,7 @@ def test():
             with Daemon(size=SIZE, checks=checks, backing=back4, pool=pool4, pool_init=True,
                         extra_args=args) as d:
                 ctl = ShadowCtl(d)
-
-                def in_sync():
-                    r = ctl.json("status")["replica"]
-                    return r if r["state"] == "in-sync" and r["backlog_bytes"] == 0 else None
+                in_sync = in_sync_check(ctl)
                 wait_until(in_sync, "the replica's initial copy", timeout=120)
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
