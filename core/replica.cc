@@ -248,7 +248,7 @@ class Replica::Impl {
     }
     state_ = ReplicaState::kBehind;
     header_dirty_ = true;
-    release_waiters_locked(UINT64_MAX, false);
+    release_waiters_locked(UINT64_MAX, /*lapse=*/true);  // completed without the replica
   }
 
   void release_waiters_locked(uint64_t upto, bool lapse) {
@@ -293,9 +293,20 @@ class Replica::Impl {
       if (header) write_header();
       if (st == ReplicaState::kInSync) {
         ship_queue();
-      } else {
-        copy_dirty();
+        continue;
       }
+      // Copying changes the target out of flush order: only once its header
+      // durably says it is not in sync (a restore then refuses it).
+      bool marked;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        marked = !target_says_in_sync_;
+      }
+      if (!marked && !write_header()) {
+        backoff();
+        continue;
+      }
+      copy_dirty();
     }
     write_header();
     std::lock_guard<std::mutex> lock(mu_);
@@ -436,6 +447,7 @@ class Replica::Impl {
       backoff();
       {
         std::lock_guard<std::mutex> lock(mu_);
+        lapse_waiters_locked();  // a flush waits at most max_lag_s, failing target or not
         if (state_ != ReplicaState::kInSync || (stopping_ && mono_ns() > stop_deadline_ns_)) {
           for (const Entry& e : batch) mark_dirty_locked(e.area, e.off, e.len);
           in_batch_ = false;
@@ -499,20 +511,20 @@ class Replica::Impl {
     {
       std::lock_guard<std::mutex> lock(mu_);
       found = take_dirty_locked(area, chunk);
-    }
-    if (!found) {
-      if (!flush_target()) {
-        backoff();
+      if (!found) {
+        // Nothing left to copy: from here on writes are queued. They join a
+        // new epoch, so the target is flushed (the copies made durable)
+        // before any of them is shipped; the header says "in sync" only
+        // after that flush (write_header flushes first), and run() writes it
+        // before it ships anything.
+        state_ = ReplicaState::kInSync;
+        ++open_epoch_;
+        in_sync_since_ns_ = wall_ns();
+        header_dirty_ = true;
+        spdlog::info("replica {}: in sync ({} copied since it fell behind or started)", name_,
+                     copied_bytes_);
         return;
       }
-      std::lock_guard<std::mutex> lock(mu_);
-      if (dirty_chunks_ != 0) return;  // written meanwhile: copy those too
-      state_ = ReplicaState::kInSync;
-      in_sync_since_ns_ = wall_ns();
-      header_dirty_ = true;
-      spdlog::info("replica {}: in sync ({} copied since it fell behind or started)", name_,
-                   copied_bytes_);
-      return;
     }
     const uint64_t off = chunk * kChunk;
     const uint64_t len = std::min<uint64_t>(kChunk, area_bytes(area) - off);
@@ -610,7 +622,8 @@ class Replica::Impl {
     }
   }
 
-  void write_header() {
+  // Writes the header (after a flush of the target); false if it failed.
+  bool write_header() {
     ReplicaHeader h = layout_;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -628,9 +641,12 @@ class Replica::Impl {
       note_error(st);
       std::lock_guard<std::mutex> lock(mu_);
       header_dirty_ = true;
-      return;
+      return false;
     }
     last_header_ns_ = mono_ns();
+    std::lock_guard<std::mutex> lock(mu_);
+    target_says_in_sync_ = h.state == ReplicaState::kInSync;
+    return true;
   }
 
   ReplicaStats stats() const {
@@ -694,6 +710,9 @@ class Replica::Impl {
   int64_t stop_deadline_ns_ = 0;
   bool header_dirty_ = true;
   int64_t last_header_ns_ = 0;
+  // What the target's header durably says; until a header is written the
+  // target may hold an earlier run's "in sync".
+  bool target_says_in_sync_ = true;
   int64_t in_sync_since_ns_ = 0;
   int64_t behind_since_ns_ = 0;
   int64_t oldest_unflushed_ns_ = 0;  // the oldest entry written since the target's last flush

@@ -3,6 +3,8 @@
 // falling behind and catching up, sync mode, and the header.
 #include <catch2/catch.hpp>
 
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <map>
 #include <random>
@@ -243,6 +245,55 @@ TEST_CASE("replica: a failing target falls behind, then catches up by copying", 
   s = rig.replica->stats();
   CHECK(s.state == ReplicaState::kInSync);
   CHECK(s.target_errors > 0);
+  rig.expect_equal();
+}
+
+// A target whose header block refuses writes while `fail` is set.
+class HeaderFailing final : public LayeredBackend {
+ public:
+  explicit HeaderFailing(std::shared_ptr<IoBackend> t) : LayeredBackend(std::move(t)) {}
+  void submit(EventLoop& loop, BlockOp* op) override {
+    if (fail.load() && op->kind == BlockOpKind::kWrite && op->offset < 4096) {
+      op->stage_ = BlockOp::kStageDone;
+      op->loop_ = &loop;
+      op->backend_ = this;
+      loop.defer(op, -EIO);
+      return;
+    }
+    inner_->submit(loop, op);
+  }
+  std::atomic<bool> fail{true};
+};
+
+TEST_CASE("replica: nothing is copied out of order before the header says so", "[replica]") {
+  // A target still marked in sync by an earlier run must not take copies
+  // (which are not in flush order) until its header says "syncing".
+  const uint64_t seed = test::test_seed();
+  Rig rig(seed);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.replica.reset();
+  auto failing = std::make_shared<HeaderFailing>(rig.target);
+  rig.fill(*rig.primary, 6 * kMiB, 4096);  // something to copy on the next start
+  auto r = Replica::open(failing, rig.layout, {rig.pool, rig.primary}, rig.opts, "failing");
+  REQUIRE(r);
+  rig.replica = std::move(*r);
+  rig.replica->start();
+  // Two refused header writes (one per shipper round): a copy between them
+  // would have happened by now.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (rig.replica->stats().target_errors < 2 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::yield();
+  }
+  REQUIRE(rig.replica->stats().target_errors >= 2);
+  CHECK(rig.replica->stats().copied_bytes == 0);
+  auto h = read_replica_header(*rig.target);
+  REQUIRE(h);
+  CHECK(h->state == ReplicaState::kInSync);  // the old header, untouched
+  failing->fail = false;
+  REQUIRE(rig.replica->drain(20000, true));
+  CHECK(rig.replica->stats().copied_bytes > 0);
   rig.expect_equal();
 }
 
