@@ -12,6 +12,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -85,8 +86,7 @@ class RbdBackend final : public IoBackend {
  protected:
   void on_cqe(BlockOp& op, int res) override {
     if (res < 0) {
-      if (!error_logged_) {
-        error_logged_ = true;
+      if (!error_logged_.exchange(true, std::memory_order_relaxed)) {
         spdlog::error("{}: {} at offset {} failed: {} (further errors are not logged)", name_,
                       op_name(op.kind), op.offset, std::strerror(-res));
       }
@@ -165,7 +165,7 @@ class RbdBackend final : public IoBackend {
   rbd_image_t image_;
   BackendInfo info_;
   std::string name_;
-  bool error_logged_ = false;  // touched on loop threads only; a race here costs a log line
+  std::atomic<bool> error_logged_{false};  // the first failure is logged, from any loop thread
   std::mutex mu_;
   std::condition_variable idle_;
   uint64_t inflight_ = 0;  // librbd calls whose callback has not finished
