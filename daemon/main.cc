@@ -417,35 +417,47 @@ class Roller {
   std::thread t_;
 };
 
-std::shared_ptr<IoBackend> open_primary(const Config& cfg) {
-  if (is_rbd_spec(cfg.backing)) {
+// A replica's RBD requests fail after this long instead of hanging while the
+// cluster is down (the replica then falls behind; see RbdBackendOptions).
+constexpr unsigned kReplicaOpTimeoutS = 30;
+
+// A device named by an rbd: spec (librbd; `rbd_op_timeout_s` as in
+// RbdBackendOptions) or by a path (a file or block device on io_uring).
+Result<std::unique_ptr<IoBackend>> open_device(
+    const std::string& spec, bool read_only, bool break_lock, unsigned rbd_op_timeout_s = 0,
+    FileBackendOptions::Direct direct = FileBackendOptions::Direct::kAuto) {
+  if (is_rbd_spec(spec)) {
     RbdBackendOptions ro;
-    ro.read_only = cfg.read_only;
-    ro.break_lock = cfg.rbd_break_lock;
-    auto backend = open_rbd_backend(cfg.backing, ro);
-    if (!backend) {
-      spdlog::error("{}", backend.status().message());
-      return nullptr;
-    }
-    return std::shared_ptr<IoBackend>(std::move(*backend));
+    ro.read_only = read_only;
+    ro.break_lock = break_lock;
+    ro.op_timeout_s = rbd_op_timeout_s;
+    return open_rbd_backend(spec, ro);
   }
+  FileBackendOptions fo;
+  fo.read_only = read_only;
+  fo.direct = direct;
+  return open_uring_backend(spec, fo);
+}
+
+// An RBD image's name without its options (pool, namespace, image, snapshot).
+std::string rbd_name(const std::string& spec) {
+  auto p = parse_rbd_spec(spec);
+  return p ? rbd_spec_name(*p) : spec;
+}
+
+std::shared_ptr<IoBackend> open_primary(const Config& cfg) {
+  Result<std::unique_ptr<IoBackend>> backend = Status::invalid("no backing");
   if (is_nbd_uri(cfg.backing)) {
     if (cfg.direct_io != "auto") spdlog::warn("--direct-io applies to a file backing, not to an NBD URI");
     NbdBackendOptions no;
     no.read_only = cfg.read_only;
-    auto backend = open_nbd_backend(cfg.backing, no);
-    if (!backend) {
-      spdlog::error("{}", backend.status().message());
-      return nullptr;
-    }
-    return std::shared_ptr<IoBackend>(std::move(*backend));
+    backend = open_nbd_backend(cfg.backing, no);
+  } else {
+    backend = open_device(cfg.backing, cfg.read_only, cfg.rbd_break_lock, 0,
+                          cfg.direct_io == "on"    ? FileBackendOptions::Direct::kOn
+                          : cfg.direct_io == "off" ? FileBackendOptions::Direct::kOff
+                                                   : FileBackendOptions::Direct::kAuto);
   }
-  FileBackendOptions fo;
-  fo.read_only = cfg.read_only;
-  fo.direct = cfg.direct_io == "on"    ? FileBackendOptions::Direct::kOn
-              : cfg.direct_io == "off" ? FileBackendOptions::Direct::kOff
-                                       : FileBackendOptions::Direct::kAuto;
-  auto backend = open_uring_backend(cfg.backing, fo);
   if (!backend) {
     spdlog::error("{}", backend.status().message());
     return nullptr;
@@ -559,10 +571,6 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   // The primary's identity in the pool: a file's canonical path, or an NBD
   // URI as given (without a password), so the same URI finds its pool again.
   // An RBD image is named by pool/namespace/image, without its options.
-  auto rbd_name = [](const std::string& spec) {
-    auto p = parse_rbd_spec(spec);
-    return p ? rbd_spec_name(*p) : spec;
-  };
   const std::optional<std::string> primary_id =
       is_nbd_uri(cfg.backing)    ? std::optional(redact_nbd_uri(cfg.backing))
       : is_rbd_spec(cfg.backing) ? std::optional(rbd_name(cfg.backing))
@@ -580,13 +588,8 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
   std::vector<PoolDevice> devices;
   std::vector<std::string> canonical;
   for (const std::string& path : cfg.pool) {
-    FileBackendOptions fo;
-    fo.read_only = false;
-    fo.direct = FileBackendOptions::Direct::kAuto;
-    RbdBackendOptions ro;
-    ro.break_lock = cfg.rbd_break_lock;
     const bool rbd = is_rbd_spec(path);
-    auto dev = rbd ? open_rbd_backend(path, ro) : open_uring_backend(path, fo);
+    auto dev = open_device(path, /*read_only=*/false, cfg.rbd_break_lock);
     if (!dev) return fail(kExitFailure, "pool device " + path + ": " + dev.status().message());
     const std::string real = rbd ? rbd_name(path) : canonical_path(path).value_or(path);
     if (real == *primary_id) {
@@ -764,19 +767,10 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
       return fail(kExitUsage, "the replica " + cfg.replica +
                                   " is the backing or a pool device: it must be a device of its own");
     }
-    std::shared_ptr<IoBackend> target;
-    if (rbd) {
-      RbdBackendOptions ro;
-      ro.break_lock = cfg.rbd_break_lock;
-      ro.op_timeout_s = 30;
-      auto t = open_rbd_backend(cfg.replica, ro);
-      if (!t) return fail(kExitFailure, "replica " + cfg.replica + ": " + t.status().message());
-      target = std::move(*t);
-    } else {
-      FileBackendOptions fo;
-      auto t = open_uring_backend(cfg.replica, fo);
-      if (!t) return fail(kExitFailure, "replica " + cfg.replica + ": " + t.status().message());
-      target = std::move(*t);
+    auto t = open_device(cfg.replica, /*read_only=*/false, cfg.rbd_break_lock, kReplicaOpTimeoutS);
+    if (!t) return fail(kExitFailure, "replica " + cfg.replica + ": " + t.status().message());
+    std::shared_ptr<IoBackend> target = std::move(*t);
+    if (!rbd) {  // an RBD image has its exclusive lock
       Status locked = locks.lock(cfg.replica);
       if (!locked) return fail(kExitFailure, locked.message());
     }
@@ -881,24 +875,10 @@ struct ReplicaView {
 
 std::variant<ReplicaView, std::string> open_replica_view(const Config& cfg) {
   ReplicaView v;
-  std::shared_ptr<IoBackend> target;
-  if (is_rbd_spec(cfg.restore_from)) {
-    RbdBackendOptions ro;
-    ro.read_only = true;
-    ro.op_timeout_s = 30;
-    auto t = open_rbd_backend(cfg.restore_from, ro);
-    if (!t) return "replica " + cfg.restore_from + ": " + t.status().message();
-    target = std::move(*t);
-    auto p = parse_rbd_spec(cfg.restore_from);
-    v.name = p ? rbd_spec_name(*p) : cfg.restore_from;
-  } else {
-    FileBackendOptions fo;
-    fo.read_only = true;
-    auto t = open_uring_backend(cfg.restore_from, fo);
-    if (!t) return "replica " + cfg.restore_from + ": " + t.status().message();
-    target = std::move(*t);
-    v.name = cfg.restore_from;
-  }
+  auto t = open_device(cfg.restore_from, /*read_only=*/true, /*break_lock=*/false, kReplicaOpTimeoutS);
+  if (!t) return "replica " + cfg.restore_from + ": " + t.status().message();
+  std::shared_ptr<IoBackend> target = std::move(*t);
+  v.name = is_rbd_spec(cfg.restore_from) ? rbd_name(cfg.restore_from) : cfg.restore_from;
   auto h = read_replica_header(*target);
   if (!h) return "replica " + v.name + ": " + h.status().message();
   v.header = *h;
