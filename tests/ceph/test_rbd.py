@@ -38,7 +38,7 @@ sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "integration"))
 from ceph_cluster import CephCluster  # noqa: E402
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, make_rng, run, run_shadowd, wait_until,
+                     main, read_all, make_pool_file, make_rng, run, run_shadowd, wait_until,
                      write_random_blocks)
 
 SIZE = 64 * MiB
@@ -49,10 +49,6 @@ POOL_ARGS = ["--segment-size", str(64 * KiB), "--zone-size", "4M"]
 
 def at(ns):
     return f"@{ns // 10**9}.{ns % 10**9:09d}"
-
-
-def read_all(h, size=SIZE, chunk=8 * MiB):
-    return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
 
 
 def in_sync_check(ctl):

@@ -698,6 +698,13 @@ def first_difference(a, b):
     return n
 
 
+def read_all(h, size=None, chunk=8 * MiB):
+    """The whole export (or its first ``size`` bytes) through libnbd handle
+    ``h``, read in chunks."""
+    size = h.get_size() if size is None else size
+    return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
+
+
 def write_random_blocks(h, rng, img, count, block=4096, max_blocks=64):
     """``count`` writes of 1..max_blocks random blocks at random block
     offsets through libnbd handle ``h``, also applied to the bytearray

@@ -50,7 +50,7 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, STOP_TIMEOUT, Checks, Daemon, ShadowCtl, expect,  # noqa: E402
-                     expect_eq, expect_same_image, first_difference, log, main,
+                     expect_eq, expect_same_image, first_difference, log, main, read_all,
                      make_pool_file, make_rng, run, run_shadowd, wait_process)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,10 +105,6 @@ def tcp_listener():
 
 def at(ns):
     return f"@{ns // 10**9}.{ns % 10**9:09d}"
-
-
-def read_all(h, size=SIZE, chunk=8 * MiB):
-    return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
 
 
 def read_file(path):

@@ -37,7 +37,7 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, make_rng, run_shadowd, wait_until,
+                     main, make_pool_file, read_all, make_rng, run_shadowd, wait_until,
                      write_random_blocks)
 
 SIZE = 32 * MiB
@@ -163,7 +163,7 @@ def test():
                 h = nbd.NBD()
                 h.connect_unix(r.unix_path)
                 expect(h.is_read_only(), "the restored export is read-only")
-                got = b"".join(h.pread(8 * MiB, o) for o in range(0, SIZE, 8 * MiB))
+                got = read_all(h)
                 expect(got == img_t1, "the device at T1, from the replica alone")
                 h.shutdown()
                 ctl = ShadowCtl(r)
@@ -173,7 +173,7 @@ def test():
                 e = ctl.json("export", "--at", "now", "--name", "latest")
                 h = nbd.NBD()
                 h.connect_uri(e["uri_unix"])
-                got = b"".join(h.pread(8 * MiB, o) for o in range(0, SIZE, 8 * MiB))
+                got = read_all(h)
                 expect(got == bytes(img), "the latest flushed state, from the replica alone")
                 h.shutdown()
             # shadowctl on any host: restore --from and history --from.

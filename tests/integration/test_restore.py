@@ -43,7 +43,7 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     expect_same_image, main, make_pool_file, make_rng, run, wait_until)
+                     expect_same_image, main, read_all, make_pool_file, make_rng, run, wait_until)
 
 SIZE = 64 * MiB
 SEG = 64 * KiB
@@ -60,10 +60,6 @@ def connect(uri):
     h.add_meta_context("shadowd:source")
     h.connect_uri(uri)
     return h
-
-
-def read_all(h, size=SIZE, chunk=8 * MiB):
-    return b"".join(h.pread(min(chunk, size - o), o) for o in range(0, size, chunk))
 
 
 def expect_image(got, want, what):
