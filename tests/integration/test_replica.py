@@ -20,7 +20,9 @@ daemon and real clients.
    T1 and `shadowctl history --from REPLICA` shows a window holding T1, with
    no daemon running; the replica file is not written; a T outside its
    window and a missing replica are refused.
-5. Refusals at start: --replica without --pool, a replica file too small
+5. A daemon killed during the initial copy leaves a replica whose header
+   says "syncing": --restore-from refuses it.
+6. Refusals at start: --replica without --pool, a replica file too small
    (the message says how many bytes it needs), the replica being the backing
    or the pool.
 
@@ -195,6 +197,24 @@ def test():
                                    "--control", os.path.join(work, "r.ctl")])
             expect_eq(rc, 2, "a time outside the replica's window")
             expect("outside the restorable window" in out, f"message: {out}")
+
+        with checks.check("a replica killed while copying is refused by --restore-from"):
+            back3 = make_replica(os.path.join(work, "backing3.img"), SIZE)
+            pool3 = make_pool_file(os.path.join(work, "pool3.img"), POOL_SIZE)
+            rep3 = make_replica(os.path.join(work, "replica3.img"))
+            # The initial copy at 1 MiB/s takes minutes: it is under way
+            # (its header durably says "syncing") when the daemon dies.
+            with Daemon(size=SIZE, checks=checks, pool=pool3, pool_init=True, backing=back3,
+                        extra_args=POOL_ARGS + ["--replica", rep3, "--shadow-budget", "1M"]) as d:
+                ctl = ShadowCtl(d)
+                wait_until(lambda: replica_state(ctl)["copied_bytes"] > 0, "the copy to start")
+                expect_eq(replica_state(ctl)["state"], "syncing", "the replica is syncing")
+                d.crash()
+            rc, out = run_shadowd(["--restore-from", rep3, "--at", "now",
+                                   "--unix", os.path.join(work, "r3.sock"),
+                                   "--control", os.path.join(work, "r3.ctl")])
+            expect_eq(rc, 1, "a replica that is not in sync")
+            expect("is syncing" in out and "until it is in sync" in out, f"message: {out}")
 
         with checks.check("bad settings are refused at start"):
             rc, out = run_shadowd(["--backing", pool, "--replica", replica, "--unix",

@@ -342,6 +342,31 @@ TEST_CASE("replica: sync mode holds a flush until its epoch is on the target", "
   CHECK(std::memcmp(img.data() + rig.layout.primary_offset(), d.data(), d.size()) == 0);
 }
 
+TEST_CASE("replica: sync mode releases a flush after max_lag_s when the target fails",
+          "[replica]") {
+  const uint64_t seed = test::test_seed();
+  ReplicaOptions o;
+  o.sync = true;
+  o.max_lag_s = 1;
+  Rig rig(seed, o);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.target->fail_randomly(BlockOpKind::kWrite, 1.0, EIO);
+  rig.target->fail_randomly(BlockOpKind::kFlush, 1.0, EIO);
+  std::vector<uint8_t> d(8192, 0x33);
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 0, d.size(), d.data()));
+  // Without the release this flush would wait for as long as the target
+  // fails (run_sync would not return).
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
+  const ReplicaStats s = rig.replica->stats();
+  CHECK(s.sync_lapses == 1);
+  CHECK(s.target_errors > 0);
+  rig.target->clear_faults();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.expect_equal();
+}
+
 TEST_CASE("replica: a restart compares with its earlier copy; another backing's is overwritten",
           "[replica]") {
   const uint64_t seed = test::test_seed();
