@@ -39,7 +39,7 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, read_all, make_rng, run_shadowd, wait_until,
+                     main, make_pool_file, read_all, scrape, make_rng, run_shadowd, wait_until,
                      write_random_blocks)
 
 SIZE = 32 * MiB
@@ -87,11 +87,15 @@ def test():
 
         with checks.check("in sync after the initial copy; writes shipped; areas equal after a stop"):
             with Daemon(size=SIZE, checks=checks, pool=pool, pool_init=True, backing=backing,
-                        extra_args=args) as d:
+                        extra_args=args, metrics=True) as d:
                 ctl = ShadowCtl(d)
                 r = wait_in_sync(ctl, "the initial copy")
                 expect_eq(r["target"], replica, "the target is named")
                 expect(r["copied_bytes"] >= SIZE + POOL_SIZE, f"the initial copy: {r}")
+                m = scrape(f"http://127.0.0.1:{d.metrics_port}/metrics")
+                expect_eq(m.get("shadowd_replica_in_sync"), 1.0, "metric shadowd_replica_in_sync")
+                expect(m.get("shadowd_replica_shipped_bytes_total", 0) >= SIZE + POOL_SIZE,
+                       f"metric shadowd_replica_shipped_bytes_total: {m.get('shadowd_replica_shipped_bytes_total')}")
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
                 for i in range(200):
