@@ -3,7 +3,8 @@
 daemon and real clients.
 
 1. shadowd with a pool and --replica FILE: the initial copy brings the
-   replica in sync (`shadowctl status` replica.state), libnbd writes random
+   replica in sync (`shadowctl status` replica.state, and the metrics
+   shadowd_replica_in_sync and _shipped_bytes_total), libnbd writes random
    blocks (some FUA, flushes between them), the replica drains; after a
    clean stop the replica file's areas are byte-for-byte the pool file and
    the backing file, and its header names the backing and says in sync.
