@@ -123,7 +123,8 @@ class Replica {
   std::shared_ptr<IoBackend> tap(size_t area);
 
   // The primary's chunks in this order first (segment byte offsets), for
-  // the initial sync: hot segments first. Call before start().
+  // the initial sync: hot segments first. May be called while running: the
+  // chunks still to copy then go in this order before the others.
   void set_hot_order(std::vector<uint64_t> offsets);
 
   void start();

@@ -420,6 +420,9 @@ class Roller {
 // A replica's RBD requests fail after this long instead of hanging while the
 // cluster is down (the replica then falls behind; see RbdBackendOptions).
 constexpr unsigned kReplicaOpTimeoutS = 30;
+// The replica's initial copy takes at most this many segments in the
+// monitor's priority order before the rest in offset order.
+constexpr size_t kReplicaHotSegments = 65536;
 
 // A device named by an rbd: spec (librbd; `rbd_op_timeout_s` as in
 // RbdBackendOptions) or by a path (a file or block device on io_uring).
@@ -811,6 +814,17 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
                                 std::to_string((*store)->segment_bytes()) +
                                 " bytes but shadowd runs with --segment-size " +
                                 std::to_string(cfg.segment_size_bytes));
+  }
+  if (replica && monitor != nullptr) {
+    // The store gave the monitor its persisted access history: the initial
+    // copy takes the primary's hottest segments first.
+    monitor->rescore();
+    std::vector<uint64_t> hot;
+    for (uint64_t id : monitor->top_k(kReplicaHotSegments)) hot.push_back(id * monitor->segment_bytes());
+    if (!hot.empty()) {
+      spdlog::info("replica: the initial copy takes the {} hottest segments first", hot.size());
+    }
+    replica->set_hot_order(std::move(hot));
   }
   return std::move(*store);
 }

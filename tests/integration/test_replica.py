@@ -31,7 +31,9 @@ Synchronisation: sd_notify READY=1; `shadowctl status` is polled for the
 replica's state (wait_until), never a sleep.
 """
 
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -84,7 +86,13 @@ def test():
         pool = make_pool_file(os.path.join(work, "pool.img"), POOL_SIZE)
         replica = make_replica(os.path.join(work, "replica.img"))
         backing = make_replica(os.path.join(work, "backing.img"), SIZE)
-        args = POOL_ARGS + ["--replica", replica, "--checkpoint-interval", "1"]
+        # One-second buckets: the access history of the first run's writes
+        # is persisted (at a checkpoint) before it stops, and the next start
+        # ranks those segments first.
+        conf = os.path.join(work, "shadowd.json")
+        with open(conf, "w") as f:
+            json.dump({"bucket_seconds": 1}, f)
+        args = POOL_ARGS + ["--replica", replica, "--checkpoint-interval", "1", "--config", conf]
 
         with checks.check("in sync after the initial copy; writes shipped; areas equal after a stop"):
             with Daemon(size=SIZE, checks=checks, pool=pool, pool_init=True, backing=backing,
@@ -108,6 +116,8 @@ def test():
                         h.flush()
                 h.flush()
                 h.shutdown()
+                wait_until(lambda: ctl.json("status")["monitor"]["history_records"] > 0,
+                           "the writes' access bucket to close")
                 r = wait_in_sync(ctl, "the replica to drain")
                 expect(r["epochs"] > 0 and r["shipped_bytes"] > r["copied_bytes"], f"shipped: {r}")
             with open(replica, "rb") as f:
@@ -125,6 +135,11 @@ def test():
                         extra_args=args + ["--replica-sync"]) as d:
                 ctl = ShadowCtl(d)
                 wait_in_sync(ctl, "the resync after the restart")
+                # The first run's writes are in the pool's access history:
+                # the resync took those segments first.
+                m = re.search(r"initial copy takes the (\d+) hottest segments first", d.stderr_text())
+                expect(m is not None and int(m.group(1)) > 0,
+                       "the log says the resync took the hottest segments first")
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
                 data = rng.randbytes(256 * KiB)

@@ -3,6 +3,7 @@
 // falling behind and catching up, sync mode, and the header.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -120,6 +121,51 @@ TEST_CASE("replica: the initial copy, then writes in flush order, equal after dr
   // What was flushed on the target survives its crash.
   rig.target->crash(false);
   rig.expect_equal();
+}
+
+// Records the offsets of the writes (and write-zeroes) sent to the target.
+class RecordingTarget final : public LayeredBackend {
+ public:
+  explicit RecordingTarget(std::shared_ptr<IoBackend> t) : LayeredBackend(std::move(t)) {}
+  void submit(EventLoop& loop, BlockOp* op) override {
+    if (op->kind == BlockOpKind::kWrite || op->kind == BlockOpKind::kWriteZeroes) {
+      std::lock_guard<std::mutex> lock(mu);
+      offsets.push_back(op->offset);
+    }
+    inner_->submit(loop, op);
+  }
+  std::mutex mu;
+  std::vector<uint64_t> offsets;
+};
+
+TEST_CASE("replica: the initial copy takes the hot order's chunks first", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  Rig rig(seed);
+  auto recording = std::make_shared<RecordingTarget>(rig.target);
+  auto r = Replica::open(recording, rig.layout, {rig.pool, rig.primary}, rig.opts, "recording");
+  REQUIRE(r);
+  rig.replica = std::move(*r);
+  // Segment offsets (not chunk-aligned; one repeated, one past the end):
+  // chunks 6, 1 and 4 go first, each once, then the rest by offset.
+  rig.replica->set_hot_order({6 * kMiB + 4096, 1 * kMiB, 6 * kMiB, 4 * kMiB + 65536, 64 * kMiB});
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, /*whole=*/true));
+  rig.expect_equal();
+  std::vector<uint64_t> primary_chunks;
+  {
+    std::lock_guard<std::mutex> lock(recording->mu);
+    for (uint64_t off : recording->offsets) {
+      const uint64_t c = (off - rig.layout.primary_offset()) / kMiB;
+      if (off >= rig.layout.primary_offset() &&
+          std::find(primary_chunks.begin(), primary_chunks.end(), c) == primary_chunks.end()) {
+        primary_chunks.push_back(c);
+      }
+    }
+  }
+  INFO("seed " << seed);
+  REQUIRE(primary_chunks.size() >= 8);
+  CHECK(std::vector<uint64_t>(primary_chunks.begin(), primary_chunks.begin() + 8) ==
+        std::vector<uint64_t>{6, 1, 4, 0, 2, 3, 5, 7});
 }
 
 // Checks, before every request the shipper sends to the target, what a
