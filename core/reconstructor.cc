@@ -126,25 +126,62 @@ void Reconstructor::read_async(uint64_t seq, uint64_t offset, uint64_t length, u
     post([done = std::move(done), st] { done(st, ReplayCost{}); });
     return;
   }
+  // Pieces: a run of consecutive segments that come from the primary at
+  // `seq` is read in one request (one large read of the primary, not one
+  // per segment: on a remote primary such as RBD that is what keeps a
+  // restore near the device's sequential speed); every other segment on
+  // its own. A run the store cannot serve whole (a write raced) falls back
+  // to segment by segment.
+  struct Piece {
+    uint64_t first, last;  // segments
+    bool primary;
+  };
   const uint64_t first = offset / seg_bytes_;
   const uint64_t last = (offset + length - 1) / seg_bytes_;
-  auto f = std::make_shared<Fanout>();
-  f->left = last - first + 1;
-  f->done = std::move(done);
+  std::vector<Piece> pieces;
   for (uint64_t s = first; s <= last; ++s) {
-    post([this, f, s, seq, offset, length, out] {
-      const uint64_t seg_start = s * seg_bytes_;
-      const uint64_t from = std::max(offset, seg_start);
-      const uint64_t to = std::min(offset + length, seg_start + seg_bytes_);
+    const bool primary = store_.source_of(s, seq) == ShadowStore::kFromPrimary;
+    if (primary && !pieces.empty() && pieces.back().primary && pieces.back().last + 1 == s &&
+        (s - pieces.back().first + 1) * seg_bytes_ <= kMaxPrimaryRunBytes) {
+      pieces.back().last = s;
+    } else {
+      pieces.push_back({s, s, primary});
+    }
+  }
+  auto f = std::make_shared<Fanout>();
+  f->left = pieces.size();
+  f->done = std::move(done);
+  for (const Piece& p : pieces) {
+    post([this, f, p, seq, offset, length, out] {
+      // The bytes of the request inside segments [s0, s1].
+      auto span_of = [&](uint64_t s0, uint64_t s1) {
+        return std::pair{std::max(offset, s0 * seg_bytes_),
+                         std::min(offset + length, (s1 + 1) * seg_bytes_)};
+      };
       ReplayCost c;
-      auto data = segment(seq, s, &c);
       Status st;
-      if (!data) {
-        st = data.status();
-      } else if ((*data)->size() < to - seg_start) {
-        st = Status::error(Status::Code::kCorruption, "reconstructed segment is short", EIO);
-      } else {
-        std::memcpy(out + (from - offset), (*data)->data() + (from - seg_start), to - from);
+      bool served = false;
+      if (p.primary) {
+        const auto [from, to] = span_of(p.first, p.last);
+        auto r = store_.read_primary_at(from, to - from, seq, out + (from - offset));
+        if (!r) {
+          st = r.status();
+        } else if (*r) {
+          served = true;
+          c.segments = c.from_primary = p.last - p.first + 1;
+        }
+      }
+      for (uint64_t s = p.first; st && !served && s <= p.last; ++s) {
+        const uint64_t seg_start = s * seg_bytes_;
+        const auto [from, to] = span_of(s, s);
+        auto data = segment(seq, s, &c);
+        if (!data) {
+          st = data.status();
+        } else if ((*data)->size() < to - seg_start) {
+          st = Status::error(Status::Code::kCorruption, "reconstructed segment is short", EIO);
+        } else {
+          std::memcpy(out + (from - offset), (*data)->data() + (from - seg_start), to - from);
+        }
       }
       bool last_one;
       {

@@ -4,7 +4,8 @@
 // The content of a range at seq S is, per segment, what ShadowStore::
 // reconstruct_at(segment, S) returns: the newest version at or before S plus
 // the segment's journal records up to S, or the primary where the segment
-// was not written after S. Segments are reconstructed in parallel on a small
+// was not written after S (a run of such segments is read from the primary
+// in one request). Segments are reconstructed in parallel on a small
 // pool of worker threads, and segments built from versions are kept in a
 // bounded LRU cache (a past state never changes, so a cached segment stays
 // valid for as long as S is inside the retention window).
@@ -83,6 +84,8 @@ class Reconstructor {
   Segment cached(const Key& k);
   void remember(const Key& k, Segment v);
   void post(std::function<void()> job);
+  // The longest run of from-primary segments read in one request.
+  static constexpr uint64_t kMaxPrimaryRunBytes = uint64_t{8} << 20;
   void worker();
 
   ShadowStore& store_;

@@ -425,6 +425,8 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     }
     return kFromVersion;
   }
+  Result<bool> read_primary_at(uint64_t offset, uint64_t length, uint64_t seq,
+                               uint8_t* out) override;
   std::vector<uint64_t> segments_changed_after(uint64_t seq) const override {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<uint64_t> out;
@@ -1631,6 +1633,51 @@ void StoreImpl::retire(Batch& b, bool& broken) {
   for (Item* it : b.items) {
     it->loop->post([it] { it->proceed(); });
   }
+}
+
+Result<bool> StoreImpl::read_primary_at(uint64_t offset, uint64_t length, uint64_t seq,
+                                        uint8_t* out) {
+  if (length == 0) return true;
+  if (offset + length > primary_->size_bytes() || offset + length < offset) {
+    return Status::out_of_range("read beyond the end of the device");
+  }
+  const uint64_t first = offset >> shift_, last = (offset + length - 1) >> shift_;
+  std::vector<uint64_t> gens(last - first + 1, 0);
+  // reconstruct()'s from-primary rule for every segment; `note` records the
+  // generations, else they must not have changed.
+  auto from_primary_locked = [&](bool note) {
+    if (degraded_ || seq < window_seq_) return false;
+    for (uint64_t s = first; s <= last; ++s) {
+      auto f = segs_.find(s);
+      const uint64_t g = f == segs_.end() ? 0 : f->second.gen;
+      if (f != segs_.end()) {
+        const Seg& sg = f->second;
+        if (sg.inflight != 0 || (!sg.records.empty() && sg.records.back().seq > seq)) return false;
+      }
+      if (note) {
+        gens[s - first] = g;
+      } else if (gens[s - first] != g) {
+        return false;
+      }
+    }
+    return true;
+  };
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!from_primary_locked(true)) return false;
+  }
+  // Through an aligned bounce buffer (the primary may be opened O_DIRECT).
+  const uint64_t a0 = offset & ~(kB - 1);
+  const uint64_t a1 = std::min(primary_->size_bytes(), (offset + length + kB - 1) & ~(kB - 1));
+  ABuf a = aligned_buf(a1 - a0);
+  Status st = sync_io(*primary_, BlockOpKind::kRead, a0, a1 - a0, a.get());
+  if (!st) return st;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!from_primary_locked(false)) return false;
+  }
+  std::memcpy(out, a.get() + (offset - a0), length);
+  return true;
 }
 
 Result<std::vector<uint8_t>> StoreImpl::read_primary(uint64_t seg) {

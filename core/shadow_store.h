@@ -310,6 +310,14 @@ class ShadowStore {
   // Where reconstruct_at(segment, seq) would take the content from, without
   // reading anything (SourceFlags).
   virtual uint32_t source_of(uint64_t segment, uint64_t seq) const = 0;
+  // Bytes [offset, offset + length) at `seq` in one read of the primary, when
+  // every segment they touch would come from the primary (reconstruct_at's
+  // rule) before and after the read: true if `out` holds them; false if
+  // not (a segment has a later record, a write is in flight or raced with
+  // the read, the history is degraded, or `seq` is before the window), and
+  // then the caller reconstructs segment by segment.
+  virtual Result<bool> read_primary_at(uint64_t offset, uint64_t length, uint64_t seq,
+                                       uint8_t* out) = 0;
   // Segments with a journal record after `seq` (ascending): what a rollback
   // to `seq` rewrites.
   virtual std::vector<uint64_t> segments_changed_after(uint64_t seq) const = 0;

@@ -504,6 +504,7 @@ class FakeStore final : public ShadowStore {
   void unpin(int64_t) override {}
   Result<SegmentAt> reconstruct_at(uint64_t, uint64_t) override { return Status::not_supported("fake"); }
   uint32_t source_of(uint64_t, uint64_t) const override { return kFromPrimary; }
+  Result<bool> read_primary_at(uint64_t, uint64_t, uint64_t, uint8_t*) override { return false; }
   std::vector<uint64_t> segments_changed_after(uint64_t) const override { return {}; }
   uint64_t stable_seq() const override { return st.last_seq; }
   VerifyReport verify_pool() override { return {}; }
