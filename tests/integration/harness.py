@@ -12,7 +12,11 @@ Environment:
   SHADOWD                path of the shadowd binary (set by ctest)
   SHADOWCTL              path of the shadowctl binary (set by ctest)
   SHADOWD_TEST_LOG_LEVEL log level passed to shadowd (default "info")
-  SHADOWD_TEST_KEEP      if set, keep the temporary directory
+  SHADOWD_TEST_KEEP      if set, keep the temporary directory (and RBD image)
+  SHADOWD_TEST_RBD_CONF  with SHADOWD_TEST_RBD_POOL: serve RBD images, not
+  SHADOWD_TEST_RBD_POOL  files (see "RBD backing" below)
+  SHADOWD_TEST_RBD_OBJECT_SIZE  the images' object size (rbd import
+                         --object-size; default Ceph's, 4 MiB)
 
 A daemon with a shadow pool: make_pool_file() preallocates a pool file,
 Daemon(pool=..., pool_init=True) passes --pool/--init, Daemon.crash() kills
@@ -20,6 +24,18 @@ it with SIGKILL (a crash, not a failure of the test), ShadowCtl runs the real
 shadowctl against the daemon's control socket, run_shadowd() runs a shadowd
 that is expected to refuse to start, and wait_until() polls a condition of
 the daemon's background threads with a deadline.
+
+RBD backing (opt-in): with SHADOWD_TEST_RBD_CONF (a ceph.conf) and
+SHADOWD_TEST_RBD_POOL (a pool with the rbd application) both set, a Daemon
+the test gives no ``backing=`` still makes its sparse file (and runs
+``init_backing`` on it), then `rbd import`s it into a new, uniquely named
+image, deletes the file and starts shadowd with ``--backing
+rbd:POOL/IMAGE:conf=CONF``; the image is removed when the daemon is done
+with.  ``d.backing`` is then that rbd: spec, not a path: tests look at the
+backing through ``d.read_backing()``, ``d.backing_sha256()``,
+``d.backing_size()`` and ``d.backing_allocated()`` (the rbd CLI under RBD),
+and ``d.backing_is_rbd`` tells them apart.  tests/ceph/test_rbd_suites.py
+runs the NBD client tests this way against a throwaway cluster.
 """
 
 import contextlib
@@ -28,6 +44,7 @@ import ctypes.util
 import hashlib
 import os
 import random
+import secrets
 import select
 import shutil
 import signal
@@ -200,6 +217,46 @@ def wait_process(proc, timeout):
 
 
 # --------------------------------------------------------------------------
+# RBD images as the backing (SHADOWD_TEST_RBD_CONF / SHADOWD_TEST_RBD_POOL)
+
+
+RBD_TIMEOUT = 120  # one rbd command: a failure guard
+
+
+def rbd_target():
+    """(conf, pool) when the tests are to run on RBD images, else None."""
+    conf = os.environ.get("SHADOWD_TEST_RBD_CONF")
+    pool = os.environ.get("SHADOWD_TEST_RBD_POOL")
+    if not conf and not pool:
+        return None
+    if not (conf and pool):
+        raise RuntimeError("set both SHADOWD_TEST_RBD_CONF and SHADOWD_TEST_RBD_POOL, or neither")
+    return conf, pool
+
+
+def rbd_cli(conf, *args, timeout=RBD_TIMEOUT, quiet=False):
+    """Run rbd -c CONF ARGS; return stdout (bytes); raise with stderr on failure."""
+    cmd = ["rbd", "-c", conf, *[str(a) for a in args]]
+    if not quiet:
+        log("+ " + " ".join(cmd))
+    p = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, timeout=timeout)
+    if p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed with exit {p.returncode}: "
+                             f"{p.stderr.decode(errors='replace').strip()}")
+    return p.stdout
+
+
+_rbd_images_made = 0
+
+
+def _new_rbd_image_name(prefix):
+    global _rbd_images_made
+    _rbd_images_made += 1
+    return f"{prefix}-{os.getpid()}-{_rbd_images_made}-{secrets.token_hex(3)}"
+
+
+# --------------------------------------------------------------------------
 # The daemon
 
 
@@ -214,6 +271,10 @@ class Daemon:
         d.unix_path, d.port, d.uri_unix, d.uri_tcp, d.backing
 
     backing=False starts it without --backing (for --restore-from).
+
+    With SHADOWD_TEST_RBD_CONF/SHADOWD_TEST_RBD_POOL set and no backing=,
+    the sparse file becomes an RBD image (module docstring); the
+    read_backing()/backing_*() helpers look at the backing either way.
     """
 
     def __init__(self, size=64 * MiB, read_only=False, extra_args=(),
@@ -250,6 +311,8 @@ class Daemon:
         self.notify_messages = []
         self.returncode = None
         self._stderr_dumped = False
+        self.rbd_conf = None
+        self.rbd_image = None  # "POOL/IMAGE" of the image made for this daemon
 
     # --- properties
     @property
@@ -285,6 +348,9 @@ class Daemon:
                 f.truncate(self.size)  # sparse
             if self.init_backing is not None:
                 self.init_backing(self.backing)
+            target = rbd_target()
+            if target is not None:
+                self._backing_to_rbd(*target)
         else:
             self.backing = self._backing_arg
         self.unix_path = os.path.join(self.tmpdir, "nbd.sock") if self.want_unix else None
@@ -338,6 +404,71 @@ class Daemon:
         self._wait_ready()
         log(f"[{self.name}] ready (pid {self.proc.pid}); unix={self.unix_path} "
             f"tcp=127.0.0.1:{self.port}")
+
+    def _backing_to_rbd(self, conf, pool):
+        """Import the prepared sparse file into a new image (`rbd import`
+        skips runs of zeroes: as thin as the file, and as fast as `rbd
+        create` for an empty one), then serve the image instead."""
+        image = f"{pool}/{_new_rbd_image_name(self.name)}"
+        # RBD finds holes in whole objects: SHADOWD_TEST_RBD_OBJECT_SIZE
+        # (e.g. 4K) gives the block-status checks a file's granularity.
+        osize = os.environ.get("SHADOWD_TEST_RBD_OBJECT_SIZE")
+        rbd_cli(conf, "import", "--no-progress", *(["--object-size", osize] if osize else []),
+                self.backing, image)
+        self.rbd_conf = conf
+        self.rbd_image = image
+        os.unlink(self.backing)  # nothing may read a stale copy
+        self.backing = f"rbd:{image}:conf={conf}"
+        log(f"[{self.name}] backing: RBD image {image}")
+
+    @property
+    def backing_is_rbd(self):
+        return self.rbd_image is not None
+
+    def read_backing(self, offset=0, length=None):
+        """The backing's bytes [offset, offset+length) (to its end without
+        length): a read of the file, or under RBD an `rbd export` of the
+        whole image (it opens it read-only: shadowd keeps its lock)."""
+        if not self.backing_is_rbd:
+            with open(self.backing, "rb") as f:
+                f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        data = rbd_cli(self.rbd_conf, "export", "--no-progress", self.rbd_image, "-", quiet=True)
+        return data[offset:] if length is None else data[offset:offset + length]
+
+    def backing_sha256(self):
+        if not self.backing_is_rbd:
+            return sha256_file(self.backing)
+        return sha256_bytes(self.read_backing())
+
+    def backing_size(self):
+        """The file's st_size or the image's size."""
+        if not self.backing_is_rbd:
+            return os.stat(self.backing).st_size
+        import json as _json
+        return _json.loads(rbd_cli(self.rbd_conf, "info", "--format", "json", self.rbd_image,
+                                   quiet=True))["size"]
+
+    def backing_allocated(self):
+        """Bytes of the backing that hold storage: the file's blocks, or the
+        extents `rbd diff` lists (whole 4 MiB objects with fast-diff)."""
+        if not self.backing_is_rbd:
+            return os.stat(self.backing).st_blocks * 512
+        import json as _json
+        rows = _json.loads(rbd_cli(self.rbd_conf, "diff", "--format", "json", self.rbd_image,
+                                   quiet=True))
+        return sum(r["length"] for r in rows if r.get("exists") in (True, "true"))
+
+    def _remove_rbd_image(self):
+        if self.rbd_image is None:
+            return
+        if os.environ.get("SHADOWD_TEST_KEEP"):
+            log(f"[{self.name}] keeping RBD image {self.rbd_image}")
+            return
+        try:
+            rbd_cli(self.rbd_conf, "rm", "--no-progress", self.rbd_image)
+        except Exception as e:  # noqa: BLE001 — a leftover image in a throwaway cluster
+            log(f"[{self.name}] could not remove RBD image {self.rbd_image}: {e}")
 
     def _recv_notify(self, timeout):
         """Wait for one notify datagram or the daemon's exit.
@@ -421,7 +552,8 @@ class Daemon:
 
     def stderr_text(self):
         try:
-            with open(self.stderr_path, "rb") as f:
+            # No stderr_path yet: it failed before starting shadowd.
+            with open(getattr(self, "stderr_path", None) or os.devnull, "rb") as f:
                 return f.read().decode(errors="replace")
         except OSError:
             return ""
@@ -453,6 +585,7 @@ class Daemon:
             self._stderr_f.close()
         except Exception:
             pass
+        self._remove_rbd_image()
         if os.environ.get("SHADOWD_TEST_KEEP"):
             log(f"[{self.name}] keeping {self.tmpdir}")
         else:

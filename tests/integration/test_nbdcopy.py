@@ -55,7 +55,7 @@ def test():
         with checks.check("nbdcopy file -> export with --connections=4"):
             run(["nbdcopy", "--connections=4", "--requests=16", "--flush", "--progress",
                  src, d.uri_unix])
-            expect_eq(sha256_file(d.backing), want, "backing file sha256 after copy in")
+            expect_eq(d.backing_sha256(), want, "backing file sha256 after copy in")
 
         with checks.check("nbdcopy export -> new file with --connections=4"):
             run(["nbdcopy", "--connections=4", "--requests=16", "--progress", d.uri_unix, back])

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import nbd  # noqa: E402  (python3-libnbd, /usr/bin/python3)
 
 from harness import (MiB, Checks, Daemon, expect, expect_eq, log, main,  # noqa: E402
-                     make_rng, run, sha256_file)
+                     make_rng, run)
 
 SIZE = 64 * MiB
 MAX_PAYLOAD = 32 * MiB
@@ -141,7 +141,7 @@ def test():
 
     with Daemon(size=SIZE, read_only=True, name="shadowd-ro", checks=checks,
                 init_backing=lambda p: _fill(p, rng)) as d:
-        before = sha256_file(d.backing)
+        before = d.backing_sha256()
         with checks.check("read-only export: is_read_only"):
             check_export_json(nbdinfo_json(d.uri_unix), "disk", SIZE, read_only=True)
             check_export_json(nbdinfo_json(d.uri_tcp), "disk", SIZE, read_only=True)
@@ -150,7 +150,7 @@ def test():
             _, out = run(["nbdinfo", "--list", f"nbd+unix:///?socket={d.unix_path}"])
             expect("is_read_only: true" in out, "--list does not show is_read_only: true")
         with checks.check("read-only backing unchanged"):
-            expect_eq(sha256_file(d.backing), before, "backing sha256")
+            expect_eq(d.backing_sha256(), before, "backing sha256")
         checks.finish()
 
 

@@ -42,7 +42,7 @@ def test():
         with checks.check("qemu-img compare: export equals the source"):
             rc, _ = run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, uri], check=False)
             expect_eq(rc, 0, "qemu-img compare exit code")
-            expect_eq(sha256_file(d.backing), sha256_file(src), "backing file sha256")
+            expect_eq(d.backing_sha256(), sha256_file(src), "backing file sha256")
 
         with checks.check("qemu-img compare detects a difference (compare is not vacuous)"):
             other = os.path.join(work, "other.raw")

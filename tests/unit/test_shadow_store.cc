@@ -4,6 +4,8 @@
 // acknowledged write.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+
 #include <chrono>
 #include <map>
 #include <memory>
@@ -1191,6 +1193,36 @@ TEST_CASE("restore: segments changed after a seq, sources and stable seq", "[res
   REQUIRE(rep.zones_scanned >= 1);
   REQUIRE(rep.versions_checked == 2);  // the two copy-on-first-write versions
   REQUIRE(rep.records_checked > 3);
+}
+
+TEST_CASE("restore: read_primary_at serves a run only when every segment is the primary's",
+          "[restore]") {
+  Rig rig(test::test_seed());
+  std::vector<uint8_t> d(kSeg / 2, 0x42);
+  REQUIRE(rig.io(BlockOpKind::kWrite, 2 * kSeg + 100, 1000, d.data()));  // seq 1: segment 2
+  rig.clock.advance_ns(kMs);
+  REQUIRE(rig.io(BlockOpKind::kWrite, 5 * kSeg, 4096, d.data()));  // seq 2: segment 5
+  std::vector<uint8_t> want(8 * kSeg), got(3 * kSeg + 123, 0xEE);
+  REQUIRE(run_sync(*rig.primary, BlockOpKind::kRead, 0, want.size(), want.data()));
+  // Segments 0..2 at seq 1: all from the primary (segment 2's record is at
+  // seq 1); an unaligned range across them comes back whole.
+  auto r = rig.store->read_primary_at(77, 2 * kSeg + 500, 1, got.data());
+  REQUIRE(r);
+  REQUIRE(*r);
+  REQUIRE(std::equal(got.begin(), got.begin() + 2 * kSeg + 500, want.begin() + 77));
+  // At seq 0 segment 2 has a later record: not served, `out` untouched.
+  std::fill(got.begin(), got.end(), 0xEE);
+  r = rig.store->read_primary_at(0, 3 * kSeg, 0, got.data());
+  REQUIRE(r);
+  REQUIRE_FALSE(*r);
+  REQUIRE(std::all_of(got.begin(), got.end(), [](uint8_t b) { return b == 0xEE; }));
+  // Segments 3..4 never written: served at seq 0; 4..5 at seq 1 is not (5).
+  r = rig.store->read_primary_at(3 * kSeg, 2 * kSeg, 0, got.data());
+  REQUIRE((r && *r));
+  r = rig.store->read_primary_at(4 * kSeg, 2 * kSeg, 1, got.data());
+  REQUIRE((r && !*r));
+  // Past the end: an error, not a fallback.
+  REQUIRE_FALSE(rig.store->read_primary_at(7 * kSeg, 2 * kSeg, 2, got.data()));
 }
 
 TEST_CASE("restore: verify finds a damaged record", "[restore]") {
