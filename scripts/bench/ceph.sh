@@ -14,11 +14,13 @@
 #    Prints IOPS or MB/s and the ratios to shadowd without a replica (target:
 #    async >= 0.9), and for the replica rows the replication lag p50/p99 over
 #    the run (target p99 <= 5 s) and whether it fell behind.
-# 2. Restore from the replica: after the async rows, `shadowctl restore
+# 2. Restore from the replica: after the last row, `shadowctl restore
 #    --from rbd:... --at now --output FILE` of the whole device against
-#    `rbd export` of an image of the same size (target >= 0.7), and against
-#    `rbd export` followed by sync(1) (the restore ends synced, the export
-#    does not); medians of BENCH_RESTORE_RUNS alternating runs.
+#    `rbd export` of two images of the same size: the one qemu-nbd served
+#    (written by the same fio jobs; target >= 0.7) and one imported in
+#    order; each export also with sync(1) after it (the restore ends
+#    synced, the export does not); medians of BENCH_RESTORE_RUNS
+#    alternating runs.
 #
 # Results also go, as JSON, to var/bench/ceph-<timestamp>.json.
 #
@@ -118,40 +120,6 @@ start_shadowd async --replica "$replica"
 wait_in_sync
 run_jobs shadowd+async
 stop_server
-# Restore from the replica (the async run's last state) against rbd export,
-# RESTORE_RUNS times each, alternating (the medians are compared: this VM's
-# disk varies a lot from run to run). The restore ends with the output
-# synced (fdatasync), rbd export does not sync: "rbd export + sync" times
-# the same export followed by sync(1), the like-for-like figure.
-rm -f "$work/restore.seconds" "$work/export.seconds" "$work/export-sync.seconds"
-preallocate "$work/random.img" "$size"
-prefill "$work/random.img" "$size"
-rbdc import --no-progress "$work/random.img" shadowd/same-size >/dev/null 2>&1 ||
-  die "rbd import failed"
-rm -f "$work/random.img"
-elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f\n", b - a }'; }
-for ((run = 1; run <= restore_runs; run++)); do
-  log "restore --from the replica, then rbd export (run $run of $restore_runs)"
-  sync
-  t0=$(date +%s.%N)
-  SHADOWD=$shadowd_bin "$shadowctl_bin" --json restore --from "$replica" --at now \
-    --output "$work/restored.img" --no-progress >"$work/restore.json" 2>"$work/restore.err" ||
-    die "restore --from failed: $(tail -n 5 "$work/restore.err")"
-  t1=$(date +%s.%N)
-  elapsed "$t0" "$t1" >>"$work/restore.seconds"
-  rm -f "$work/restored.img"
-  sync
-  t0=$(date +%s.%N)
-  rbdc export --no-progress shadowd/same-size "$work/exported.img" 2>"$work/export.err" ||
-    die "rbd export failed: $(tail -n 5 "$work/export.err")"
-  t1=$(date +%s.%N)
-  sync
-  t2=$(date +%s.%N)
-  elapsed "$t0" "$t1" >>"$work/export.seconds"
-  elapsed "$t0" "$t2" >>"$work/export-sync.seconds"
-  rm -f "$work/exported.img"
-done
-
 start_shadowd sync --replica "$replica" --replica-sync
 wait_in_sync
 run_jobs shadowd+sync
@@ -163,6 +131,45 @@ start_polled 30 "$work/qemu-nbd.log" "$uri" \
   die "qemu-nbd did not start: $(tail -n 5 "$work/qemu-nbd.log")"
 run_jobs qemu-nbd-rbd
 stop_server
+
+# Restore from the replica (the sync run's last state) against rbd export of
+# two images of the same size: "direct", which took the same fio jobs
+# through qemu-nbd (objects written the same way: on memstore a randomly
+# written image reads at a third of the speed of one written in order), and
+# "fresh", imported in one sequential pass. RESTORE_RUNS times each,
+# alternating; the medians are compared (this VM's disk varies a lot from
+# run to run). The restore ends with the output synced (fdatasync); rbd
+# export does not sync, so each export is also timed with sync(1) after it.
+rm -f "$work"/*.seconds
+preallocate "$work/random.img" "$size"
+prefill "$work/random.img" "$size"
+rbdc import --no-progress "$work/random.img" shadowd/fresh >/dev/null 2>&1 ||
+  die "rbd import failed"
+rm -f "$work/random.img"
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.6f\n", b - a }'; }
+for ((run = 1; run <= restore_runs; run++)); do
+  log "restore --from the replica, then rbd export of direct and fresh (run $run of $restore_runs)"
+  sync
+  t0=$(date +%s.%N)
+  SHADOWD=$shadowd_bin "$shadowctl_bin" --json restore --from "$replica" --at now \
+    --output "$work/restored.img" --no-progress >"$work/restore.json" 2>"$work/restore.err" ||
+    die "restore --from failed: $(tail -n 5 "$work/restore.err")"
+  t1=$(date +%s.%N)
+  elapsed "$t0" "$t1" >>"$work/restore.seconds"
+  rm -f "$work/restored.img"
+  for image in direct fresh; do
+    sync
+    t0=$(date +%s.%N)
+    rbdc export --no-progress "shadowd/$image" "$work/exported.img" 2>"$work/export.err" ||
+      die "rbd export failed: $(tail -n 5 "$work/export.err")"
+    t1=$(date +%s.%N)
+    sync
+    t2=$(date +%s.%N)
+    elapsed "$t0" "$t1" >>"$work/export-$image.seconds"
+    elapsed "$t0" "$t2" >>"$work/export-$image-sync.seconds"
+    rm -f "$work/exported.img"
+  done
+done
 
 bench_py "$work" "$size" "$runtime" "$out_json" "$(q "$0")" <<'EOF'
 import statistics
@@ -201,24 +208,26 @@ for r in ("shadowd+async", "shadowd+sync"):
 print(f"  lag p99 target <= 5 s: {'met' if worst <= 5 else 'MISSED'}")
 def runs(name):
     return [float(x) for x in open(f"{work}/{name}.seconds").read().split()]
-rs_all, es_all, ess_all = runs("restore"), runs("export"), runs("export-sync")
-rs, es, ess = statistics.median(rs_all), statistics.median(es_all), statistics.median(ess_all)
-r = json.load(open(f"{work}/restore.json"))
-total = r["size_bytes"]
-doc["restore"] = {"restore_from_seconds": rs, "rbd_export_seconds": es,
-                  "rbd_export_sync_seconds": ess, "runs": {"restore_from": rs_all,
-                  "rbd_export": es_all, "rbd_export_sync": ess_all}, "summary": r}
 def fmt(xs):
     return ", ".join(f"{x:.2f}" for x in xs)
-print(f"\nrestore --from the replica and rbd export ({total / 2**30:.2f} GiB), median of {len(rs_all)} runs each")
-print(f"  restore --from (shadowd start, stop and fdatasync included): {rs:.2f} s, "
-      f"{total / rs / 2**20:.1f} MiB/s  [{fmt(rs_all)}]")
-print(f"  rbd export of an image as large (not synced):              {es:.2f} s, "
-      f"{total / es / 2**20:.1f} MiB/s  [{fmt(es_all)}]")
-print(f"  rbd export + sync:                                          {ess:.2f} s, "
-      f"{total / ess / 2**20:.1f} MiB/s  [{fmt(ess_all)}]")
-print(f"  ratio to rbd export {es / rs:.2f}x (target >= 0.7: {'met' if es / rs >= 0.7 else 'MISSED'}); "
-      f"to rbd export + sync {ess / rs:.2f}x")
+r = json.load(open(f"{work}/restore.json"))
+total = r["size_bytes"]
+timed = {"restore --from (start, stop, fdatasync included)": runs("restore")}
+for image, what in (("direct", "same fio jobs"), ("fresh", "imported in order")):
+    timed[f"rbd export {image} ({what})"] = runs(f"export-{image}")
+    timed[f"rbd export {image} + sync"] = runs(f"export-{image}-sync")
+med = {k: statistics.median(v) for k, v in timed.items()}
+doc["restore"] = {"median_seconds": med, "runs": timed, "summary": r}
+print(f"\nrestore --from the replica and rbd export ({total / 2**30:.2f} GiB), median of "
+      f"{len(timed['restore --from (start, stop, fdatasync included)'])} runs each")
+for k, v in timed.items():
+    print(f"  {k:52s} {med[k]:6.2f} s {total / med[k] / 2**20:8.1f} MiB/s  [{fmt(v)}]")
+rs = med["restore --from (start, stop, fdatasync included)"]
+ed, ef = med["rbd export direct (same fio jobs)"], med["rbd export fresh (imported in order)"]
+eds, efs = med["rbd export direct + sync"], med["rbd export fresh + sync"]
+print(f"  ratio to rbd export of direct {ed / rs:.2f}x (target >= 0.7: {'met' if ed / rs >= 0.7 else 'MISSED'}); "
+      f"with sync {eds / rs:.2f}x")
+print(f"  ratio to rbd export of fresh  {ef / rs:.2f}x; with sync {efs / rs:.2f}x")
 print(f"\ncommand: {cmd}")
 finish(anomalies, "every server", doc, out_json)
 EOF
