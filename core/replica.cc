@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <cstring>
 #include <map>
 
@@ -19,6 +20,8 @@ constexpr uint64_t kBlock = 4096;        // the header block
 constexpr size_t kLagSamples = 4096;
 constexpr uint64_t kEntryOverhead = 64;  // backlog accounting of an entry without data
 constexpr uint64_t kMaxBatchBytes = 32ull << 20;
+// The largest request write_batch() makes of entries that touch end to end.
+constexpr uint64_t kMaxMergeBytes = 4ull << 20;
 
 uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
@@ -468,30 +471,59 @@ class Replica::Impl {
   }
 
   // Writes one epoch's entries to the target: many in flight, but an entry
-  // that overlaps an earlier one waits for it (the later one must land last).
+  // that overlaps an earlier one waits for it (the later one must land
+  // last). Within a wave (no overlaps) entries that touch end to end, of
+  // the same kind, go as one request of at most kMaxMergeBytes: the pool's
+  // journal appends and a client's sequential writes then cost the target
+  // one request per few MiB, not one per append (inside an epoch the order
+  // of writes does not matter: a crash may keep any subset of them).
   bool write_batch(const std::vector<Entry>& batch) {
-    std::vector<ShipOp> ops(batch.size());
+    std::deque<ShipOp> ops;                    // stable addresses
+    std::deque<std::vector<uint8_t>> merged;   // the buffers of merged writes
     std::vector<size_t> wave;
     std::map<uint64_t, uint64_t> ranges;  // target begin -> end of the current wave
     bool ok = true;
     auto flush_wave = [&] {
       if (wave.empty()) return;
+      std::sort(wave.begin(), wave.end(), [&](size_t a, size_t b) {
+        return target_offset(batch[a]) < target_offset(batch[b]);
+      });
       std::vector<ShipOp*> w;
-      for (size_t i : wave) w.push_back(&ops[i]);
+      for (size_t i = 0; i < wave.size();) {
+        const Entry& e = batch[wave[i]];
+        const uint64_t begin = target_offset(e);
+        uint64_t end = begin + e.len;
+        size_t j = i + 1;
+        while (j < wave.size() && batch[wave[j]].kind == e.kind &&
+               target_offset(batch[wave[j]]) == end && end + batch[wave[j]].len - begin <= kMaxMergeBytes) {
+          end += batch[wave[j]].len;
+          ++j;
+        }
+        ShipOp& op = ops.emplace_back();
+        op.kind = e.kind == Entry::Kind::kData   ? BlockOpKind::kWrite
+                  : e.kind == Entry::Kind::kZero ? BlockOpKind::kWriteZeroes
+                                                 : BlockOpKind::kTrim;
+        op.offset = begin;
+        op.length = end - begin;
+        op.buf = e.data.empty() ? nullptr : const_cast<uint8_t*>(e.data.data());
+        if (j > i + 1 && e.kind == Entry::Kind::kData) {
+          std::vector<uint8_t>& buf = merged.emplace_back();
+          buf.reserve(end - begin);
+          for (size_t k = i; k < j; ++k) {
+            buf.insert(buf.end(), batch[wave[k]].data.begin(), batch[wave[k]].data.end());
+          }
+          op.buf = buf.data();
+        }
+        w.push_back(&op);
+        i = j;
+      }
       ok = submit_all(w) && ok;
       wave.clear();
       ranges.clear();
     };
     for (size_t i = 0; i < batch.size(); ++i) {
       const Entry& e = batch[i];
-      ShipOp& op = ops[i];
-      op.kind = e.kind == Entry::Kind::kData   ? BlockOpKind::kWrite
-                : e.kind == Entry::Kind::kZero ? BlockOpKind::kWriteZeroes
-                                               : BlockOpKind::kTrim;
-      op.offset = area_offset(e.area) + e.off;
-      op.length = e.len;
-      op.buf = e.data.empty() ? nullptr : const_cast<uint8_t*>(e.data.data());
-      const uint64_t b = op.offset, end = op.offset + op.length;
+      const uint64_t b = target_offset(e), end = b + e.len;
       auto it = ranges.upper_bound(b);
       bool overlap = it != ranges.end() && it->first < end;
       if (!overlap && it != ranges.begin()) overlap = std::prev(it)->second > b;
@@ -502,6 +534,8 @@ class Replica::Impl {
     flush_wave();
     return ok;
   }
+
+  uint64_t target_offset(const Entry& e) const { return area_offset(e.area) + e.off; }
 
   // One dirty chunk copied (or, with none left, the switch to in sync).
   void copy_dirty() {

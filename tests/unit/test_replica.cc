@@ -12,6 +12,7 @@
 #include <mutex>
 #include <thread>
 
+#include "core/gate_backend.h"
 #include "core/memory_backend.h"
 #include "core/replica.h"
 #include "tests/unit/test_util.h"
@@ -166,6 +167,45 @@ TEST_CASE("replica: the initial copy takes the hot order's chunks first", "[repl
   REQUIRE(primary_chunks.size() >= 8);
   CHECK(std::vector<uint64_t>(primary_chunks.begin(), primary_chunks.begin() + 8) ==
         std::vector<uint64_t>{6, 1, 4, 0, 2, 3, 5, 7});
+}
+
+TEST_CASE("replica: writes that touch end to end in an epoch go as one request", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  Rig rig(seed);
+  auto gate = std::make_shared<GateBackend>(rig.target);
+  auto recording = std::make_shared<RecordingTarget>(gate);
+  auto r = Replica::open(recording, rig.layout, {rig.pool, rig.primary}, rig.opts, "recording");
+  REQUIRE(r);
+  rig.replica = std::move(*r);
+  rig.pool_tap = rig.replica->tap(0);
+  rig.primary_tap = rig.replica->tap(1);
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, /*whole=*/true));
+  const size_t before = [&] {
+    std::lock_guard<std::mutex> lock(recording->mu);
+    return recording->offsets.size();
+  }();
+  // 64 writes of 4 KiB that touch end to end, in reverse order, then a
+  // flush: one epoch. The gate holds the shipper's first request, so the
+  // other 63 wait in the queue and go in the next batch.
+  gate->pause();
+  std::vector<uint8_t> d(4096);
+  for (int i = 63; i >= 0; --i) {
+    for (auto& b : d) b = static_cast<uint8_t>(rig.rng());
+    REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 2 * kMiB + uint64_t(i) * 4096, 4096, d.data()));
+  }
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
+  gate->resume();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.expect_equal();
+  std::lock_guard<std::mutex> lock(recording->mu);
+  INFO("seed " << seed);
+  std::vector<uint64_t> data_writes;
+  for (size_t i = before; i < recording->offsets.size(); ++i) {
+    if (recording->offsets[i] >= rig.layout.primary_offset()) data_writes.push_back(recording->offsets[i]);
+  }
+  // The first write alone (held at the gate), then the other 63 as one.
+  CHECK(data_writes.size() == 2);
 }
 
 // Checks, before every request the shipper sends to the target, what a
