@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
 #include <cstring>
 #include <mutex>
@@ -47,6 +48,9 @@ std::vector<std::string> split_escaped(const std::string& s, char sep) {
 
 class RbdBackend final : public IoBackend {
  public:
+  // One extent_at() looks at most this far (a longer run is reported in parts).
+  static constexpr uint64_t kMaxExtentQuery = uint64_t{1} << 30;
+
   RbdBackend(rados_t cluster, rados_ioctx_t io, rbd_image_t image, BackendInfo info,
              std::string name)
       : cluster_(cluster), io_(io), image_(image), info_(info), name_(std::move(name)) {}
@@ -71,6 +75,7 @@ class RbdBackend final : public IoBackend {
   // rbd driver reports them.
   Result<Extent> extent_at(uint64_t offset, uint64_t max_len) override {
     if (!info_.can_extents || max_len == 0) return Extent{max_len, false};
+    max_len = std::min(max_len, kMaxExtentQuery);
     struct Query {
       uint64_t begin, end;           // the range asked about
       uint64_t first = UINT64_MAX;   // where the first existing extent starts
@@ -87,12 +92,15 @@ class RbdBackend final : public IoBackend {
         q.data_end = std::max<uint64_t>(q.data_end, off + len);
       } else {
         q.done = true;  // a hole after the first run: nothing more needed
+        return -ECANCELED;  // stops the iteration
       }
       return 0;
     };
     const int r = rbd_diff_iterate2(image_, nullptr, offset, max_len, /*include_parent=*/1,
                                     /*whole_object=*/1, on_extent, &q);
-    if (r < 0) return Extent{max_len, false};  // cannot tell: data, as the protocol allows
+    if (r < 0 && !(r == -ECANCELED && q.done)) {
+      return Extent{max_len, false};  // cannot tell: data, as the protocol allows
+    }
     if (q.first == UINT64_MAX || q.first >= q.end) return Extent{max_len, true};
     if (q.first > offset) return Extent{q.first - offset, true};
     return Extent{std::min(q.data_end, q.end) - offset, false};
@@ -345,6 +353,8 @@ Result<std::unique_ptr<IoBackend>> open_rbd_backend(const std::string& text,
     rados_conf_set(cluster, "rados_osd_op_timeout", t.c_str());
     rados_conf_set(cluster, "rados_mon_op_timeout", t.c_str());
   }
+  const bool cache_set = spec.options.count("rbd_cache") != 0;
+  if (opts.report_holes && !cache_set) rados_conf_set(cluster, "rbd_cache", "false");
   for (const auto& [k, v] : spec.options) {
     if ((r = rados_conf_set(cluster, k.c_str(), v.c_str())) < 0) {
       return give_up(r, "option " + k + "=" + v);
@@ -390,8 +400,11 @@ Result<std::unique_ptr<IoBackend>> open_rbd_backend(const std::string& text,
   // list each object, so the export then reports everything as data.
   uint64_t features = 0;
   uint64_t flags = 0;
-  info.can_extents = rbd_get_features(image, &features) == 0 && (features & RBD_FEATURE_FAST_DIFF) != 0 &&
-                     rbd_get_flags(image, &flags) == 0 && (flags & RBD_FLAG_FAST_DIFF_INVALID) == 0;
+  const bool cache_off = !cache_set || spec.options.at("rbd_cache") == "false" ||
+                        spec.options.at("rbd_cache") == "0";
+  info.can_extents = opts.report_holes && cache_off && rbd_get_features(image, &features) == 0 &&
+                     (features & RBD_FEATURE_FAST_DIFF) != 0 && rbd_get_flags(image, &flags) == 0 &&
+                     (flags & RBD_FLAG_FAST_DIFF_INVALID) == 0;
   spdlog::info("{}: {} bytes{}", name, size, read_only ? ", read-only" : ", exclusive lock held");
   return std::unique_ptr<IoBackend>(new RbdBackend(cluster, io, image, info, name));
 }

@@ -50,6 +50,12 @@ struct RbdBackendOptions {
   // spec sets it. A replica sets it, so that a cluster that is down makes
   // its requests fail and the replica fall behind, instead of hanging.
   unsigned op_timeout_s = 0;
+  // Report holes (NBD base:allocation) from the image's object map, when it
+  // has fast-diff. librbd's cache is then off unless the spec sets
+  // rbd_cache (with it on, no holes are reported): its writearound mode
+  // acknowledges a write before the object map records the new object, so
+  // a query right after the write could call written data zeroes.
+  bool report_holes = false;
 };
 
 Result<std::unique_ptr<IoBackend>> open_rbd_backend(const std::string& spec,

@@ -1643,10 +1643,17 @@ Result<bool> StoreImpl::read_primary_at(uint64_t offset, uint64_t length, uint64
   }
   const uint64_t first = offset >> shift_, last = (offset + length - 1) >> shift_;
   std::vector<uint64_t> gens(last - first + 1, 0);
+  uint64_t episode = 0;
   // reconstruct()'s from-primary rule for every segment; `note` records the
-  // generations, else they must not have changed.
+  // generations (and the degraded episodes: writes while degraded change
+  // the primary without a generation), else they must not have changed.
   auto from_primary_locked = [&](bool note) {
     if (degraded_ || seq < window_seq_) return false;
+    if (note) {
+      episode = episode_;
+    } else if (episode != episode_) {
+      return false;
+    }
     for (uint64_t s = first; s <= last; ++s) {
       auto f = segs_.find(s);
       const uint64_t g = f == segs_.end() ? 0 : f->second.gen;

@@ -1167,7 +1167,9 @@ std::optional<std::string> Output::write(uint64_t off, const unsigned char* data
   // Start the writeback now, without waiting for it: the pages then reach
   // the medium while the copy goes on, and the periodic fdatasync (before
   // each state save) finds little left to write instead of a burst.
-  ::sync_file_range(fd_, static_cast<off_t>(off0), static_cast<off_t>(len0), SYNC_FILE_RANGE_WRITE);
+  if (len0 > 0) {  // 0 would mean "to the end of the file"; a failure here is only a hint lost
+    ::sync_file_range(fd_, static_cast<off_t>(off0), static_cast<off_t>(len0), SYNC_FILE_RANGE_WRITE);
+  }
   return std::nullopt;
 }
 

@@ -174,7 +174,7 @@ void build_cli(CLI::App& app, Cli& cli) {
   opt(app, cli, "--busy-poll-us", &Config::busy_poll_us,
       "I/O threads spin up to this many microseconds for completions before sleeping "
       "(0..1000, default 100; trades CPU for latency, like qemu's poll-max-ns). Not with an "
-      "rbd: or nbd: backing, or a --replica or --restore-from on RBD: there the completions "
+      "rbd: or nbd: backing, or a --pool, --replica or --restore-from on RBD: there the completions "
       "come from threads of shadowd (librbd, libnbd) that need the CPU a spin would take");
   const std::string tls_group = "TLS (NBD_OPT_STARTTLS)";
   opt(app, cli, "--tls", &Config::tls,
@@ -428,14 +428,16 @@ constexpr size_t kReplicaHotSegments = 65536;
 
 // A device named by an rbd: spec (librbd; `rbd_op_timeout_s` as in
 // RbdBackendOptions) or by a path (a file or block device on io_uring).
+// `rbd_holes`: the image reports holes (the backing; see RbdBackendOptions).
 Result<std::unique_ptr<IoBackend>> open_device(
     const std::string& spec, bool read_only, bool break_lock, unsigned rbd_op_timeout_s = 0,
-    FileBackendOptions::Direct direct = FileBackendOptions::Direct::kAuto) {
+    FileBackendOptions::Direct direct = FileBackendOptions::Direct::kAuto, bool rbd_holes = false) {
   if (is_rbd_spec(spec)) {
     RbdBackendOptions ro;
     ro.read_only = read_only;
     ro.break_lock = break_lock;
     ro.op_timeout_s = rbd_op_timeout_s;
+    ro.report_holes = rbd_holes;
     return open_rbd_backend(spec, ro);
   }
   FileBackendOptions fo;
@@ -461,7 +463,8 @@ std::shared_ptr<IoBackend> open_primary(const Config& cfg) {
     backend = open_device(cfg.backing, cfg.read_only, cfg.rbd_break_lock, 0,
                           cfg.direct_io == "on"    ? FileBackendOptions::Direct::kOn
                           : cfg.direct_io == "off" ? FileBackendOptions::Direct::kOff
-                                                   : FileBackendOptions::Direct::kAuto);
+                                                   : FileBackendOptions::Direct::kAuto,
+                          /*rbd_holes=*/true);
   }
   if (!backend) {
     spdlog::error("{}", backend.status().message());
@@ -491,7 +494,8 @@ MonitorConfig monitor_config(const Config& cfg, uint64_t device_bytes) {
 // without; a local backing without replica, 14,900 against 14,600.
 bool spin_helps(const Config& cfg) {
   return !is_rbd_spec(cfg.backing) && !is_nbd_uri(cfg.backing) && !is_rbd_spec(cfg.replica) &&
-         !is_rbd_spec(cfg.restore_from);
+         !is_rbd_spec(cfg.restore_from) &&
+         std::none_of(cfg.pool.begin(), cfg.pool.end(), [](const std::string& p) { return is_rbd_spec(p); });
 }
 
 nbd::ServerOptions server_options(const Config& cfg) {

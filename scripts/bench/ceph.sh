@@ -41,6 +41,7 @@ size=${BENCH_SIZE:-1G}
 pool_size=${BENCH_POOL_SIZE:-1G}
 osd_size=${BENCH_OSD_SIZE:-12G}
 restore_runs=${BENCH_RESTORE_RUNS:-3}
+[[ $restore_runs =~ ^[1-9][0-9]*$ ]] || die "BENCH_RESTORE_RUNS must be a whole number >= 1"
 need_tools fio rbd qemu-nbd fallocate
 [[ -x $shadowd_bin && -x $shadowctl_bin ]] || build_shadowd "shadowd or shadowctl"
 size_b=$(to_bytes "$size")
@@ -135,7 +136,7 @@ stop_server
 # Restore from the replica (the sync run's last state) against rbd export of
 # two images of the same size: "direct", which took the same fio jobs
 # through qemu-nbd (objects written the same way: on memstore a randomly
-# written image reads at a third of the speed of one written in order), and
+# written image reads at about half the speed of one written in order), and
 # "fresh", imported in one sequential pass. RESTORE_RUNS times each,
 # alternating; the medians are compared (this VM's disk varies a lot from
 # run to run). The restore ends with the output synced (fdatasync); rbd

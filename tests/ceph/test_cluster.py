@@ -52,15 +52,19 @@ IMAGE = 64 * MiB
 def check_cluster(c, store):
     """Health, the mon's address, the OSD's store, the pool's settings."""
     # A warning can come and go right after an OSD restart (seen in CI:
-    # HEALTH_WARN just after start_osd() had seen HEALTH_OK): poll for a
-    # status that is OK, up to a minute, and name the checks if none is.
+    # HEALTH_WARN just after start_osd() had seen HEALTH_OK, and HEALTH_OK
+    # again while the PGs were still stale+active+clean, the manager not yet
+    # having heard from the new OSD): poll for a status that is OK with
+    # every PG active+clean, up to a minute, and name what is not.
     deadline = time.monotonic() + 60
     while True:
         s = c.ceph_json("-s")
         checks_seen = sorted(s["health"].get("checks", {}))
-        if s["health"]["status"] == "HEALTH_OK" or time.monotonic() > deadline:
+        states = [(x["state_name"], x["count"]) for x in s["pgmap"]["pgs_by_state"]]
+        if (s["health"]["status"] == "HEALTH_OK" and states == [("active+clean", 8)]) or \
+                time.monotonic() > deadline:
             break
-        log(f"health {s['health']['status']} {checks_seen}: polling")
+        log(f"health {s['health']['status']} {checks_seen}, PGs {states}: polling")
         time.sleep(0.25)
     expect_eq(s["health"]["status"], "HEALTH_OK", f"health (checks {checks_seen})")
     om = s["osdmap"].get("osdmap", s["osdmap"])

@@ -451,7 +451,7 @@ class Daemon:
 
     def backing_allocated(self):
         """Bytes of the backing that hold storage: the file's blocks, or the
-        extents `rbd diff` lists (whole 4 MiB objects with fast-diff)."""
+        extents `rbd diff` lists (per object extent; objects of 4 MiB by default)."""
         if not self.backing_is_rbd:
             return os.stat(self.backing).st_blocks * 512
         import json as _json

@@ -193,6 +193,11 @@ TEST_CASE("replica: writes that touch end to end in an epoch go as one request",
   for (int i = 63; i >= 0; --i) {
     for (auto& b : d) b = static_cast<uint8_t>(rig.rng());
     REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 2 * kMiB + uint64_t(i) * 4096, 4096, d.data()));
+    if (i == 63) {  // the shipper has taken it and waits at the gate
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (gate->held() == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::yield();
+      REQUIRE(gate->held() == 1);
+    }
   }
   REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));
   gate->resume();
