@@ -42,6 +42,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import hashlib
+import json as _json  # ShadowCtl has a method named json
 import os
 import random
 import secrets
@@ -445,7 +446,6 @@ class Daemon:
         """The file's st_size or the image's size."""
         if not self.backing_is_rbd:
             return os.stat(self.backing).st_size
-        import json as _json
         return _json.loads(rbd_cli(self.rbd_conf, "info", "--format", "json", self.rbd_image,
                                    quiet=True))["size"]
 
@@ -454,7 +454,6 @@ class Daemon:
         extents `rbd diff` lists (per object extent; objects of 4 MiB by default)."""
         if not self.backing_is_rbd:
             return os.stat(self.backing).st_blocks * 512
-        import json as _json
         rows = _json.loads(rbd_cli(self.rbd_conf, "diff", "--format", "json", self.rbd_image,
                                    quiet=True))
         return sum(r["length"] for r in rows if r.get("exists") in (True, "true"))
@@ -675,7 +674,6 @@ class ShadowCtl:
 
     def json(self, *args):
         """Run with --json; the reply must be ok and pure JSON."""
-        import json as _json
         rc, out, err = self.run(*args)
         if rc != 0:
             raise AssertionError(f"shadowctl --json {' '.join(map(str, args))}: exit {rc}: "
@@ -696,7 +694,6 @@ class ShadowCtl:
     def fails(self, code, *args):
         """Run with --json a command the daemon must refuse with ``code``:
         exit 1, the code on stderr and in the JSON reply."""
-        import json as _json
         rc, out, err = self.run(*args)
         if rc != 1:
             raise AssertionError(f"shadowctl {' '.join(map(str, args))}: exit {rc}, want 1 "

@@ -39,8 +39,9 @@ struct Rig {
     if (opts.resync_bytes_per_s == 64ull << 20) opts.resync_bytes_per_s = 0;
   }
 
-  void open() {
-    auto r = Replica::open(target, layout, {pool, primary}, opts, "memory");
+  // The replica over `through` (a layer over `target`), or the target itself.
+  void open(std::shared_ptr<IoBackend> through = nullptr, const char* name = "memory") {
+    auto r = Replica::open(through ? through : target, layout, {pool, primary}, opts, name);
     REQUIRE(r);
     replica = std::move(*r);
     pool_tap = replica->tap(0);
@@ -143,9 +144,7 @@ TEST_CASE("replica: the initial copy takes the hot order's chunks first", "[repl
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
   auto recording = std::make_shared<RecordingTarget>(rig.target);
-  auto r = Replica::open(recording, rig.layout, {rig.pool, rig.primary}, rig.opts, "recording");
-  REQUIRE(r);
-  rig.replica = std::move(*r);
+  rig.open(recording, "recording");
   // Segment offsets (not chunk-aligned; one repeated, one past the end):
   // chunks 6, 1 and 4 go first, each once, then the rest by offset.
   rig.replica->set_hot_order({6 * kMiB + 4096, 1 * kMiB, 6 * kMiB, 4 * kMiB + 65536, 64 * kMiB});
@@ -174,11 +173,7 @@ TEST_CASE("replica: writes that touch end to end in an epoch go as one request",
   Rig rig(seed);
   auto gate = std::make_shared<GateBackend>(rig.target);
   auto recording = std::make_shared<RecordingTarget>(gate);
-  auto r = Replica::open(recording, rig.layout, {rig.pool, rig.primary}, rig.opts, "recording");
-  REQUIRE(r);
-  rig.replica = std::move(*r);
-  rig.pool_tap = rig.replica->tap(0);
-  rig.primary_tap = rig.replica->tap(1);
+  rig.open(recording, "recording");
   rig.replica->start();
   REQUIRE(rig.replica->drain(20000, /*whole=*/true));
   const size_t before = [&] {
@@ -273,10 +268,7 @@ TEST_CASE("replica: the target only ever holds the devices' state at a flush", "
   Rig rig(seed, {}, kMiB, kMiB);
   rig.target->delay_completions(3);
   auto checking = std::make_shared<CheckingTarget>(rig.target, rig.layout.primary_offset());
-  auto r = Replica::open(checking, rig.layout, {rig.pool, rig.primary}, rig.opts, "checked");
-  REQUIRE(r);
-  rig.replica = std::move(*r);
-  rig.primary_tap = rig.replica->tap(1);
+  rig.open(checking, "checked");
   rig.replica->start();
   REQUIRE(rig.replica->drain(20000, true));
   // Several epochs queue up while the target holds its completions, then
@@ -367,9 +359,7 @@ TEST_CASE("replica: nothing is copied out of order before the header says so", "
   rig.replica.reset();
   auto failing = std::make_shared<HeaderFailing>(rig.target);
   rig.fill(*rig.primary, 6 * kMiB, 4096);  // something to copy on the next start
-  auto r = Replica::open(failing, rig.layout, {rig.pool, rig.primary}, rig.opts, "failing");
-  REQUIRE(r);
-  rig.replica = std::move(*r);
+  rig.open(failing, "failing");
   rig.replica->start();
   // Two refused header writes (one per shipper round): a copy between them
   // would have happened by now.
