@@ -105,6 +105,8 @@ struct Seg {
   bool cow_pending = false;
   std::vector<Item*> applying;  // journaled writes now being applied to the primary
   bool empty() const { return versions.empty() && records.empty(); }
+  // A journal record after `seq`: the primary no longer holds the content at seq.
+  bool written_after(uint64_t seq) const { return !records.empty() && records.back().seq > seq; }
 };
 
 struct Zone {
@@ -412,7 +414,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   uint32_t source_of(uint64_t segment, uint64_t seq) const override {
     std::lock_guard<std::mutex> lock(mu_);
     auto f = segs_.find(segment);
-    if (f == segs_.end() || f->second.records.empty() || f->second.records.back().seq <= seq) {
+    if (f == segs_.end() || !f->second.written_after(seq)) {
       return kFromPrimary;
     }
     const Seg& sg = f->second;
@@ -431,7 +433,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<uint64_t> out;
     for (const auto& [id, sg] : segs_) {
-      if (!sg.records.empty() && sg.records.back().seq > seq) out.push_back(id);
+      if (sg.written_after(seq)) out.push_back(id);
     }
     std::sort(out.begin(), out.end());
     return out;
@@ -1659,7 +1661,7 @@ Result<bool> StoreImpl::read_primary_at(uint64_t offset, uint64_t length, uint64
       const uint64_t g = f == segs_.end() ? 0 : f->second.gen;
       if (f != segs_.end()) {
         const Seg& sg = f->second;
-        if (sg.inflight != 0 || (!sg.records.empty() && sg.records.back().seq > seq)) return false;
+        if (sg.inflight != 0 || sg.written_after(seq)) return false;
       }
       if (note) {
         gens[s - first] = g;
@@ -2030,7 +2032,7 @@ Status StoreImpl::make_version(uint64_t seg, bool force) {
       if (s.inflight == 0 && !s.cow_pending) {
         const bool history = !s.empty();
         if (!force && history && !s.versions.empty() &&
-            (s.records.empty() || s.records.back().seq <= s.versions.back().seq)) {
+            !s.written_after(s.versions.back().seq)) {
           return Status::ok();  // the newest version is current
         }
         g0 = s.gen;
