@@ -81,6 +81,9 @@ def test():
                 ctl = ShadowCtl(d)
                 rc, out = run(["nbdinfo", "--size", d.uri_unix])
                 expect_eq(int(out.strip().splitlines()[-1]), SIZE, "nbdinfo --size")
+                # librbd's threads complete the requests: no busy-poll.
+                expect("I/O threads do not busy-poll" in d.stderr_text(),
+                       "the log says the I/O threads do not busy-poll on an RBD backing")
                 h = nbd.NBD()
                 h.connect_unix(d.unix_path)
                 for i in range(100):
@@ -187,6 +190,8 @@ def test():
             with Daemon(size=SIZE, checks=checks, backing=back4, pool=pool4, pool_init=True,
                         extra_args=args) as d:
                 ctl = ShadowCtl(d)
+                expect("I/O threads do not busy-poll" in d.stderr_text(),
+                       "the log says the I/O threads do not busy-poll with a replica on RBD")
                 in_sync = in_sync_check(ctl)
                 wait_until(in_sync, "the replica's initial copy", timeout=120)
                 h = nbd.NBD()

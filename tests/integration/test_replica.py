@@ -100,6 +100,9 @@ def test():
                 ctl = ShadowCtl(d)
                 r = wait_in_sync(ctl, "the initial copy")
                 expect_eq(r["target"], replica, "the target is named")
+                # A file replica: completions come from io_uring, the spin stays.
+                expect("do not busy-poll" not in d.stderr_text(),
+                       "the I/O threads still busy-poll with a replica on a file")
                 expect(r["copied_bytes"] >= SIZE + POOL_SIZE, f"the initial copy: {r}")
                 m = scrape(f"http://127.0.0.1:{d.metrics_port}/metrics")
                 expect_eq(m.get("shadowd_replica_in_sync"), 1.0, "metric shadowd_replica_in_sync")
