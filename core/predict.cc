@@ -3,6 +3,7 @@
 #include "core/predict.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -166,7 +167,12 @@ class Ewma final : public Predictor {
 // followed by a write within the gap. The frontier is one past the highest
 // segment ever written (a bitmap of written segments: one bit per segment
 // of the device); segments past it are nominated with the learned share of
-// first writes that land within frontier_ahead of it.
+// first writes that land within frontier_ahead of it. First writes below the
+// frontier (into holes: a file system filling free space) go on from where
+// earlier ones stopped, skipping what is written: up to kHoleCursors recent
+// runs of them each nominate the next kHoleAhead never-written segments
+// after their last one (dormant after seq_dormant_s), with the learned share
+// of first writes that land there.
 
 class Sequential final : public Predictor {
  public:
@@ -192,11 +198,14 @@ class Sequential final : public Predictor {
     if (!written(seg)) {
       ++first_writes_;
       if (seg >= frontier_ && seg < frontier_ + p_.frontier_ahead) ++frontier_hits_;
+      if (seg < frontier_) hole_first_write(seg, t);
       mark_written(seg);
+      ++written_version_;
       frontier_ = std::max(frontier_, seg + 1);
       if (first_writes_ > 8192) {
         first_writes_ /= 2;
         frontier_hits_ /= 2;
+        hole_hits_ /= 2;
       }
     }
     // Continue a stream whose head is seg - 1 or seg, or start one.
@@ -263,6 +272,13 @@ class Sequential final : public Predictor {
       f = std::max(f, read_write_ratio());
     }
     if (seg >= frontier_ && seg < frontier_ + p_.frontier_ahead) f = std::max(f, frontier_score(seg - frontier_));
+    if (seg < frontier_) {
+      const auto& ht = hole_targets();
+      for (auto it = std::lower_bound(ht.begin(), ht.end(), HoleTarget{seg, 0, 0});
+           it != ht.end() && it->seg == seg; ++it) {
+        f = std::max(f, hole_score(cursors_[it->cursor], it->rank, now));
+      }
+    }
     return f;
   }
 
@@ -311,6 +327,10 @@ class Sequential final : public Predictor {
         if (now - r.last_ns <= gap_ns_ && !(skip && skip(id))) v.emplace_back(rw, id);
       }
     }
+    for (const HoleTarget& h : hole_targets()) {
+      const double f = hole_score(cursors_[h.cursor], h.rank, now);
+      if (f > 0 && !(skip && skip(h.seg))) v.emplace_back(f, h.seg);
+    }
     if (frontier_ > 0 && frontier_score(0) > 0.01) {
       if (frontier_ != frontier_scan_base_ || now - frontier_scan_ns_ > kRescanNs) {
         frontier_scan_base_ = frontier_;
@@ -337,17 +357,32 @@ class Sequential final : public Predictor {
     p_.seq_ahead = p.seq_ahead;
     p_.frontier_ahead = p.frontier_ahead;
   }
-  uint64_t active_segments() const override { return streams_.size() + reads_.size(); }
+  uint64_t active_segments() const override { return streams_.size() + reads_.size() + cursors_.size(); }
   uint64_t memory_bytes() const override {
     return streams_.size() * (sizeof(Stream) + sizeof(uint64_t) + 3 * sizeof(void*)) +
            reads_.size() * (sizeof(Read) + sizeof(uint64_t) + 3 * sizeof(void*)) +
-           written_.capacity() * sizeof(uint64_t);
+           written_.capacity() * sizeof(uint64_t) + cursors_.capacity() * sizeof(Cursor) +
+           hole_targets_.capacity() * sizeof(HoleTarget);
   }
 
  private:
   static constexpr int64_t kRescanNs = 10'000'000'000;
   static constexpr size_t kDormantOffered = 16;
   static constexpr size_t kOfferedPerStream = 64;
+  static constexpr size_t kHoleCursors = 8;
+  static constexpr uint32_t kHoleAhead = 16;
+  // A hole cursor looks this far (segments) for its next never-written ones.
+  static constexpr uint64_t kHoleReach = 4096;
+  struct Cursor {
+    uint64_t pos;     // its last first write
+    int64_t last_ns;
+  };
+  struct HoleTarget {
+    uint64_t seg;
+    uint32_t cursor;  // index in cursors_
+    uint32_t rank;    // 0 for the cursor's first never-written segment
+    bool operator<(const HoleTarget& o) const { return seg != o.seg ? seg < o.seg : cursor < o.cursor; }
+  };
   struct Stream {
     uint64_t head;
     uint32_t length;  // segments written in order
@@ -372,6 +407,60 @@ class Sequential final : public Predictor {
       return 0;
     }
     return conf / (1.0 + (d - 1) / 16.0);
+  }
+  // A first write into a hole moves the cursor it continues (the one
+  // nearest below whose next never-written segments include it), or starts
+  // one in place of the least recently moved.
+  void hole_first_write(uint64_t seg, int64_t t) {
+    int best = -1;
+    for (const HoleTarget& h : hole_targets()) {
+      if (h.seg == seg && (best < 0 || cursors_[h.cursor].pos > cursors_[static_cast<size_t>(best)].pos)) {
+        best = static_cast<int>(h.cursor);
+      }
+    }
+    if (best >= 0) {
+      ++hole_hits_;
+      cursors_[static_cast<size_t>(best)] = Cursor{seg, t};
+    } else if (cursors_.size() < kHoleCursors) {
+      cursors_.push_back(Cursor{seg, t});
+    } else {
+      *std::min_element(cursors_.begin(), cursors_.end(),
+                        [](const Cursor& a, const Cursor& b) { return a.last_ns < b.last_ns; }) = Cursor{seg, t};
+    }
+    ++written_version_;
+  }
+  // Each cursor's next kHoleAhead never-written segments below the frontier,
+  // sorted by segment; recomputed when a first write changed them.
+  const std::vector<HoleTarget>& hole_targets() const {
+    if (targets_version_ == written_version_) return hole_targets_;
+    targets_version_ = written_version_;
+    hole_targets_.clear();
+    for (uint32_t i = 0; i < cursors_.size(); ++i) {
+      uint32_t rank = 0;
+      const uint64_t end = std::min(frontier_, cursors_[i].pos + 1 + kHoleReach);
+      for (uint64_t x = next_unwritten(cursors_[i].pos + 1, end); x < end && rank < kHoleAhead;
+           x = next_unwritten(x + 1, end)) {
+        hole_targets_.push_back(HoleTarget{x, i, rank++});
+      }
+    }
+    std::sort(hole_targets_.begin(), hole_targets_.end());
+    return hole_targets_;
+  }
+  // The first never-written segment in [from, end), or end.
+  uint64_t next_unwritten(uint64_t from, uint64_t end) const {
+    while (from < end) {
+      const uint64_t w = from / 64;
+      if (w >= written_.size()) return from;
+      const uint64_t free = ~written_[w] & (~uint64_t{0} << (from % 64));
+      if (free) return std::min(end, w * 64 + static_cast<uint64_t>(std::countr_zero(free)));
+      from = (w + 1) * 64;
+    }
+    return end;
+  }
+  double hole_score(const Cursor& c, uint32_t rank, int64_t now) const {
+    if (first_writes_ < 16 || now - c.last_ns > dormant_ns_) return 0;
+    const double share = static_cast<double>(hole_hits_) / static_cast<double>(first_writes_);
+    return share / (1.0 + rank / 16.0);
   }
   double frontier_score(uint64_t d) const {
     if (first_writes_ < 16) return 0;
@@ -400,6 +489,11 @@ class Sequential final : public Predictor {
   std::vector<uint64_t> written_;  // one bit per segment ever written
   uint64_t frontier_ = 0;
   uint64_t first_writes_ = 0, frontier_hits_ = 0;
+  uint64_t hole_hits_ = 0;          // first writes that continued a hole cursor
+  std::vector<Cursor> cursors_;
+  uint64_t written_version_ = 0;    // bumped by every first write
+  mutable uint64_t targets_version_ = ~uint64_t{0};
+  mutable std::vector<HoleTarget> hole_targets_;
   mutable uint64_t frontier_scan_base_ = 0;
   mutable uint32_t frontier_scan_from_ = 0;
   mutable int64_t frontier_scan_ns_ = 0;

@@ -97,6 +97,49 @@ TEST_CASE("sequential: first writes past the highest written segment teach it th
   CHECK(r->forecast(100003, t, 60) < 0.1);
 }
 
+TEST_CASE("sequential: first writes into holes go on from where the last ones stopped", "[predict]") {
+  Params p;
+  p.frontier_ahead = 0;
+  p.seq_ahead = 1;
+  auto m = make_sequential(p);
+  int64_t t = kSec;
+  // A file system's device: segments 0..999 written, except the odd ones
+  // from 100 to 399 (free space left by deleted files).
+  for (uint64_t s = 0; s < 1000; ++s) {
+    if (s < 100 || s >= 400 || s % 2 == 0) m->observe(s, Op::kWrite, t += kSec / 1000);
+  }
+  // New files fill the holes upwards, one run of three a minute: no stream
+  // (each run starts two segments past the last), but a cursor.
+  uint64_t next = 101;
+  for (int run = 0; run < 20; ++run) {
+    t += 60 * kSec;
+    for (int i = 0; i < 3; ++i, next += 2) m->observe(next, Op::kWrite, t += kSec / 100);
+  }
+  m->tick(t + 30 * kSec);
+  t += 30 * kSec;
+  // next = 221: the never-written segments after the last first write,
+  // nearest first, the written ones between them skipped.
+  std::vector<std::pair<double, uint64_t>> out;
+  m->nominate(t, 60, 4, {}, out);
+  REQUIRE(out.size() == 4);
+  CHECK(out[0].second == next);
+  CHECK(out[1].second == next + 2);
+  CHECK(out[3].second == next + 6);
+  CHECK(out[0].first > out[3].first);
+  CHECK(m->forecast(next, t, 60) > 0.01);
+  CHECK(m->forecast(next + 1, t, 60) == 0);  // written: not a first write
+  CHECK(m->forecast(next + 2 * 40, t, 60) == 0);  // beyond the cursor's reach ahead
+  // Covered ones are left out.
+  out.clear();
+  m->nominate(t, 60, 2, [&](uint64_t s) { return s == next; }, out);
+  REQUIRE(out.size() == 2);
+  CHECK(out[0].second == next + 2);
+  // A cursor quiet for longer than seq_dormant_s nominates nothing.
+  out.clear();
+  m->nominate(t + 700 * kSec, 60, 4, {}, out);
+  CHECK(out.empty());
+}
+
 TEST_CASE("sequential: segments read then written are learned; reads then nominate", "[predict]") {
   Params p;
   auto m = make_sequential(p);
