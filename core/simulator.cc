@@ -109,7 +109,7 @@ class Sim {
       return Status::invalid("pool capacity " + std::to_string(C_) + " bytes is less than four segments (" +
                              std::to_string(4ull * S_) + ")");
     }
-    if (o_.policy == PolicyKind::kOracle) {
+    if (o_.policy == PolicyKind::kOracle || oracle_order_) {
       std::vector<std::vector<int64_t>> writes(nsegs_);
       int64_t prev = std::numeric_limits<int64_t>::min();
       for (const auto& q : reqs) {
@@ -119,7 +119,9 @@ class Sim {
         for (uint64_t s = q.offset >> shift_; s <= (q.offset + q.length - 1) >> shift_; ++s) writes[s].push_back(t);
       }
       policy_ = std::make_unique<Oracle>(std::move(writes), base_);
-    } else {
+    }
+    if (oracle_order_ && o_.policy != PolicyKind::kOracle) oracle_ = std::move(policy_);
+    if (o_.policy != PolicyKind::kOracle) {
       auto p = make_policy(o_.policy, o_.params, monitor_.get());
       if (!p) return p.status();
       policy_ = std::move(*p);
@@ -200,6 +202,7 @@ class Sim {
         ++r_.segment_reads;
       }
       policy_->observe(write ? predict::Op::kWrite : predict::Op::kRead, s, t);
+      if (oracle_) oracle_->observe(write ? predict::Op::kWrite : predict::Op::kRead, s, t);
     }
     make_room(t);
   }
@@ -320,6 +323,11 @@ class Sim {
     if (policy_->copies_ahead()) {
       cand_.clear();
       policy_->candidates(t, o_.params.max_candidates, covered_, cand_);
+      if (oracle_) {
+        // The measuring aid: the policy's candidates in the oracle's order.
+        for (auto& c : cand_) c.first = oracle_->value(c.second, t);
+        std::stable_sort(cand_.begin(), cand_.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+      }
       for (const auto& [value, s] : cand_) {
         if (tokens_ < S_) break;
         if (s >= nsegs_ || base_[s]) continue;
@@ -330,6 +338,7 @@ class Sim {
         ++spec_count_;
         used_ += S_;
         ++r_.copies;
+        if (copy_log_) std::fprintf(copy_log_, "%lld %llu\n", static_cast<long long>(t), static_cast<unsigned long long>(s));
         r_.copied_bytes += S_;
         tokens_ -= S_;
       }
@@ -379,6 +388,7 @@ class Sim {
   ManualClock clock_;
   std::unique_ptr<Monitor> monitor_;
   std::unique_ptr<ShadowPolicy> policy_;
+  std::unique_ptr<ShadowPolicy> oracle_;  // oracle_order_ only
   bool rescore_ = false;
   int64_t last_rescore_ = std::numeric_limits<int64_t>::min() / 2;
   int64_t W_;
@@ -392,6 +402,11 @@ class Sim {
   Result r_;
  public:
   FILE* stall_log_ = nullptr;  // debugging aid: SHADOWD_SIM_STALL_LOG=PATH lists every stall
+  FILE* copy_log_ = nullptr;   // and SHADOWD_SIM_COPY_LOG=PATH every copy ahead (time, segment)
+  // Measuring aid (SHADOWD_SIM_ORACLE_ORDER=1): copies ahead take the
+  // policy's candidates in the order of their next write (the future), so
+  // that a policy's candidates can be told apart from its ordering of them.
+  bool oracle_order_ = false;
 };
 
 }  // namespace
@@ -417,11 +432,14 @@ shadowd::Result<Result> run(const std::vector<trace::Request>& reqs, const Optio
                            std::to_string(device));
   }
   Sim sim(opts, device, reqs.empty() ? 0 : reqs.front().time_ns);
+  sim.oracle_order_ = std::getenv("SHADOWD_SIM_ORACLE_ORDER") != nullptr;
   Status st = sim.init(reqs);
   if (!st) return st;
   if (const char* path = std::getenv("SHADOWD_SIM_STALL_LOG")) sim.stall_log_ = std::fopen(path, "w");
+  if (const char* path = std::getenv("SHADOWD_SIM_COPY_LOG")) sim.copy_log_ = std::fopen(path, "w");
   auto r = sim.run(reqs, progress);
   if (sim.stall_log_) std::fclose(sim.stall_log_);
+  if (sim.copy_log_) std::fclose(sim.copy_log_);
   return r;
 }
 

@@ -4,7 +4,11 @@
 #include "core/tune.h"
 
 #include <catch2/catch.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
 #include <map>
+#include <string>
 #include <random>
 
 namespace shadowd::sim {
@@ -169,6 +173,58 @@ TEST_CASE("simulate: a sequential stream into fresh areas stalls on every segmen
   auto orc = run(reqs, o);
   REQUIRE(orc);
   CHECK(orc->stalls <= 5);  // the bucket starts empty
+}
+
+TEST_CASE("simulate: first writes into holes, run after run, are copied ahead by the hole cursors", "[simulator]") {
+  std::vector<trace::Request> reqs;
+  int64_t t = 1000 * kSec;
+  auto write = [&](uint64_t s, int64_t dt) {
+    trace::Request q;
+    q.time_ns = t += dt;
+    q.op = trace::Op::kWrite;
+    q.offset = s * kSeg;
+    q.length = kSeg;
+    reqs.push_back(q);
+  };
+  // A used device: segments 0..12099 written, but for 40 holes of 10
+  // segments 300 apart (free space).
+  auto hole = [](uint64_t s) { return s >= 100 && s < 12100 && (s - 100) % 300 < 10; };
+  for (uint64_t s = 0; s < 12100; ++s) {
+    if (!hole(s)) write(s, kSec / 1000);
+  }
+  const std::vector<trace::Request> prefill = reqs;
+  t += 1000 * kSec;  // the streams that wrote it are long over
+  // Then new files fill the holes upwards, one a minute: each run is a
+  // stream, but the next hole is beyond any stream's reach (290 written
+  // segments further); a cursor skips them.
+  for (uint64_t h = 100; h < 12100; h += 300) {
+    t += 60 * kSec;
+    for (uint64_t s = h; s < h + 10; ++s) write(s, kSec / 100);
+  }
+  Options o = base_options(7 * 86400);
+  o.budget_bytes_per_s = 16 * kSeg;
+  o.pool_capacity_pct = 400;
+  o.policy = PolicyKind::kLru;
+  auto lru = run(reqs, o);
+  REQUIRE(lru);
+  o.policy = PolicyKind::kAuto;
+  const char* log = "sim-copy-log.txt";
+  REQUIRE(setenv("SHADOWD_SIM_COPY_LOG", log, 1) == 0);
+  auto au = run(reqs, o);
+  unsetenv("SHADOWD_SIM_COPY_LOG");
+  REQUIRE(au);
+  auto au_prefill = run(prefill, o);
+  REQUIRE(au_prefill);
+  // lru stalls on every first write, 400 of them into holes; the cursors
+  // have each run copied during the minute before it (the first run stalls).
+  CHECK(lru->stalls == 12100);
+  CHECK(au->stalls - au_prefill->stalls <= 40);
+  // The copy log lists every copy ahead.
+  std::ifstream in(log);
+  uint64_t lines = 0;
+  for (std::string line; std::getline(in, line);) ++lines;
+  CHECK(lines == au->copies);
+  std::remove(log);
 }
 
 TEST_CASE("simulate: bad options are refused", "[simulator]") {
