@@ -48,11 +48,14 @@ TEST_CASE("sequential: a stream nominates the segments after its head, nearest f
   int64_t t = 50 * kSec;
   for (uint64_t s = 100; s < 110; ++s, t += kSec / 10) m->observe(s, Op::kWrite, t);
   std::vector<std::pair<double, uint64_t>> out;
-  m->nominate(t, 60, 16, {}, out);
-  REQUIRE(out.size() == 4);
+  // (The written segments hold bases.) The stream's next 4, and the 8 after
+  // the last write while it is fresh.
+  m->nominate(t, 60, 16, [](uint64_t s) { return s < 110; }, out);
+  REQUIRE(out.size() == 8);
   CHECK(out[0].second == 110);
   CHECK(out[1].second == 111);
   CHECK(out[3].second == 113);
+  CHECK(out[7].second == 117);
   CHECK(out[0].first > out[1].first);
   CHECK(m->forecast(110, t, 60) > 0.8);
   CHECK(m->forecast(120, t, 60) == 0);
@@ -140,6 +143,33 @@ TEST_CASE("sequential: first writes into holes go on from where the last ones st
   CHECK(out.empty());
 }
 
+TEST_CASE("sequential: the segments after the freshest writes come first, for a few seconds", "[predict]") {
+  Params p;
+  p.frontier_ahead = 0;
+  auto m = make_sequential(p);
+  int64_t t = 100 * kSec;
+  // Scattered single writes a second apart, the last one to segment 5000.
+  for (uint64_t i = 0; i < 40; ++i) m->observe((i * 7919) % 4000, Op::kWrite, t += kSec);
+  m->observe(5000, Op::kWrite, t += kSec);
+  std::vector<std::pair<double, uint64_t>> out;
+  m->nominate(t, 60, 4, {}, out);
+  REQUIRE(out.size() == 4);
+  CHECK(out[0].second == 5001);
+  CHECK(out[1].second == 5002);
+  // Covered segments are left out.
+  out.clear();
+  m->nominate(t, 60, 1, [](uint64_t s) { return s == 5001; }, out);
+  REQUIRE(out.size() == 1);
+  CHECK(out[0].second == 5002);
+  // The weight falls with the age of the write, and is gone after the gap.
+  const double now = m->forecast(5001, t, 60);
+  const double later = m->forecast(5001, t + 2 * kSec, 60);
+  CHECK(now > 1);
+  CHECK(later < now / 5);
+  CHECK(m->forecast(5001, t + 6 * kSec, 60) == 0);
+  CHECK(m->forecast(5009, t, 60) < 1);  // beyond the 8 after it: the stream's guess only
+}
+
 TEST_CASE("sequential: segments read then written are learned; reads then nominate", "[predict]") {
   Params p;
   auto m = make_sequential(p);
@@ -153,7 +183,7 @@ TEST_CASE("sequential: segments read then written are learned; reads then nomina
   m->observe(4242, Op::kRead, t);
   CHECK(m->forecast(4242, t, 60) > 0.9);
   std::vector<std::pair<double, uint64_t>> out;
-  m->nominate(t, 60, 16, {}, out);
+  m->nominate(t, 60, 1024, {}, out);  // after the segments next to the last writes
   bool found = false;
   for (auto& [f, s] : out) found = found || s == 4242;
   CHECK(found);
