@@ -111,7 +111,7 @@ class PredictivePolicy final : public ShadowPolicy {
   }
   std::vector<ForecastError> forecast_errors() const override { return errors_; }
   double value(uint64_t seg, int64_t now) const override {
-    double v = pred_->forecast(seg, now, p_.horizon_s);
+    double v = pred_->rank(seg, now, p_.horizon_s);
     // The formula bounded to (-1, 1): it orders what no model expects, and
     // its time-since-last-access term must not sink a segment a model does
     // expect (one never accessed ages from the daemon's start).

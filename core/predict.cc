@@ -174,11 +174,14 @@ class Ewma final : public Predictor {
 // runs of them each nominate the next kHoleAhead never-written segments
 // after their last one (dormant after seq_dormant_s), with the learned share
 // of first writes below the frontier that continue a cursor. And the
-// segments just after each of the last kFreshWrites segments written are
-// nominated above all else while the write is fresh (the weight falls with
-// its age, kFreshTau; none after seq_gap_s): what a writer touched a moment ago is the best guess
-// of what it touches next, and where a copy survives for less than a second
-// (a pool kept full by the journal) nothing else pays.
+// kFreshAhead segments just after each of the last kFreshWrites segments
+// written are nominated ahead of the other sources while the write is young
+// (the weight falls with its age, kFreshTau; none after seq_gap_s): what a
+// writer touched a moment ago is the best guess of what it touches next,
+// and where a copy survives for less than a second (a pool kept full by the
+// journal) nothing else pays. Weighted by the learned share of writes that
+// land just after a young one (near none for random writes); their
+// forecast is at most one write.
 
 class Sequential final : public Predictor {
  public:
@@ -217,7 +220,27 @@ class Sequential final : public Predictor {
         hole_hits_ /= 2;
       }
     }
-    fresh_[fresh_next_++ % fresh_.size()] = Fresh{seg, t};
+    // How often a write lands just after a young one: the weight of the
+    // fresh nominations (near none for random writes).
+    ++fresh_writes_;
+    for (const Fresh& w : fresh_) {
+      if (w.t != kEmpty && t - w.t <= gap_ns_ && w.seg < seg && seg - w.seg <= kFreshAhead) {
+        ++fresh_hits_;
+        break;
+      }
+    }
+    if (fresh_writes_ > 8192) {
+      fresh_writes_ /= 2;
+      fresh_hits_ /= 2;
+    }
+    newest_write_ns_ = t;
+    // The ring of fresh writes: a segment written again and again (a log's
+    // head) takes one slot.
+    if (Fresh& last = fresh_[(fresh_next_ + fresh_.size() - 1) % fresh_.size()]; fresh_next_ > 0 && last.seg == seg) {
+      last.t = t;
+    } else {
+      fresh_[fresh_next_++ % fresh_.size()] = Fresh{seg, t};
+    }
     // Continue a stream whose head is seg - 1 or seg, or start one.
     auto it = streams_.find(seg);
     if (it == streams_.end() && seg > 0) it = streams_.find(seg - 1);
@@ -225,7 +248,7 @@ class Sequential final : public Predictor {
       Stream s = it->second;
       streams_.erase(it);
       if (s.head != seg) ++s.length;
-      s.head = seg;
+      s.moved_to(seg);
       s.last_ns = t;
       streams_[seg] = s;
     } else if (it != streams_.end() && it->second.length >= 2 && it->second.head + 1 == seg) {
@@ -233,7 +256,7 @@ class Sequential final : public Predictor {
       Stream s = it->second;
       streams_.erase(it);
       ++s.length;
-      s.head = seg;
+      s.moved_to(seg);
       s.last_ns = t;
       streams_[seg] = s;
     } else {
@@ -272,6 +295,11 @@ class Sequential final : public Predictor {
   }
 
   double forecast(uint64_t seg, int64_t now, double horizon_s) const override {
+    return score(seg, now, horizon_s, false);
+  }
+  double rank(uint64_t seg, int64_t now, double horizon_s) const override { return score(seg, now, horizon_s, true); }
+  // forecast() and rank(): they differ for a young write's neighbours only.
+  double score(uint64_t seg, int64_t now, double horizon_s, bool as_rank) const {
     double f = 0;
     // The streams whose next segments include seg (heads in order).
     for (auto it = streams_.lower_bound(seg - std::min<uint64_t>(seg, p_.seq_ahead));
@@ -282,9 +310,14 @@ class Sequential final : public Predictor {
       f = std::max(f, read_write_ratio());
     }
     if (seg >= frontier_ && seg < frontier_ + p_.frontier_ahead) f = std::max(f, frontier_score(seg - frontier_));
-    for (const Fresh& w : fresh_) {
-      if (w.t != 0 && now - w.t <= gap_ns_ && w.seg < seg && seg - w.seg <= kFreshAhead) {
-        f = std::max(f, fresh_score(w, static_cast<uint32_t>(seg - w.seg), now));
+    // A fresh write's neighbours: at most one write expected, but ranked
+    // as nominated (above the other sources while young).
+    if (now - newest_write_ns_ <= gap_ns_) {
+      for (const Fresh& w : fresh_) {
+        if (w.t != kEmpty && now - w.t <= gap_ns_ && w.seg < seg && seg - w.seg <= kFreshAhead) {
+          const double r = fresh_score(w, static_cast<uint32_t>(seg - w.seg), now);
+          f = std::max(f, as_rank ? r : std::min(1.0, r));
+        }
       }
     }
     if (seg < frontier_) {
@@ -316,8 +349,8 @@ class Sequential final : public Predictor {
     for (const auto& [head, s] : streams_) {
       if (s.length >= 2 && now - s.last_ns > gap_ns_ && !std::binary_search(dormant.begin(), dormant.end(), &s)) continue;
       // Each stream offers its first segments not covered yet. Where
-      // the covered ones end is remembered for a while (bases seldom go),
-      // so a stream running through covered ground costs one look a round.
+      // the covered ones end is remembered for kRescanNs, so a stream
+      // running through covered ground costs one look a round.
       if (now - s.scan_ns > kRescanNs) {
         s.scan_from = 1;
         s.scan_ns = now;
@@ -337,9 +370,11 @@ class Sequential final : public Predictor {
       }
     }
     for (const Fresh& w : fresh_) {
-      if (w.t == 0 || now - w.t > gap_ns_) continue;
+      if (w.t == kEmpty || now - w.t > gap_ns_) continue;
       for (uint32_t d = 1; d <= kFreshAhead; ++d) {
-        if (!(skip && skip(w.seg + d))) v.emplace_back(fresh_score(w, d, now), w.seg + d);
+        const double f = fresh_score(w, d, now);
+        if (f <= 0.01) break;
+        if (!(skip && skip(w.seg + d))) v.emplace_back(f, w.seg + d);
       }
     }
     const double rw = read_write_ratio();
@@ -387,23 +422,21 @@ class Sequential final : public Predictor {
   }
 
  private:
-  // How long nominate() trusts its memo of covered ground. Bases come and go
-  // within a second where the pool is full (a memo of 10 s hid segments
-  // whose bases had been given up: 10 points of the oracle's gain at 10 %
-  // capacity on pgbench-15min).
-  static constexpr int64_t kRescanNs = 1'000'000'000;
+  // How long nominate() trusts its memo of covered ground.
+  static constexpr int64_t kRescanNs = 10'000'000'000;
   static constexpr size_t kDormantOffered = 16;
   static constexpr size_t kOfferedPerStream = 64;
   static constexpr size_t kFreshWrites = 64;
   static constexpr uint32_t kFreshAhead = 8;
   static constexpr double kFreshTau = 0.2;  // seconds
-  // Above every other source (their scores are at most 1) and above the
-  // ewma forecast of most segments, so that a fresh copy is also kept; on
-  // pgbench-15min at 10 % capacity, 3 and 10 avoided fewer stalls.
+  // The rank of a young write's neighbours among nominations: above the
+  // other sources (their scores are at most 1) for the first second or two;
+  // on pgbench-15min at 10 % capacity, 3 and 10 avoided fewer stalls.
   static constexpr double kFreshWeight = 30;
+  static constexpr int64_t kEmpty = std::numeric_limits<int64_t>::min();
   struct Fresh {
     uint64_t seg = 0;
-    int64_t t = 0;  // 0: empty
+    int64_t t = kEmpty;
   };
   static constexpr size_t kHoleCursors = 8;
   static constexpr uint32_t kHoleAhead = 16;
@@ -431,6 +464,13 @@ class Sequential final : public Predictor {
     // covered when it looked at scan_ns.
     mutable uint32_t scan_from = 1;
     mutable int64_t scan_ns = 0;
+    // The head moves on (to seg >= head): the memo stays about the same
+    // segments.
+    void moved_to(uint64_t seg) {
+      const uint64_t step = seg - head;
+      scan_from = step < scan_from ? static_cast<uint32_t>(scan_from - step) : 1;
+      head = seg;
+    }
   };
   struct Read {
     int64_t last_ns = 0;
@@ -504,8 +544,10 @@ class Sequential final : public Predictor {
     return kHoleConfidence * share / (1.0 + rank / 16.0);
   }
   double fresh_score(const Fresh& w, uint32_t d, int64_t now) const {
+    if (fresh_writes_ < 64) return 0;
+    const double share = static_cast<double>(fresh_hits_) / static_cast<double>(fresh_writes_);
     const double age = seconds(std::max<int64_t>(0, now - w.t));
-    return kFreshWeight * kFreshTau / (kFreshTau + age) / (1.0 + (d - 1) / 4.0);
+    return kFreshWeight * share * kFreshTau / (kFreshTau + age) / (1.0 + (d - 1) / 4.0);
   }
   double frontier_score(uint64_t d) const {
     if (first_writes_ < 16) return 0;
@@ -539,6 +581,8 @@ class Sequential final : public Predictor {
   std::vector<Cursor> cursors_;
   std::array<Fresh, kFreshWrites> fresh_{};  // the last segments written
   size_t fresh_next_ = 0;
+  int64_t newest_write_ns_ = kEmpty;
+  uint64_t fresh_writes_ = 0, fresh_hits_ = 0;
   uint64_t written_version_ = 0;    // bumped by every first write
   mutable uint64_t targets_version_ = ~uint64_t{0};
   mutable std::vector<HoleTarget> hole_targets_;
@@ -565,6 +609,11 @@ class Ensemble final : public Predictor {
   double forecast(uint64_t seg, int64_t now, double horizon_s) const override {
     double f = 0;
     for (const auto& p : parts_) f = std::max(f, p->forecast(seg, now, horizon_s));
+    return f;
+  }
+  double rank(uint64_t seg, int64_t now, double horizon_s) const override {
+    double f = 0;
+    for (const auto& p : parts_) f = std::max(f, p->rank(seg, now, horizon_s));
     return f;
   }
   void nominate(int64_t now, double horizon_s, size_t max, const Skip& skip,

@@ -75,8 +75,15 @@ class Predictor {
   virtual void tick(int64_t now_ns) { (void)now_ns; }
   // Expected number of writes to `segment` in (now, now + horizon].
   virtual double forecast(uint64_t segment, int64_t now_ns, double horizon_s) const = 0;
+  // Where the segment stands in this model's order of nominations (the
+  // policy keeps and copies by it): the forecast, or more where the model
+  // ranks a segment above what it can count (sequential: the neighbours of
+  // a write made a moment ago).
+  virtual double rank(uint64_t segment, int64_t now_ns, double horizon_s) const {
+    return forecast(segment, now_ns, horizon_s);
+  }
   // Appends up to `max` segments this model expects to be written within
-  // the horizon, with their forecast, best first, leaving out those `skip`
+  // the horizon, with their rank (see rank()), best first, leaving out those `skip`
   // (if set) says the caller already covers (before the cut to `max`).
   virtual void nominate(int64_t now_ns, double horizon_s, size_t max, const Skip& skip,
                         std::vector<std::pair<double, uint64_t>>& out) const = 0;

@@ -2,14 +2,17 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
-#include <cmath>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <random>
 #include <set>
+#include <string_view>
 
 #include "core/clock.h"
 
@@ -432,11 +435,19 @@ shadowd::Result<Result> run(const std::vector<trace::Request>& reqs, const Optio
                            std::to_string(device));
   }
   Sim sim(opts, device, reqs.empty() ? 0 : reqs.front().time_ns);
-  sim.oracle_order_ = std::getenv("SHADOWD_SIM_ORACLE_ORDER") != nullptr;
+  const char* order = std::getenv("SHADOWD_SIM_ORACLE_ORDER");
+  sim.oracle_order_ = order && *order && std::string_view(order) != "0";
   Status st = sim.init(reqs);
   if (!st) return st;
-  if (const char* path = std::getenv("SHADOWD_SIM_STALL_LOG")) sim.stall_log_ = std::fopen(path, "w");
-  if (const char* path = std::getenv("SHADOWD_SIM_COPY_LOG")) sim.copy_log_ = std::fopen(path, "w");
+  auto open_log = [](const char* var) -> FILE* {
+    const char* path = std::getenv(var);
+    if (!path) return nullptr;
+    FILE* f = std::fopen(path, "w");
+    if (!f) std::fprintf(stderr, "warning: %s=%s: %s (no log written)\n", var, path, std::strerror(errno));
+    return f;
+  };
+  sim.stall_log_ = open_log("SHADOWD_SIM_STALL_LOG");
+  sim.copy_log_ = open_log("SHADOWD_SIM_COPY_LOG");
   auto r = sim.run(reqs, progress);
   if (sim.stall_log_) std::fclose(sim.stall_log_);
   if (sim.copy_log_) std::fclose(sim.copy_log_);

@@ -6,9 +6,12 @@
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
+
+#include <unistd.h>
 #include <random>
 
 namespace shadowd::sim {
@@ -208,23 +211,25 @@ TEST_CASE("simulate: first writes into holes, run after run, are copied ahead by
   auto lru = run(reqs, o);
   REQUIRE(lru);
   o.policy = PolicyKind::kAuto;
-  const char* log = "sim-copy-log.txt";
-  REQUIRE(setenv("SHADOWD_SIM_COPY_LOG", log, 1) == 0);
+  const std::string log =
+      (std::filesystem::temp_directory_path() / ("sim-copy-log-" + std::to_string(getpid()) + ".txt")).string();
+  REQUIRE(setenv("SHADOWD_SIM_COPY_LOG", log.c_str(), 1) == 0);
   auto au = run(reqs, o);
   unsetenv("SHADOWD_SIM_COPY_LOG");
   REQUIRE(au);
   auto au_prefill = run(prefill, o);
   REQUIRE(au_prefill);
   // lru stalls on every first write, 400 of them into holes; the cursors
-  // have each run copied during the minute before it (the first run stalls).
+  // have each run copied during the minute before it (once the share of
+  // first writes that continue a cursor is learnt: the first two runs stall).
   CHECK(lru->stalls == 12100);
-  CHECK(au->stalls - au_prefill->stalls <= 40);
+  CHECK(au->stalls <= au_prefill->stalls + 40);
   // The copy log lists every copy ahead.
   std::ifstream in(log);
   uint64_t lines = 0;
   for (std::string line; std::getline(in, line);) ++lines;
   CHECK(lines == au->copies);
-  std::remove(log);
+  std::remove(log.c_str());
 }
 
 TEST_CASE("simulate: bad options are refused", "[simulator]") {
