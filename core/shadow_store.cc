@@ -725,6 +725,11 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // Give up speculative bases, lowest value first, until about `bytes` of
   // stored versions are released (op_mu_ held).
   uint64_t drop_speculative_locked(uint64_t bytes);  // returns how many were given up
+  // The speculative bases by the policy's value, lowest first (op_mu_ held).
+  std::vector<std::pair<double, uint64_t>> speculative_by_value_locked();
+  // Gives up one speculative base (mu_ held): the bytes its versions held,
+  // or nothing if the segment holds no speculative base now.
+  std::optional<uint64_t> give_up_speculative_mu(uint64_t id);
   // Two tiers: move the versions of segments ranked hot to the fast tier,
   // and, while the fast tier runs low, those of segments no longer hot to
   // the slow one (op_mu_ held; a few per round).
@@ -2995,8 +3000,10 @@ void StoreImpl::round_locked() {
   // Work, in order: urgent segments (too many records), copies ahead of need
   // (what keeps writes from stalling), then versions of stale segments.
   std::vector<uint64_t> urgent, ahead, stale;
+  std::vector<double> ahead_value;
+  std::vector<uint64_t> victims;  // given up for ahead[i] when there is no free room
   std::vector<std::pair<double, uint64_t>> stale_scored;
-  bool room = true;
+  bool room = true, replace = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     urgent.assign(urgent_.begin(), urgent_.end());
@@ -3007,10 +3014,13 @@ void StoreImpl::round_locked() {
       for (auto it = s.records.rbegin(); it != s.records.rend() && it->seq > vseq; ++it) ++since;
       if (since >= opts_.stale_records) stale_scored.emplace_back(static_cast<double>(since), id);
     }
-    // Copies ahead only into free space: the pool's room is the window's first.
+    // Copies ahead go into free space: the pool's room is the window's
+    // first. Short of it (but not below low water), a copy may take the
+    // place of a speculative base the policy values less.
     room = !any_tier_below_locked(2);
+    replace = !room && !any_tier_below_locked(0);
   }
-  if (room && policy_->copies_ahead()) {
+  if ((room || replace) && policy_->copies_ahead()) {
     std::vector<std::pair<double, uint64_t>> cand;
     const uint64_t nseg = (primary_->size_bytes() + seg_bytes_ - 1) >> shift_;
     // The forecast runs without the store's lock (writes take it): only
@@ -3023,12 +3033,22 @@ void StoreImpl::round_locked() {
                           return f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending);
                         },
                         cand);
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& [v, seg] : cand) {
-      if (seg >= nseg) continue;
-      auto f = segs_.find(seg);
-      if (f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending)) continue;
-      ahead.push_back(seg);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& [v, seg] : cand) {
+        if (seg >= nseg) continue;
+        auto f = segs_.find(seg);
+        if (f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending)) continue;
+        ahead.push_back(seg);
+        ahead_value.push_back(v);
+      }
+    }
+    if (!room) {
+      // Best candidate for the least valued base, while it is worth more.
+      const auto spec = speculative_by_value_locked();
+      size_t n = 0;
+      while (n < ahead.size() && n < spec.size() && spec[n].first < ahead_value[n]) victims.push_back(spec[n++].second);
+      ahead.resize(n);
     }
   }
   std::sort(stale_scored.begin(), stale_scored.end(), std::greater<>());
@@ -3039,13 +3059,18 @@ void StoreImpl::round_locked() {
   }
   size_t done = 0;
   auto run = [&](const std::vector<uint64_t>& list, bool is_urgent, bool is_ahead) {
-    for (uint64_t seg : list) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      const uint64_t seg = list[i];
       if (tokens_ < seg_bytes_) return false;
       if (busy && !is_urgent && busy_tokens_ < seg_bytes_) return false;
       if ((seg << shift_) >= primary_->size_bytes()) continue;
       if (auto u = unreadable_.find(seg); u != unreadable_.end()) {
         if (now < u->second) continue;
         unreadable_.erase(u);
+      }
+      if (is_ahead && i < victims.size()) {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (!give_up_speculative_mu(victims[i])) continue;  // written meanwhile: no room made
       }
       Status st = make_version(seg, false);
       tokens_ -= seg_bytes_;
@@ -3069,7 +3094,7 @@ void StoreImpl::round_locked() {
   shadow_queue_ -= std::min<uint64_t>(shadow_queue_, done);
 }
 
-uint64_t StoreImpl::drop_speculative_locked(uint64_t bytes) {
+std::vector<std::pair<double, uint64_t>> StoreImpl::speculative_by_value_locked() {
   const int64_t now = clock_.now_ns();
   std::vector<std::pair<double, uint64_t>> spec;
   {
@@ -3080,24 +3105,37 @@ uint64_t StoreImpl::drop_speculative_locked(uint64_t bytes) {
   }
   for (auto& [v, id] : spec) v = policy_->value(id, now);
   std::sort(spec.begin(), spec.end());
+  return spec;
+}
+
+std::optional<uint64_t> StoreImpl::give_up_speculative_mu(uint64_t id) {
+  auto f = segs_.find(id);
+  if (f == segs_.end()) return std::nullopt;
+  Seg& s = f->second;
+  if (s.versions.empty() || !s.records.empty() || s.inflight != 0 || s.cow_pending) return std::nullopt;
+  uint64_t freed = 0;
+  for (const VEntry& ve : s.versions) {
+    freed += ve.loc.bytes;
+    unref_locked(ve.loc);
+    ++versions_dropped_;
+  }
+  s.versions.clear();
+  ahead_.erase(id);
+  ++spec_dropped_;
+  if (s.empty()) segs_.erase(f);
+  return freed;
+}
+
+uint64_t StoreImpl::drop_speculative_locked(uint64_t bytes) {
+  const auto spec = speculative_by_value_locked();
   uint64_t freed = 0, dropped = 0;
   std::lock_guard<std::mutex> lock(mu_);
   for (const auto& [v, id] : spec) {
     if (freed >= bytes) break;
-    auto f = segs_.find(id);
-    if (f == segs_.end()) continue;
-    Seg& s = f->second;
-    if (s.versions.empty() || !s.records.empty() || s.inflight != 0 || s.cow_pending) continue;
-    for (const VEntry& ve : s.versions) {
-      freed += ve.loc.bytes;
-      unref_locked(ve.loc);
-      ++versions_dropped_;
+    if (auto b = give_up_speculative_mu(id)) {
+      freed += *b;
+      ++dropped;
     }
-    s.versions.clear();
-    ahead_.erase(id);
-    ++spec_dropped_;
-    ++dropped;
-    if (s.empty()) segs_.erase(f);
   }
   return dropped;
 }

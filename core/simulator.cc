@@ -334,7 +334,15 @@ class Sim {
       for (const auto& [value, s] : cand_) {
         if (tokens_ < S_) break;
         if (s >= nsegs_ || base_[s]) continue;
-        if (used_ + S_ > C_) break;  // as in the daemon: only into free room
+        if (used_ + S_ > C_) {
+          // As in the daemon: without free room, a copy takes the place of
+          // the speculative base the policy values least, if it is worth
+          // more; else the copies stop.
+          const uint64_t low = lowest(t);
+          if (low >= nsegs_ || !(policy_->value(low, t) < value)) break;
+          evict_one(t);
+          ++r_.speculative_replaced;
+        }
         base_[s] = 1;
         spec_[s] = 1;
         ahead_[s] = 1;

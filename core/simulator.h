@@ -48,6 +48,7 @@ struct Result {
   uint64_t versions_made = 0;           // background versions of stale segments
   uint64_t speculative_hits = 0;        // writes that found a speculative base
   uint64_t speculative_evicted = 0;     // speculative bases given up for room
+  uint64_t speculative_replaced = 0;    // of which for a copy ahead worth more
   uint64_t bases_freed = 0;             // freed as their segment left the window (none)
   uint64_t pool_capacity_bytes = 0;
   uint64_t pool_peak_bytes = 0;

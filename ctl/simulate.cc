@@ -217,6 +217,7 @@ int cmd_simulate(const SimulateOptions& o, bool as_json) {
         {"versions_made", x.versions_made},
         {"speculative_hits", x.speculative_hits},
         {"speculative_evicted", x.speculative_evicted},
+        {"speculative_replaced", x.speculative_replaced},
         {"bases_freed", x.bases_freed},
         {"pool_capacity_bytes", x.pool_capacity_bytes},
         {"pool_peak_bytes", x.pool_peak_bytes},
@@ -257,7 +258,8 @@ int cmd_simulate(const SimulateOptions& o, bool as_json) {
   t.add({"background bytes", format_bytes(x.copied_bytes) + " (copies ahead and " +
                                  std::to_string(x.versions_made) + " versions)"});
   t.add({"speculative bases", std::to_string(x.speculative_hits) + " hits, " +
-                                  std::to_string(x.speculative_evicted) + " evicted"});
+                                  std::to_string(x.speculative_evicted) + " evicted (" +
+                                  std::to_string(x.speculative_replaced) + " for copies ahead worth more)"});
   std::snprintf(buf, sizeof buf, "%.1f mean, %.0f p99", x.replay_records_mean, x.replay_records_p99);
   t.add({"restore replay", std::string(buf) + " records per segment"});
   std::snprintf(buf, sizeof buf, "%.2f s (%.2f s per million requests), %s peak RSS", x.sim_seconds,

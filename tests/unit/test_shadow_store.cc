@@ -994,6 +994,63 @@ TEST_CASE("store: seeded simulation with copies ahead of need matches the model"
   run_sim(1, SimPolicy{PolicyKind::kSequential, 64 * kSeg, 1});
 }
 
+// Short of free room (but above low water), a copy ahead takes the place
+// of a speculative base the policy values less, instead of not being made.
+TEST_CASE("store: without free room a copy ahead replaces a speculative base worth less", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  Rig rig(seed, 1024 * kSeg);
+  rig.store->abandon();
+  rig.store.reset();
+  rig.opts.policy = PolicyKind::kSequential;
+  rig.opts.shadow_budget_bytes_per_s = 1ull << 40;
+  rig.opts.shadow_busy_budget_bytes_per_s = 1ull << 40;
+  rig.open();
+  std::mt19937_64 rng(seed);
+  auto noise = [&] {
+    std::vector<uint8_t> d(kSeg);
+    for (auto& b : d) b = static_cast<uint8_t>(rng());
+    return d;
+  };
+  auto free_zones = [&] {
+    const auto zs = rig.store->zones();
+    return std::count_if(zs.begin(), zs.end(), [](const ZoneInfo& z) { return z.kind == pool::ZoneKind::kFree; });
+  };
+  // A stream over segments 100..102 has the segments after it copied ahead.
+  for (uint64_t s = 100; s < 103; ++s) {
+    auto d = noise();
+    REQUIRE(rig.io(BlockOpKind::kWrite, s * kSeg, d.size(), d.data()));
+    rig.clock.advance_ns(kSec / 10);
+  }
+  rig.store->shadow_round();
+  rig.clock.advance_ns(kSec);
+  rig.store->shadow_round();
+  StoreStats st = rig.store->stats();
+  REQUIRE(st.copies_ahead >= 1);
+  REQUIRE(rig.store->segment(103).has_value());
+  // The stream is long over (its copies are worth nothing now); another
+  // writer fills the pool until it is short of free room but above low
+  // water (4 of 12 zones; room for copies is 6).
+  rig.clock.advance_ns(1000 * kSec);
+  uint64_t next = 400;
+  while (free_zones() > 5) {
+    REQUIRE(next < 1024);
+    auto d = noise();
+    REQUIRE(rig.io(BlockOpKind::kWrite, next++ * kSeg, d.size(), d.data()));
+    rig.clock.advance_ns(kSec / 1000);
+  }
+  REQUIRE(free_zones() >= 4);
+  const StoreStats before = rig.store->stats();
+  rig.store->shadow_round();
+  const StoreStats after = rig.store->stats();
+  // The writer's next segment is copied, in the place of an old copy.
+  CHECK(after.copies_ahead > before.copies_ahead);
+  CHECK(after.speculative_dropped > before.speculative_dropped);
+  REQUIRE(rig.store->segment(next).has_value());
+  CHECK(rig.store->segment(next)->versions.size() == 1);
+  REQUIRE(rig.store->check_index());
+}
+
 // Incompressible writes much faster than any retention: the pool (12 zones)
 // takes eight times its size in journal. Journal writes wait at the last
 // free zones while retention is cut to the present; history never

@@ -232,6 +232,37 @@ TEST_CASE("simulate: first writes into holes, run after run, are copied ahead by
   std::remove(log.c_str());
 }
 
+TEST_CASE("simulate: without free room a copy ahead replaces a speculative base worth less", "[simulator]") {
+  std::vector<trace::Request> reqs;
+  int64_t t = 1000 * kSec;
+  auto write = [&](uint64_t s, int64_t dt) {
+    trace::Request q;
+    q.time_ns = t += dt;
+    q.op = trace::Op::kWrite;
+    q.offset = s * kSeg;
+    q.length = kSeg;
+    reqs.push_back(q);
+  };
+  // A short stream whose next segments are copied into the free room...
+  for (uint64_t s = 100; s < 103; ++s) write(s, kSec / 10);
+  // ...then, long after, a writer going on segment by segment: the pool
+  // (32 segments) has no free room left by then, only those old copies.
+  t += 1000 * kSec;
+  for (uint64_t s = 400; s < 440; ++s) write(s, kSec / 5);
+  Options o = base_options(7 * 86400);
+  o.device_bytes = 1024 * kSeg;
+  o.pool_capacity_bytes = 32 * kSeg;
+  o.budget_bytes_per_s = 1024 * kSeg;
+  o.policy = PolicyKind::kSequential;
+  auto r = run(reqs, o);
+  REQUIRE(r);
+  CHECK(r->speculative_replaced > 0);
+  // Copies into the old copies' places save the writer a third of its
+  // stalls (41 in all without them: every write but two of the writer's).
+  CHECK(r->stalls <= 32);
+  CHECK(r->pool_peak_bytes <= o.pool_capacity_bytes);
+}
+
 TEST_CASE("simulate: bad options are refused", "[simulator]") {
   std::vector<trace::Request> reqs(1);
   reqs[0].op = trace::Op::kWrite;
