@@ -8,7 +8,9 @@
 //   - whether speculative bases are kept at all (keeps_bases),
 //   - which to give up first when the pool needs room (lowest value first),
 //   - which segments without a base to copy ahead of need (candidates), each
-//     worth its value; copies go only into free room.
+//     worth its value; copies go into free room or, short of it, in the
+//     place of a speculative base whose value() is lower than the copy's
+//     (candidates listed below min_value never take a base's place).
 // The daemon's shadow thread and the simulator run the same objects; see
 // docs/SIMULATION.md for the exact rules around them.
 #pragma once

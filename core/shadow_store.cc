@@ -741,6 +741,7 @@ class StoreImpl final : public ShadowStore, public Monitor::HistorySink {
   // guarded by mu_
   std::unordered_set<uint64_t> ahead_;  // copied ahead, not yet written
   uint64_t copies_ahead_ = 0, copies_ahead_used_ = 0, spec_hits_ = 0, spec_dropped_ = 0, bases_freed_ = 0;
+  uint64_t spec_replaced_ = 0;  // of spec_dropped_, for a copy ahead worth more
 };
 
 // ---------------------------------------------------------------------------
@@ -3000,8 +3001,8 @@ void StoreImpl::round_locked() {
   // Work, in order: urgent segments (too many records), copies ahead of need
   // (what keeps writes from stalling), then versions of stale segments.
   std::vector<uint64_t> urgent, ahead, stale;
-  std::vector<double> ahead_value;
-  std::vector<uint64_t> victims;  // given up for ahead[i] when there is no free room
+  std::vector<double> ahead_value;  // policy_->value() of ahead[i] (without free room)
+  std::vector<std::pair<double, uint64_t>> victims;  // speculative bases by value, lowest first
   std::vector<std::pair<double, uint64_t>> stale_scored;
   bool room = true, replace = false;
   {
@@ -3037,19 +3038,20 @@ void StoreImpl::round_locked() {
       std::lock_guard<std::mutex> lock(mu_);
       for (const auto& [v, seg] : cand) {
         if (seg >= nseg) continue;
+        // Without free room only what the policy nominates for itself (not
+        // the filler it lists below min_value) may take a base's place.
+        if (!room && v < opts_.policy_params.min_value) break;
         auto f = segs_.find(seg);
         if (f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending)) continue;
         ahead.push_back(seg);
-        ahead_value.push_back(v);
       }
     }
-    if (!room) {
-      // Best candidate for the least valued base, while it is worth more.
-      const auto spec = speculative_by_value_locked();
-      size_t n = 0;
-      while (n < ahead.size() && n < spec.size() && spec[n].first < ahead_value[n]) victims.push_back(spec[n++].second);
-      ahead.resize(n);
+    if (!room && !ahead.empty() && tokens_ >= seg_bytes_) {
+      // Both sides by the policy's value(): the order it keeps bases in.
+      for (uint64_t seg : ahead) ahead_value.push_back(policy_->value(seg, clock_.now_ns()));
+      victims = speculative_by_value_locked();
     }
+    if (!room && victims.empty()) ahead.clear();
   }
   std::sort(stale_scored.begin(), stale_scored.end(), std::greater<>());
   for (const auto& [sc, id] : stale_scored) stale.push_back(id);
@@ -3058,6 +3060,7 @@ void StoreImpl::round_locked() {
     shadow_queue_ = urgent.size() + ahead.size() + stale.size();
   }
   size_t done = 0;
+  size_t next_victim = 0;
   auto run = [&](const std::vector<uint64_t>& list, bool is_urgent, bool is_ahead) {
     for (size_t i = 0; i < list.size(); ++i) {
       const uint64_t seg = list[i];
@@ -3068,9 +3071,14 @@ void StoreImpl::round_locked() {
         if (now < u->second) continue;
         unreadable_.erase(u);
       }
-      if (is_ahead && i < victims.size()) {
+      if (is_ahead && !room) {
+        // Short of free room: only in the place of a base worth less, and
+        // never below low water.
         std::lock_guard<std::mutex> lock(mu_);
-        if (!give_up_speculative_mu(victims[i])) continue;  // written meanwhile: no room made
+        if (next_victim >= victims.size() || !(victims[next_victim].first < ahead_value[i]) ||
+            any_tier_below_locked(0)) {
+          return true;
+        }
       }
       Status st = make_version(seg, false);
       tokens_ -= seg_bytes_;
@@ -3083,6 +3091,15 @@ void StoreImpl::round_locked() {
         if (f != segs_.end() && !f->second.versions.empty() && f->second.records.empty()) {
           ahead_.insert(seg);
           ++copies_ahead_;
+          // The copy is a speculative base: the least valued one that still
+          // is gives way (its space comes back with the next compaction).
+          while (!room && next_victim < victims.size() && !give_up_speculative_mu(victims[next_victim].second)) {
+            ++next_victim;
+          }
+          if (!room && next_victim < victims.size()) {
+            ++next_victim;
+            ++spec_replaced_;
+          }
         }
       }
       if (!st && st.code() != Status::Code::kBusy) return false;
@@ -3348,6 +3365,7 @@ StoreStats StoreImpl::stats() const {
   s.copies_ahead_used = copies_ahead_used_;
   s.speculative_hits = spec_hits_;
   s.speculative_dropped = spec_dropped_;
+  s.speculative_replaced = spec_replaced_;
   s.bases_freed = bases_freed_;
   s.versions_promoted = promoted_;
   s.versions_demoted = demoted_;

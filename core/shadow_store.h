@@ -164,6 +164,7 @@ struct StoreStats {
   uint64_t copies_ahead_used = 0;      // of which later written (the copy saved a stall)
   uint64_t speculative_hits = 0;       // writes that found a speculative base
   uint64_t speculative_dropped = 0;    // speculative bases given up for room
+  uint64_t speculative_replaced = 0;   // of those, in the place of a copy ahead worth more
   uint64_t bases_freed = 0;            // bases freed as their segment left the window
   uint64_t versions_promoted = 0;      // moved to the fast tier (segment ranked hot)
   uint64_t versions_demoted = 0;       // moved to the slow tier (fast tier low, segment not hot)

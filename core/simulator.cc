@@ -50,17 +50,22 @@ class Oracle final : public ShadowPolicy {
   }
   void tick(int64_t) override {}
   double value(uint64_t seg, int64_t now) const override {
-    if (seg >= writes_.size() || pos_[seg] >= writes_[seg].size()) return -1e300;
-    return -static_cast<double>(writes_[seg][pos_[seg]] - now) / 1e9;
+    if (seg >= writes_.size() || pos_[seg] >= writes_[seg].size()) return 0;
+    return worth(writes_[seg][pos_[seg]], now);
   }
   void candidates(int64_t now, size_t max, const predict::Skip&,
                   std::vector<std::pair<double, uint64_t>>& out) const override {
     size_t n = 0;
     for (auto it = future_.begin(); it != future_.end() && n < max; ++it) {
       if (base_[it->second]) continue;
-      out.emplace_back(-static_cast<double>(it->first - now) / 1e9, it->second);
+      out.emplace_back(worth(it->first, now), it->second);
       ++n;
     }
+  }
+  // The sooner the next write, the more: 1e6 / (1 + seconds to it), 0 for
+  // none (positive, like the policies' values, and far above min_value).
+  static double worth(int64_t next, int64_t now) {
+    return 1e6 / (1.0 + static_cast<double>(std::max<int64_t>(0, next - now)) / 1e9);
   }
   uint64_t memory_bytes() const override {
     uint64_t n = future_.size() * 48 + pos_.size() * 4;
@@ -327,9 +332,14 @@ class Sim {
       cand_.clear();
       policy_->candidates(t, o_.params.max_candidates, covered_, cand_);
       if (oracle_) {
-        // The measuring aid: the policy's candidates in the oracle's order.
-        for (auto& c : cand_) c.first = oracle_->value(c.second, t);
-        std::stable_sort(cand_.begin(), cand_.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+        // The measuring aid: the policy's candidates (with their values) in
+        // the oracle's order.
+        std::vector<std::pair<double, size_t>> key;
+        for (size_t i = 0; i < cand_.size(); ++i) key.emplace_back(oracle_->value(cand_[i].second, t), i);
+        std::stable_sort(key.begin(), key.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+        std::vector<std::pair<double, uint64_t>> sorted;
+        for (const auto& [k, i] : key) sorted.push_back(cand_[i]);
+        cand_.swap(sorted);
       }
       for (const auto& [value, s] : cand_) {
         if (tokens_ < S_) break;
@@ -339,7 +349,7 @@ class Sim {
           // the speculative base the policy values least, if it is worth
           // more; else the copies stop.
           const uint64_t low = lowest(t);
-          if (low >= nsegs_ || !(policy_->value(low, t) < value)) break;
+          if (value < o_.params.min_value || low >= nsegs_ || !(policy_->value(low, t) < policy_->value(s, t))) break;
           evict_one(t);
           ++r_.speculative_replaced;
         }

@@ -379,6 +379,7 @@ json shadow_status(const DaemonContext& ctx, const Config& cfg) {
               {"copies_ahead_used", st.copies_ahead_used},
               {"speculative_hits", st.speculative_hits},
               {"speculative_dropped", st.speculative_dropped},
+              {"speculative_replaced", st.speculative_replaced},
               {"bases_freed", st.bases_freed},
               {"versions_promoted", st.versions_promoted},
               {"versions_demoted", st.versions_demoted},

@@ -215,7 +215,10 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
       out.push_back(std::move(f));
     }
     out.push_back(scalar("shadowd_speculative_dropped_total",
-                         "Speculative bases given up for pool room", C, d(st.speculative_dropped)));
+                         "Speculative bases given up for pool room or for a copy ahead worth more", C,
+                         d(st.speculative_dropped)));
+    out.push_back(scalar("shadowd_speculative_replaced_total",
+                         "Speculative bases given up for a copy ahead worth more", C, d(st.speculative_replaced)));
     out.push_back(scalar("shadowd_policy_memory_bytes", "State held by the shadowing policy", G,
                          d(st.policy_memory_bytes)));
     {

@@ -1046,6 +1046,8 @@ TEST_CASE("store: without free room a copy ahead replaces a speculative base wor
   // The writer's next segment is copied, in the place of an old copy.
   CHECK(after.copies_ahead > before.copies_ahead);
   CHECK(after.speculative_dropped > before.speculative_dropped);
+  CHECK(after.speculative_replaced > before.speculative_replaced);
+  CHECK(after.speculative_replaced - before.speculative_replaced <= after.copies_ahead - before.copies_ahead);
   REQUIRE(rig.store->segment(next).has_value());
   CHECK(rig.store->segment(next)->versions.size() == 1);
   REQUIRE(rig.store->check_index());
