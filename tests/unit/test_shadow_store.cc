@@ -483,18 +483,24 @@ TEST_CASE("store: a base leaving the window is freed under none, kept under lru"
   }
 }
 
-// A sequential stream makes the policy copy the segments after it ahead of
-// need, so that the stream's next write finds a base.
-TEST_CASE("store: the sequential policy copies a stream's next segments ahead of need", "[store]") {
-  const uint64_t seed = test::test_seed();
-  CAPTURE(seed);
-  Rig rig(seed);
+// The store again with the sequential policy and no limit on the copy
+// budget (the busy one is judged in real time).
+void reopen_sequential_unbudgeted(Rig& rig) {
   rig.store->abandon();
   rig.store.reset();
   rig.opts.policy = PolicyKind::kSequential;
   rig.opts.shadow_budget_bytes_per_s = 1ull << 40;
   rig.opts.shadow_busy_budget_bytes_per_s = 1ull << 40;
   rig.open();
+}
+
+// A sequential stream makes the policy copy the segments after it ahead of
+// need, so that the stream's next write finds a base.
+TEST_CASE("store: the sequential policy copies a stream's next segments ahead of need", "[store]") {
+  const uint64_t seed = test::test_seed();
+  CAPTURE(seed);
+  Rig rig(seed);
+  reopen_sequential_unbudgeted(rig);
   for (uint64_t s = 0; s < 3; ++s) {
     auto d = rig.data(kSeg);
     REQUIRE(rig.io(BlockOpKind::kWrite, s * kSeg, d.size(), d.data()));
@@ -1000,12 +1006,7 @@ TEST_CASE("store: without free room a copy ahead replaces a speculative base wor
   const uint64_t seed = test::test_seed();
   CAPTURE(seed);
   Rig rig(seed, 1024 * kSeg);
-  rig.store->abandon();
-  rig.store.reset();
-  rig.opts.policy = PolicyKind::kSequential;
-  rig.opts.shadow_budget_bytes_per_s = 1ull << 40;
-  rig.opts.shadow_busy_budget_bytes_per_s = 1ull << 40;
-  rig.open();
+  reopen_sequential_unbudgeted(rig);
   std::mt19937_64 rng(seed);
   auto noise = [&] {
     std::vector<uint8_t> d(kSeg);

@@ -178,17 +178,20 @@ TEST_CASE("simulate: a sequential stream into fresh areas stalls on every segmen
   CHECK(orc->stalls <= 5);  // the bucket starts empty
 }
 
+// A write of segment s, whole, at t.
+trace::Request segment_write(uint64_t s, int64_t t) {
+  trace::Request q;
+  q.time_ns = t;
+  q.op = trace::Op::kWrite;
+  q.offset = s * kSeg;
+  q.length = kSeg;
+  return q;
+}
+
 TEST_CASE("simulate: first writes into holes, run after run, are copied ahead by the hole cursors", "[simulator]") {
   std::vector<trace::Request> reqs;
   int64_t t = 1000 * kSec;
-  auto write = [&](uint64_t s, int64_t dt) {
-    trace::Request q;
-    q.time_ns = t += dt;
-    q.op = trace::Op::kWrite;
-    q.offset = s * kSeg;
-    q.length = kSeg;
-    reqs.push_back(q);
-  };
+  auto write = [&](uint64_t s, int64_t dt) { reqs.push_back(segment_write(s, t += dt)); };
   // A used device: segments 0..12099 written, but for 40 holes of 10
   // segments 300 apart (free space).
   auto hole = [](uint64_t s) { return s >= 100 && s < 12100 && (s - 100) % 300 < 10; };
@@ -235,14 +238,7 @@ TEST_CASE("simulate: first writes into holes, run after run, are copied ahead by
 TEST_CASE("simulate: without free room a copy ahead replaces a speculative base worth less", "[simulator]") {
   std::vector<trace::Request> reqs;
   int64_t t = 1000 * kSec;
-  auto write = [&](uint64_t s, int64_t dt) {
-    trace::Request q;
-    q.time_ns = t += dt;
-    q.op = trace::Op::kWrite;
-    q.offset = s * kSeg;
-    q.length = kSeg;
-    reqs.push_back(q);
-  };
+  auto write = [&](uint64_t s, int64_t dt) { reqs.push_back(segment_write(s, t += dt)); };
   // A short stream whose next segments are copied into the free room...
   for (uint64_t s = 100; s < 103; ++s) write(s, kSec / 10);
   // ...then, long after, a writer going on segment by segment: the pool
