@@ -107,6 +107,10 @@ struct Seg {
   bool empty() const { return versions.empty() && records.empty(); }
   // A journal record after `seq`: the primary no longer holds the content at seq.
   bool written_after(uint64_t seq) const { return !records.empty() && records.back().seq > seq; }
+  // A base, or one being copied: nothing to copy ahead.
+  bool holds_base() const { return !versions.empty() || cow_pending; }
+  // A base no journal record pins and no write is using: it may be given up.
+  bool speculative() const { return !versions.empty() && records.empty() && inflight == 0 && !cow_pending; }
 };
 
 struct Zone {
@@ -3031,7 +3035,7 @@ void StoreImpl::round_locked() {
                           if (seg >= nseg) return true;
                           std::lock_guard<std::mutex> lock(mu_);
                           auto f = segs_.find(seg);
-                          return f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending);
+                          return f != segs_.end() && f->second.holds_base();
                         },
                         cand);
     {
@@ -3042,7 +3046,7 @@ void StoreImpl::round_locked() {
         // the filler it lists below min_value) may take a base's place.
         if (!room && v < opts_.policy_params.min_value) break;
         auto f = segs_.find(seg);
-        if (f != segs_.end() && (!f->second.versions.empty() || f->second.cow_pending)) continue;
+        if (f != segs_.end() && f->second.holds_base()) continue;
         ahead.push_back(seg);
       }
     }
@@ -3092,11 +3096,13 @@ void StoreImpl::round_locked() {
           ahead_.insert(seg);
           ++copies_ahead_;
           // The copy is a speculative base: the least valued one that still
-          // is gives way (its space comes back with the next compaction).
-          while (!room && next_victim < victims.size() && !give_up_speculative_mu(victims[next_victim].second)) {
+          // is, and is worth less, gives way (its space comes back with the
+          // next compaction).
+          while (!room && next_victim < victims.size() && victims[next_victim].first < ahead_value[i] &&
+                 !give_up_speculative_mu(victims[next_victim].second)) {
             ++next_victim;
           }
-          if (!room && next_victim < victims.size()) {
+          if (!room && next_victim < victims.size() && victims[next_victim].first < ahead_value[i]) {
             ++next_victim;
             ++spec_replaced_;
           }
@@ -3117,7 +3123,7 @@ std::vector<std::pair<double, uint64_t>> StoreImpl::speculative_by_value_locked(
   {
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& [id, s] : segs_) {
-      if (!s.versions.empty() && s.records.empty() && s.inflight == 0 && !s.cow_pending) spec.emplace_back(0, id);
+      if (s.speculative()) spec.emplace_back(0, id);
     }
   }
   for (auto& [v, id] : spec) v = policy_->value(id, now);
@@ -3129,7 +3135,7 @@ std::optional<uint64_t> StoreImpl::give_up_speculative_mu(uint64_t id) {
   auto f = segs_.find(id);
   if (f == segs_.end()) return std::nullopt;
   Seg& s = f->second;
-  if (s.versions.empty() || !s.records.empty() || s.inflight != 0 || s.cow_pending) return std::nullopt;
+  if (!s.speculative()) return std::nullopt;
   uint64_t freed = 0;
   for (const VEntry& ve : s.versions) {
     freed += ve.loc.bytes;
