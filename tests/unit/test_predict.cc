@@ -77,6 +77,35 @@ TEST_CASE("sequential: a stream nominates the segments after its head, nearest f
   CHECK(out.empty());
 }
 
+TEST_CASE("sequential: when the head moves on, covered ground is not skipped past", "[predict]") {
+  Params p;
+  p.seq_ahead = 8;
+  p.frontier_ahead = 0;
+  auto m = make_sequential(p);
+  int64_t t = 50 * kSec;
+  // (Fewer than 64 writes: no fresh-write source, the stream alone.)
+  for (uint64_t s = 100; s < 110; ++s, t += kSec / 10) m->observe(s, Op::kWrite, t);
+  const auto covered = [](uint64_t s) { return s >= 110 && s <= 114; };
+  std::vector<std::pair<double, uint64_t>> out;
+  m->nominate(t, 60, 1, covered, out);  // remembers that 110..114 are covered
+  REQUIRE(out.size() == 1);
+  CHECK(out[0].second == 115);
+  // The stream writes 110; 111..114 are still covered: the first one it
+  // offers is 115 (the memo follows the head; kept as it was, it hid 115
+  // until its rescan 10 s later).
+  m->observe(110, Op::kWrite, t += kSec / 10);
+  out.clear();
+  m->nominate(t, 60, 1, covered, out);
+  REQUIRE(out.size() == 1);
+  CHECK(out[0].second == 115);
+  // The head runs past the covered ground: the next segment is offered.
+  for (uint64_t s = 111; s <= 115; ++s) m->observe(s, Op::kWrite, t += kSec / 10);
+  out.clear();
+  m->nominate(t, 60, 1, covered, out);
+  REQUIRE(out.size() == 1);
+  CHECK(out[0].second == 116);
+}
+
 TEST_CASE("sequential: first writes past the highest written segment teach it the frontier", "[predict]") {
   Params p;
   p.frontier_ahead = 64;
