@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -77,12 +78,17 @@ std::string ReplicaDaemon::start(const std::string& from, const std::string& at)
   std::vector<std::string> args = {bin, "--restore-from", from, "--at", at, "--unix", nbd_sock,
                                    "--control", control_, "--foreground", "--log-level", "info",
                                    "--export-name", "replica"};
+  const pid_t parent = ::getpid();
   pid_ = ::fork();
   if (pid_ < 0) {
     ::close(ns);
     return std::string("fork: ") + std::strerror(errno);
   }
   if (pid_ == 0) {
+    // The private shadowd goes with shadowctl, even a shadowctl killed
+    // with SIGKILL: SIGTERM when this (the forking, main) thread ends; kept
+    // across exec. If shadowctl is already gone, so is the reason to start.
+    if (::prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || ::getppid() != parent) ::_exit(127);
     const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     if (fd >= 0) {
       ::dup2(fd, STDOUT_FILENO);

@@ -31,9 +31,13 @@ Synchronisation: sd_notify READY=1; `shadowctl status` is polled for the
 replica's state (wait_until), never a sleep.
 """
 
+import fcntl
 import json
 import os
 import re
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,8 +46,8 @@ import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, read_all, scrape, make_rng, run_shadowd, wait_until,
-                     write_random_blocks)
+                     main, make_pool_file, read_all, scrape, make_rng, run_shadowd,
+                     shadowctl_path, wait_until, write_random_blocks)
 
 SIZE = 32 * MiB
 POOL_SIZE = 64 * MiB
@@ -71,6 +75,84 @@ def read(path, off, n):
     with open(path, "rb") as f:
         f.seek(off)
         return f.read(n)
+
+
+def children_of(pid):
+    """The pids whose parent is pid (from /proc)."""
+    kids = []
+    for e in os.listdir("/proc"):
+        if not e.isdigit():
+            continue
+        try:
+            with open(f"/proc/{e}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+            kids.append(int(e))
+    return kids
+
+
+def gone(pid):
+    """pid has exited (no longer in /proc, or a zombie nobody reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
+
+
+def kill_shadowctl_during_from(replica):
+    """`shadowctl history --from` killed with SIGKILL while its private
+    shadowd runs: the private shadowd goes too."""
+    # stdout is a full pipe: shadowctl blocks printing the history, with
+    # its private shadowd still running, until it is killed.
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, b"x" * 4096)
+    except BlockingIOError:
+        pass
+    os.set_blocking(w, True)
+    p = subprocess.Popen([shadowctl_path(), "--json", "history", "--from", replica],
+                         stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.DEVNULL)
+    os.close(w)
+    private = None
+    try:
+        def started():
+            nonlocal private
+            for k in children_of(p.pid):
+                try:
+                    with open(f"/proc/{k}/cmdline", "rb") as f:
+                        args = f.read().split(b"\0")
+                except OSError:
+                    continue
+                if b"--restore-from" in args:
+                    private = (k, args)
+                    return True
+            return False
+        wait_until(started, "shadowctl's private shadowd --restore-from")
+        expect(p.poll() is None, "shadowctl is still running (its stdout is full)")
+        p.kill()
+        p.wait()
+        wait_until(lambda: gone(private[0]),
+                   f"the private shadowd (pid {private[0]}) to go with the killed shadowctl")
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        os.close(r)
+        if private is not None:
+            if not gone(private[0]):
+                os.kill(private[0], signal.SIGKILL)
+            # Its temporary directory (the one shadowctl removes when it ends).
+            args = private[1]
+            ctl_sock = args[args.index(b"--control") + 1].decode()
+            if os.path.basename(os.path.dirname(ctl_sock)).startswith("shadowctl-replica."):
+                shutil.rmtree(os.path.dirname(ctl_sock), ignore_errors=True)
 
 
 def make_replica(path, size=REPLICA_SIZE):
@@ -211,6 +293,7 @@ def test():
                 expect(f.read() == img_t1, "restore --from --at T1 writes the device at T1")
             hist = ctl.json("history", "--from", rep2)
             expect(hist["from_ns"] <= t1 <= hist["to_ns"], f"history --from: {hist}")
+            kill_shadowctl_during_from(rep2)
             rc, out, err = ctl.run("history", "--from", os.path.join(work, "nothing.img"))
             expect(rc == 1 and "nothing.img" in err, f"a missing replica: {rc} {err.strip()}")
             with open(rep2, "rb") as f:
