@@ -190,7 +190,19 @@ class Replica::Impl {
   // returns true if the caller may complete it now, false if it waits for
   // the replica (sync mode; completed later through a post to `loop`).
   bool completed(size_t a, BlockOp& orig, EventLoop* loop, const Status& st) {
-    if (!st) return true;
+    if (!st) {
+      // The local device refused it, but may have written part of it (a
+      // torn write): what the range holds now is known only to the device.
+      // Its chunks are copied from there, the replica behind meanwhile.
+      if (orig.kind != BlockOpKind::kFlush && orig.length > 0) {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++local_failures_;
+        mark_dirty_locked(a, orig.offset, orig.length);
+        if (state_ == ReplicaState::kInSync) fall_behind_locked("a write to a local device failed: " + st.message());
+        work_cv_.notify_one();
+      }
+      return true;
+    }
     const bool closes = orig.kind == BlockOpKind::kFlush || (orig.flags & kFua) != 0;
     std::lock_guard<std::mutex> lock(mu_);
     if (orig.kind != BlockOpKind::kFlush && orig.length > 0) {
@@ -240,11 +252,14 @@ class Replica::Impl {
   // The queue is dropped: its ranges become dirty chunks, the replica is
   // behind, and sync waiters are released.
   void overflow_locked(const std::string& why) {
+    if (state_ == ReplicaState::kInSync) ++overflows_;
+    fall_behind_locked(why);
+  }
+  void fall_behind_locked(const std::string& why) {
     for (const Entry& e : queue_) mark_dirty_locked(e.area, e.off, e.len);
     queue_.clear();
     backlog_bytes_ = 0;
     if (state_ == ReplicaState::kInSync) {
-      ++overflows_;
       behind_since_ns_ = mono_ns();
       spdlog::warn("replica {}: behind ({}); {} of chunks to copy once it takes writes again",
                    name_, why, dirty_chunks_ * kChunk);
@@ -708,6 +723,7 @@ class Replica::Impl {
     s.copied_bytes = copied_bytes_;
     s.epochs = epochs_;
     s.overflows = overflows_;
+    s.local_failures = local_failures_;
     s.target_errors = target_errors_;
     s.sync_lapses = sync_lapses_;
     s.last_error = last_error_;
@@ -753,7 +769,7 @@ class Replica::Impl {
   std::vector<int64_t> lag_samples_ = std::vector<int64_t>(kLagSamples, 0);
   uint64_t lag_next_ = 0;
   uint64_t shipped_bytes_ = 0, copied_bytes_ = 0, epochs_ = 0, overflows_ = 0;
-  uint64_t target_errors_ = 0, sync_lapses_ = 0;
+  uint64_t target_errors_ = 0, sync_lapses_ = 0, local_failures_ = 0;
   std::string last_error_;
   int64_t budget_start_ns_ = 0;
   uint64_t budget_used_ = 0;

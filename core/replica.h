@@ -98,6 +98,7 @@ struct ReplicaStats {
   uint64_t epochs = 0;            // flushed to the target
   uint64_t overflows = 0;         // times the backlog limit was hit
   uint64_t target_errors = 0;
+  uint64_t local_failures = 0;    // writes a local device failed (behind: copy)
   uint64_t sync_lapses = 0;       // sync flushes released after max_lag_s
   std::string last_error;
   int64_t in_sync_since_ns = 0;

@@ -551,6 +551,7 @@ json replica_status(const DaemonContext& ctx) {
           {"copied_bytes", st.copied_bytes},
           {"epochs", st.epochs},
           {"overflows", st.overflows},
+          {"local_failures", st.local_failures},
           {"target_errors", st.target_errors},
           {"sync_lapses", st.sync_lapses},
           {"last_error", st.last_error},

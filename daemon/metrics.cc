@@ -295,6 +295,9 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
     out.push_back(scalar("shadowd_replica_overflows_total",
                          "Times the replica's backlog overflowed and it fell behind", C,
                          d(r.overflows)));
+    out.push_back(scalar("shadowd_replica_local_failures_total",
+                         "Writes a local device failed; the replica fell behind to copy their chunks", C,
+                         d(r.local_failures)));
     out.push_back(scalar("shadowd_replica_target_errors_total",
                          "Failed requests to the replica target (retried)", C, d(r.target_errors)));
     out.push_back(scalar("shadowd_replica_sync_lapses_total",
