@@ -340,6 +340,17 @@ class Replica::Impl {
   }
   bool flush_due_locked() const { return written_through_locked() > shipped_epoch_; }
 
+  // Sync mode: flushes are released after max_lag_s by this thread too,
+  // since the shipper checks only between target requests, and one may
+  // hang (for the op timeout of an RBD target, for ever on a hung mount).
+  void watch_lapses() {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (!lapse_stop_) {
+      lapse_cv_.wait_for(lock, std::chrono::milliseconds(100), [this] { return lapse_stop_; });
+      lapse_waiters_locked();
+    }
+  }
+
   void lapse_waiters_locked() {
     if (waiters_.empty()) return;
     const int64_t limit = static_cast<int64_t>(opts_.max_lag_s) * 1'000'000'000;
@@ -741,6 +752,9 @@ class Replica::Impl {
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
+  std::thread lapse_thread_;  // sync mode: watch_lapses()
+  std::condition_variable lapse_cv_;
+  bool lapse_stop_ = false;
   std::condition_variable drained_cv_;
   ReplicaState state_ = ReplicaState::kSyncing;
   bool compare_ = false;  // resync compares with the target before writing
@@ -881,6 +895,7 @@ void Replica::set_hot_order(std::vector<uint64_t> offsets) {
 void Replica::start() {
   if (impl_->thread_.joinable()) return;
   impl_->thread_ = std::thread([this] { impl_->run(); });
+  if (impl_->opts_.sync) impl_->lapse_thread_ = std::thread([this] { impl_->watch_lapses(); });
 }
 
 void Replica::stop() {
@@ -892,6 +907,14 @@ void Replica::stop() {
     impl_->work_cv_.notify_all();
   }
   impl_->thread_.join();
+  if (impl_->lapse_thread_.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(impl_->mu_);
+      impl_->lapse_stop_ = true;
+      impl_->lapse_cv_.notify_all();
+    }
+    impl_->lapse_thread_.join();
+  }
 }
 
 ReplicaStats Replica::stats() const { return impl_->stats(); }

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <map>
 #include <random>
 #include <mutex>
@@ -477,6 +478,35 @@ TEST_CASE("replica: sync mode releases a flush after max_lag_s when the target f
   CHECK(s.sync_lapses == 1);
   CHECK(s.target_errors > 0);
   rig.target->clear_faults();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.expect_equal();
+}
+
+TEST_CASE("replica: sync mode releases a flush after max_lag_s while a target request hangs",
+          "[replica]") {
+  const uint64_t seed = test::test_seed();
+  ReplicaOptions o;
+  o.sync = true;
+  o.max_lag_s = 1;
+  Rig rig(seed, o);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  // The target takes requests and never answers (until released): the
+  // shipper waits inside a request.
+  rig.target->hold_completions();
+  std::vector<uint8_t> d(8192, 0x44);
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 0, d.size(), d.data()));
+  auto flush = std::async(std::launch::async, [&] {
+    return run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0);
+  });
+  // A deadline, not a timing: without the release the flush waits as long
+  // as the target holds its answers.
+  const bool released = flush.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  rig.target->release_completions();
+  REQUIRE(released);
+  CHECK(flush.get());
+  CHECK(rig.replica->stats().sync_lapses == 1);
   REQUIRE(rig.replica->drain(20000, true));
   rig.expect_equal();
 }
