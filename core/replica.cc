@@ -595,6 +595,14 @@ class Replica::Impl {
       {
         std::lock_guard<std::mutex> lock(mu_);
         mark_dirty_locked(area, off, len);
+        // The chunk may stay unreadable (a bad sector): the scan goes on
+        // past it and tries it again after the others.
+        if (scan_area_ == area) scan_chunk_ = std::max(scan_chunk_, chunk + 1);
+        ++local_failures_;
+        if (local_failures_ == 1 || local_failures_ % 1000 == 0) {
+          spdlog::warn("replica {}: reading the local device at {} failed: {} ({} local failures so far)",
+                       name_, off, st.message(), local_failures_);
+        }
         last_error_ = "reading the local device: " + st.message();
       }
       backoff();
@@ -644,22 +652,24 @@ class Replica::Impl {
     for (size_t n = 0; n < areas_.size(); ++n) {
       const size_t a = (scan_area_ + n) % areas_.size();
       auto& bits = dirty_[a];
-      for (size_t w = (n == 0 ? scan_word_ : 0); w < bits.size(); ++w) {
-        if (bits[w] == 0) continue;
-        const int b = __builtin_ctzll(bits[w]);
+      const uint64_t from = n == 0 ? scan_chunk_ : 0;
+      for (size_t w = from / 64; w < bits.size(); ++w) {
+        const uint64_t word = w == from / 64 ? bits[w] & (~0ull << (from % 64)) : bits[w];
+        if (word == 0) continue;
+        const int b = __builtin_ctzll(word);
         bits[w] &= ~(1ull << b);
         --dirty_chunks_;
         area = a;
         chunk = w * 64 + static_cast<uint64_t>(b);
         scan_area_ = a;
-        scan_word_ = w;
+        scan_chunk_ = chunk;
         return true;
       }
-      scan_word_ = 0;
+      scan_chunk_ = 0;
     }
     // Bits left behind the scan position: start over.
     scan_area_ = 0;
-    scan_word_ = 0;
+    scan_chunk_ = 0;
     return take_dirty_locked(area, chunk);
   }
 
@@ -769,7 +779,7 @@ class Replica::Impl {
   std::vector<uint64_t> hot_;
   size_t hot_next_ = 0;
   size_t scan_area_ = 0;
-  size_t scan_word_ = 0;
+  uint64_t scan_chunk_ = 0;  // the scan's position in scan_area_
   bool stopping_ = false;
   int64_t stop_deadline_ns_ = 0;
   bool header_dirty_ = true;

@@ -12,7 +12,9 @@
 // (tap()). A write, write-zeroes or trim that the device completed is put
 // on the replica's queue (writes with a copy of their data) before the
 // caller sees its completion; a flush (or a FUA write) closes the current
-// epoch. A shipper thread writes the queue to the target epoch by epoch and
+// epoch. One the device failed may have left part of itself there: its
+// range is copied from the device (the replica falls behind, see below).
+// A shipper thread writes the queue to the target epoch by epoch and
 // flushes the target between epochs, so the target is always the devices'
 // state at some flush: crash-consistent, as the pool's recovery expects.
 // Asynchronous by default (the queue's age is the lag); with `sync`, a
@@ -98,7 +100,7 @@ struct ReplicaStats {
   uint64_t epochs = 0;            // flushed to the target
   uint64_t overflows = 0;         // times the backlog limit was hit
   uint64_t target_errors = 0;
-  uint64_t local_failures = 0;    // writes a local device failed (behind: copy)
+  uint64_t local_failures = 0;    // writes (then copied) and reads a local device failed
   uint64_t sync_lapses = 0;       // sync flushes released after max_lag_s
   std::string last_error;
   int64_t in_sync_since_ns = 0;

@@ -296,7 +296,7 @@ std::vector<MetricFamily> collect_metrics(const DaemonContext& ctx) {
                          "Times the replica's backlog overflowed and it fell behind", C,
                          d(r.overflows)));
     out.push_back(scalar("shadowd_replica_local_failures_total",
-                         "Writes a local device failed; the replica fell behind to copy their chunks", C,
+                         "Local device failures the replica saw: writes (their chunks are then copied) and reads of chunks to copy", C,
                          d(r.local_failures)));
     out.push_back(scalar("shadowd_replica_target_errors_total",
                          "Failed requests to the replica target (retried)", C, d(r.target_errors)));

@@ -159,7 +159,7 @@ def test():
             # authentication before the client's auth handler is in place (seen once in
             # CI, from an lspools that exited 0 with the right output); it says nothing
             # about the configuration this check is for.
-            benign = "monclient: get_auth_request but no auth handler is set up"
+            benign = "get_auth_request but no auth handler is set up"  # "monclient(hunting): " too
             lines = p.stderr.decode().splitlines()
             rest = [ln for ln in lines if benign not in ln]
             if len(rest) != len(lines):

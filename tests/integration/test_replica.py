@@ -32,6 +32,7 @@ replica's state (wait_until), never a sleep.
 """
 
 import fcntl
+import glob
 import json
 import os
 import re
@@ -103,56 +104,73 @@ def gone(pid):
     return stat[stat.rindex(")") + 2] == "Z"
 
 
-def kill_shadowctl_during_from(replica):
-    """`shadowctl history --from` killed with SIGKILL while its private
-    shadowd runs: the private shadowd goes too."""
-    # stdout is a full pipe: shadowctl blocks printing the history, with
-    # its private shadowd still running, until it is killed.
+def blocked_writing_stderr(pid):
+    """A thread of pid is inside write(2, ...) (/proc/PID/task/TID/syscall:
+    number 1, first argument 2)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                if f.read().split()[:2] == ["1", "0x2"]:
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def kill_shadowctl_during_from(replica, work):
+    """`shadowctl restore --from` killed with SIGKILL while its private
+    shadowd serves: the private shadowd goes too."""
+    before = set(glob.glob("/tmp/shadowctl-replica.*"))
     r, w = os.pipe()
-    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    os.set_blocking(w, False)
-    try:
-        while True:
-            os.write(w, b"x" * 4096)
-    except BlockingIOError:
-        pass
-    os.set_blocking(w, True)
-    p = subprocess.Popen([shadowctl_path(), "--json", "history", "--from", replica],
-                         stdin=subprocess.DEVNULL, stdout=w, stderr=subprocess.DEVNULL)
-    os.close(w)
+    p = None
     private = None
     try:
-        def started():
+        # stderr is a full pipe: shadowctl blocks printing its progress at
+        # the end of the copy (with --json, unbuffered), its private
+        # shadowd ready and serving, until it is killed.
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
+        os.set_blocking(w, False)
+        try:
+            while True:
+                os.write(w, b"x" * 4096)
+        except BlockingIOError:
+            pass
+        os.set_blocking(w, True)
+        p = subprocess.Popen([shadowctl_path(), "--json", "restore", "--from", replica,
+                              "--at", "now", "--output", os.path.join(work, "killed.img")],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=w)
+
+        def serving():
             nonlocal private
+            if not blocked_writing_stderr(p.pid):
+                return False
             for k in children_of(p.pid):
                 try:
                     with open(f"/proc/{k}/cmdline", "rb") as f:
-                        args = f.read().split(b"\0")
+                        if b"--restore-from" in f.read().split(b"\0"):
+                            private = k
+                            return True
                 except OSError:
                     continue
-                if b"--restore-from" in args:
-                    private = (k, args)
-                    return True
             return False
-        wait_until(started, "shadowctl's private shadowd --restore-from")
-        expect(p.poll() is None, "shadowctl is still running (its stdout is full)")
+        wait_until(serving, "shadowctl blocked on its stderr, its private shadowd running")
+        expect(p.poll() is None, "shadowctl is still running (its stderr is full)")
         p.kill()
         p.wait()
-        wait_until(lambda: gone(private[0]),
-                   f"the private shadowd (pid {private[0]}) to go with the killed shadowctl")
+        wait_until(lambda: gone(private),
+                   f"the private shadowd (pid {private}) to go with the killed shadowctl")
     finally:
-        if p.poll() is None:
+        if p is not None and p.poll() is None:
             p.kill()
             p.wait()
         os.close(r)
-        if private is not None:
-            if not gone(private[0]):
-                os.kill(private[0], signal.SIGKILL)
-            # Its temporary directory (the one shadowctl removes when it ends).
-            args = private[1]
-            ctl_sock = args[args.index(b"--control") + 1].decode()
-            if os.path.basename(os.path.dirname(ctl_sock)).startswith("shadowctl-replica."):
-                shutil.rmtree(os.path.dirname(ctl_sock), ignore_errors=True)
+        os.close(w)
+        if private is not None and not gone(private):
+            os.kill(private, signal.SIGKILL)
+            wait_until(lambda: gone(private), f"pid {private} to go after SIGKILL")
+        # The temporary directory shadowctl removes when it ends normally.
+        for d in set(glob.glob("/tmp/shadowctl-replica.*")) - before:
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def make_replica(path, size=REPLICA_SIZE):
@@ -293,7 +311,6 @@ def test():
                 expect(f.read() == img_t1, "restore --from --at T1 writes the device at T1")
             hist = ctl.json("history", "--from", rep2)
             expect(hist["from_ns"] <= t1 <= hist["to_ns"], f"history --from: {hist}")
-            kill_shadowctl_during_from(rep2)
             rc, out, err = ctl.run("history", "--from", os.path.join(work, "nothing.img"))
             expect(rc == 1 and "nothing.img" in err, f"a missing replica: {rc} {err.strip()}")
             with open(rep2, "rb") as f:
@@ -303,6 +320,9 @@ def test():
                                    "--control", os.path.join(work, "r.ctl")])
             expect_eq(rc, 2, "a time outside the replica's window")
             expect("outside the restorable window" in out, f"message: {out}")
+
+        with checks.check("the private shadowd of shadowctl --from goes when shadowctl is killed"):
+            kill_shadowctl_during_from(rep2, work)
 
         with checks.check("a replica killed while copying is refused by --restore-from"):
             back3 = make_replica(os.path.join(work, "backing3.img"), SIZE)
