@@ -762,6 +762,8 @@ class Replica::Impl {
 
   mutable std::mutex mu_;
   std::condition_variable work_cv_;
+  bool finished_ = false;  // run() returned (under mu_)
+  std::condition_variable finished_cv_;
   std::thread lapse_thread_;  // sync mode: watch_lapses()
   std::condition_variable lapse_cv_;
   bool lapse_stop_ = false;
@@ -890,7 +892,20 @@ Result<std::unique_ptr<Replica>> Replica::open(std::shared_ptr<IoBackend> target
 Replica::Replica(std::unique_ptr<Impl> impl, std::string target_name)
     : impl_(std::move(impl)), target_name_(std::move(target_name)) {}
 
-Replica::~Replica() { stop(); }
+namespace {
+// The state of shippers stop() left behind: never freed (they may still use
+// it), and reachable, so that leak checkers do not count it.
+std::mutex g_abandoned_mu;
+std::vector<Replica::Impl*>* g_abandoned = new std::vector<Replica::Impl*>;
+}  // namespace
+
+Replica::~Replica() {
+  stop();
+  if (abandoned_) {
+    std::lock_guard<std::mutex> lock(g_abandoned_mu);
+    g_abandoned->push_back(impl_.release());
+  }
+}
 
 std::shared_ptr<IoBackend> Replica::tap(size_t area) {
   return std::make_shared<ReplicaTap>(impl_.get(), area, impl_->areas_.at(area));
@@ -904,19 +919,40 @@ void Replica::set_hot_order(std::vector<uint64_t> offsets) {
 
 void Replica::start() {
   if (impl_->thread_.joinable()) return;
-  impl_->thread_ = std::thread([this] { impl_->run(); });
-  if (impl_->opts_.sync) impl_->lapse_thread_ = std::thread([this] { impl_->watch_lapses(); });
+  // The threads hold the Impl, not this: a shipper left behind by stop()
+  // outlives the Replica.
+  Impl* impl = impl_.get();
+  impl_->thread_ = std::thread([impl] {
+    impl->run();
+    std::lock_guard<std::mutex> lock(impl->mu_);
+    impl->finished_ = true;
+    impl->finished_cv_.notify_all();
+  });
+  if (impl_->opts_.sync) impl_->lapse_thread_ = std::thread([impl] { impl->watch_lapses(); });
 }
 
-void Replica::stop() {
-  if (!impl_->thread_.joinable()) return;
+bool Replica::stop() {
+  if (!impl_->thread_.joinable()) return !abandoned_;
+  bool ended;
   {
-    std::lock_guard<std::mutex> lock(impl_->mu_);
+    std::unique_lock<std::mutex> lock(impl_->mu_);
     impl_->stopping_ = true;
-    impl_->stop_deadline_ns_ = mono_ns() + 5'000'000'000;
+    impl_->stop_deadline_ns_ = mono_ns() + int64_t{impl_->opts_.stop_timeout_ms} * 1'000'000;
     impl_->work_cv_.notify_all();
+    const auto limit = std::chrono::milliseconds(uint64_t{impl_->opts_.stop_timeout_ms} + impl_->opts_.stop_grace_ms);
+    ended = impl_->finished_cv_.wait_for(lock, limit, [this] { return impl_->finished_; });
+    if (!ended) impl_->release_waiters_locked(UINT64_MAX, /*lapse=*/true);
   }
-  impl_->thread_.join();
+  if (ended) {
+    impl_->thread_.join();
+  } else {
+    impl_->thread_.detach();
+    abandoned_ = true;
+    spdlog::error("replica {}: a request to the target has not completed {} ms after the stop; "
+                  "stopping without it (the target holds the state at an earlier flush; the next "
+                  "start resynchronises)",
+                  target_name_, uint64_t{impl_->opts_.stop_timeout_ms} + impl_->opts_.stop_grace_ms);
+  }
   if (impl_->lapse_thread_.joinable()) {
     {
       std::lock_guard<std::mutex> lock(impl_->mu_);
@@ -925,6 +961,7 @@ void Replica::stop() {
     }
     impl_->lapse_thread_.join();
   }
+  return ended;
 }
 
 ReplicaStats Replica::stats() const { return impl_->stats(); }

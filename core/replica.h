@@ -84,6 +84,11 @@ struct ReplicaOptions {
   uint64_t max_backlog_bytes = 256ull << 20;
   uint64_t resync_bytes_per_s = 64ull << 20;  // the initial sync's budget (0: unlimited)
   uint32_t max_inflight = 32;                 // target writes in flight
+  // stop(): what is queued is shipped for at most stop_timeout_ms; a
+  // shipper still inside a target request stop_grace_ms after that is left
+  // behind (see stop()).
+  uint32_t stop_timeout_ms = 5000;
+  uint32_t stop_grace_ms = 5000;
 };
 
 struct ReplicaStats {
@@ -131,7 +136,13 @@ class Replica {
   void set_hot_order(std::vector<uint64_t> offsets);
 
   void start();
-  void stop();  // ships what is queued if the target takes it within 5 s
+  // Ships what is queued if the target takes it within stop_timeout_ms, and
+  // ends the threads. Bounded even when a target request hangs (a file on a
+  // hung mount): a shipper that has not ended stop_grace_ms later is left
+  // running, detached, with its state (never freed), and stop() returns
+  // false. The target then holds the devices' state at an earlier flush, as
+  // after a crash; the next start resynchronises.
+  bool stop();
 
   ReplicaStats stats() const;
   const std::string& target_name() const { return target_name_; }
@@ -147,6 +158,7 @@ class Replica {
   explicit Replica(std::unique_ptr<Impl> impl, std::string target_name);
   std::unique_ptr<Impl> impl_;
   std::string target_name_;
+  bool abandoned_ = false;  // stop() left the shipper running: impl_ is never freed
 };
 
 }  // namespace shadowd

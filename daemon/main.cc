@@ -1106,7 +1106,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     if (!ss) spdlog::error("shadow pool: stop: {}", ss.message());
     if (replica) {
       ctx.replica = nullptr;
-      replica->stop();  // ships what is queued if the target takes it within 5 s
+      replica->stop();  // ships what is queued if the target takes it within 5 s; bounded
       const ReplicaStats rs = replica->stats();
       spdlog::info("replica {}: stopped {} ({} queued bytes not shipped)", replica->target_name(),
                    replica_state_name(rs.state), rs.backlog_bytes);

@@ -570,6 +570,37 @@ TEST_CASE("replica: sync mode releases a flush after max_lag_s while a target re
   rig.expect_equal();
 }
 
+TEST_CASE("replica: stop() is bounded while a target request hangs", "[replica]") {
+  const uint64_t seed = test::test_seed();
+  ReplicaOptions o;
+  o.sync = true;
+  o.max_lag_s = 1;
+  o.stop_timeout_ms = 200;
+  o.stop_grace_ms = 200;
+  Rig rig(seed, o);
+  rig.open();
+  rig.replica->start();
+  REQUIRE(rig.replica->drain(20000, true));
+  rig.target->hold_completions();
+  std::vector<uint8_t> d(8192, 0x55);
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 0, d.size(), d.data()));
+  REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kFlush, 0, 0));  // released after max_lag_s
+  // The shipper is inside a target request that does not complete. A
+  // deadline, not a timing: without the bound stop() waits for the target.
+  auto stopped = std::async(std::launch::async, [&] { return rig.replica->stop(); });
+  const bool returned = stopped.wait_for(std::chrono::seconds(60)) == std::future_status::ready;
+  if (!returned) rig.target->release_completions();
+  REQUIRE(returned);
+  CHECK_FALSE(stopped.get());  // the shipper was left behind
+  CHECK_FALSE(rig.replica->stop());
+  const ReplicaStats s = rig.replica->stats();  // still answers
+  CHECK(s.sync_lapses == 1);
+  // The target answers at last: the shipper left behind ends on its own;
+  // destroying the Replica leaves it its state.
+  rig.target->release_completions();
+  rig.replica.reset();
+}
+
 TEST_CASE("replica: a restart compares with its earlier copy; another backing's is overwritten",
           "[replica]") {
   const uint64_t seed = test::test_seed();
