@@ -227,7 +227,7 @@ class Replica::Impl {
     bool now = true;
     if (closes && state_ == ReplicaState::kInSync) {
       const uint64_t e = open_epoch_++;
-      if (opts_.sync && e > shipped_epoch_) {
+      if (opts_.sync && e > shipped_epoch_ && !stopping_) {
         waiters_.push_back(Waiter{e, loop, &orig, mono_ns()});
         now = false;
       }
@@ -918,7 +918,7 @@ void Replica::set_hot_order(std::vector<uint64_t> offsets) {
 }
 
 void Replica::start() {
-  if (impl_->thread_.joinable()) return;
+  if (impl_->thread_.joinable() || abandoned_) return;
   // The threads hold the Impl, not this: a shipper left behind by stop()
   // outlives the Replica.
   Impl* impl = impl_.get();

@@ -811,6 +811,9 @@ std::variant<std::unique_ptr<ShadowStore>, PoolError> open_pool(
     ropts.max_lag_s = cfg.replica_max_lag_seconds;
     ropts.max_backlog_bytes = cfg.replica_max_backlog_bytes;
     ropts.resync_bytes_per_s = cfg.shadow_budget_bytes_per_s;
+    // An RBD request fails after its op timeout: wait that long (and a
+    // little) at the stop rather than leave the image open and locked.
+    if (rbd) ropts.stop_grace_ms = (kReplicaOpTimeoutS + 5) * 1000;
     auto r = Replica::open(target, layout, std::move(areas), ropts,
                            rbd ? rbd_name(cfg.replica) : cfg.replica);
     if (!r) return fail(kExitUsage, r.status().message());
@@ -1099,6 +1102,7 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     }
   }
   // Stop the pool's threads (final checkpoint) once nothing can reach it.
+  bool replica_left = false;  // its shipper was left inside a target request
   auto stop_store = [&] {
     if (!store) return;
     ctx.store = nullptr;
@@ -1106,7 +1110,8 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     if (!ss) spdlog::error("shadow pool: stop: {}", ss.message());
     if (replica) {
       ctx.replica = nullptr;
-      replica->stop();  // ships what is queued if the target takes it within 5 s; bounded
+      // Ships what is queued if the target takes it within 5 s; bounded.
+      replica_left = !replica->stop();
       const ReplicaStats rs = replica->stats();
       spdlog::info("replica {}: stopped {} ({} queued bytes not shipped)", replica->target_name(),
                    replica_state_name(rs.state), rs.backlog_bytes);
@@ -1224,6 +1229,14 @@ int serve(DaemonContext& ctx, bool force_format, int ready_fd) {
     if (!fs) spdlog::error("final flush: {}", fs.message());
   }
   if (!cfg.pidfile.empty()) unlink(cfg.pidfile.c_str());
+  if (replica_left) {
+    // The replica's shipper still runs, inside a request to the target: the
+    // process ends now, before static destructors it might race with.
+    spdlog::info("stopped (without the replica's last request)");
+    spdlog::shutdown();
+    std::fflush(nullptr);
+    ::_exit(0);
+  }
   spdlog::info("stopped");
   return 0;
 }
