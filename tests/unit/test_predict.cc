@@ -40,15 +40,22 @@ TEST_CASE("ewma: a step from 1/s to 10/s is followed within a minute", "[predict
   CHECK(m->forecast(3, t, 1) == Approx(10).epsilon(0.1));
 }
 
-TEST_CASE("sequential: a stream nominates the segments after its head, nearest first", "[predict]") {
+// A sequential model (no frontier) that saw segments 100..109 written in
+// order, one every 0.1 s from t (advanced past the last). Ten writes are too
+// few (< 64) to weigh fresh writes: the stream alone nominates.
+std::unique_ptr<Predictor> stream_100_to_109(uint32_t seq_ahead, int64_t& t) {
   Params p;
-  p.seq_ahead = 4;
+  p.seq_ahead = seq_ahead;
   p.frontier_ahead = 0;
   auto m = make_sequential(p);
-  int64_t t = 50 * kSec;
   for (uint64_t s = 100; s < 110; ++s, t += kSec / 10) m->observe(s, Op::kWrite, t);
+  return m;
+}
+
+TEST_CASE("sequential: a stream nominates the segments after its head, nearest first", "[predict]") {
+  int64_t t = 50 * kSec;
+  auto m = stream_100_to_109(4, t);
   std::vector<std::pair<double, uint64_t>> out;
-  // (Ten writes are too few to weigh fresh writes: the stream alone.)
   m->nominate(t, 60, 16, {}, out);
   REQUIRE(out.size() == 4);
   CHECK(out[0].second == 110);
@@ -78,13 +85,8 @@ TEST_CASE("sequential: a stream nominates the segments after its head, nearest f
 }
 
 TEST_CASE("sequential: when the head moves on, covered ground is not skipped past", "[predict]") {
-  Params p;
-  p.seq_ahead = 8;
-  p.frontier_ahead = 0;
-  auto m = make_sequential(p);
   int64_t t = 50 * kSec;
-  // (Fewer than 64 writes: no fresh-write source, the stream alone.)
-  for (uint64_t s = 100; s < 110; ++s, t += kSec / 10) m->observe(s, Op::kWrite, t);
+  auto m = stream_100_to_109(8, t);
   const auto covered = [](uint64_t s) { return s >= 110 && s <= 114; };
   std::vector<std::pair<double, uint64_t>> out;
   m->nominate(t, 60, 1, covered, out);  // remembers that 110..114 are covered

@@ -23,6 +23,13 @@ namespace {
 
 constexpr uint64_t kMiB = 1ull << 20;
 
+ReplicaOptions sync_options(uint32_t max_lag_s) {
+  ReplicaOptions o;
+  o.sync = true;
+  o.max_lag_s = max_lag_s;
+  return o;
+}
+
 struct Rig {
   explicit Rig(uint64_t seed, ReplicaOptions o = {}, uint64_t pool_bytes = 4 * kMiB,
                uint64_t primary_bytes = 8 * kMiB)
@@ -51,6 +58,13 @@ struct Rig {
     replica = std::move(*r);
     pool_tap = replica->tap(0);
     primary_tap = replica->tap(1);
+  }
+
+  // Opened, started, and the initial copy done.
+  void open_in_sync(std::shared_ptr<IoBackend> primary_reads = nullptr) {
+    open(nullptr, "memory", std::move(primary_reads));
+    replica->start();
+    REQUIRE(replica->drain(20000, true));
   }
 
   void fill(IoBackend& dev, uint64_t off, uint64_t len) {
@@ -317,9 +331,7 @@ TEST_CASE("replica: a failing target falls behind, then catches up by copying", 
   ReplicaOptions o;
   o.max_backlog_bytes = 256 * 1024;
   Rig rig(seed, o);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.target->fail_randomly(BlockOpKind::kWrite, 1.0, EIO);
   rig.target->fail_randomly(BlockOpKind::kFlush, 1.0, EIO);
   // More than the backlog limit: writes complete at once, whatever the target does.
@@ -346,9 +358,7 @@ TEST_CASE("replica: a failing target falls behind, then catches up by copying", 
 TEST_CASE("replica: a write the local device fails, torn, is copied from the device", "[replica]") {
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   // Each failed write leaves a prefix of itself on the primary (none, all,
   // or cut at a sector): 16 of them leave some with near certainty.
   rig.primary->failed_writes_torn(true);
@@ -408,9 +418,7 @@ TEST_CASE("replica: a chunk the local device cannot read does not hold up the ot
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
   auto reads = std::make_shared<FirstMiBUnreadable>(rig.primary);
-  rig.open(nullptr, "memory", reads);
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync(reads);
   reads->fail = true;
   // A failed write in chunk 0 (unreadable from now on): the replica falls
   // behind; then a write in chunk 5, in the same word of the dirty bitmap.
@@ -446,9 +454,7 @@ TEST_CASE("replica: nothing is copied out of order before the header says so", "
   // (which are not in flush order) until its header says "syncing".
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.replica.reset();
   auto failing = std::make_shared<HeaderFailing>(rig.target);
   rig.fill(*rig.primary, 6 * kMiB, 4096);  // something to copy on the next start
@@ -473,13 +479,9 @@ TEST_CASE("replica: nothing is copied out of order before the header says so", "
 
 TEST_CASE("replica: sync mode holds a flush until its epoch is on the target", "[replica]") {
   const uint64_t seed = test::test_seed();
-  ReplicaOptions o;
-  o.sync = true;
-  o.max_lag_s = 600;
+  ReplicaOptions o = sync_options(600);
   Rig rig(seed, o);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.target->hold_completions();
   auto loop = EventLoop::create(8);
   REQUIRE(loop);
@@ -519,13 +521,9 @@ TEST_CASE("replica: sync mode holds a flush until its epoch is on the target", "
 TEST_CASE("replica: sync mode releases a flush after max_lag_s when the target fails",
           "[replica]") {
   const uint64_t seed = test::test_seed();
-  ReplicaOptions o;
-  o.sync = true;
-  o.max_lag_s = 1;
+  ReplicaOptions o = sync_options(1);
   Rig rig(seed, o);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.target->fail_randomly(BlockOpKind::kWrite, 1.0, EIO);
   rig.target->fail_randomly(BlockOpKind::kFlush, 1.0, EIO);
   std::vector<uint8_t> d(8192, 0x33);
@@ -544,13 +542,9 @@ TEST_CASE("replica: sync mode releases a flush after max_lag_s when the target f
 TEST_CASE("replica: sync mode releases a flush after max_lag_s while a target request hangs",
           "[replica]") {
   const uint64_t seed = test::test_seed();
-  ReplicaOptions o;
-  o.sync = true;
-  o.max_lag_s = 1;
+  ReplicaOptions o = sync_options(1);
   Rig rig(seed, o);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   // The target takes requests and never answers (until released): the
   // shipper waits inside a request.
   rig.target->hold_completions();
@@ -572,15 +566,11 @@ TEST_CASE("replica: sync mode releases a flush after max_lag_s while a target re
 
 TEST_CASE("replica: stop() is bounded while a target request hangs", "[replica]") {
   const uint64_t seed = test::test_seed();
-  ReplicaOptions o;
-  o.sync = true;
-  o.max_lag_s = 1;
+  ReplicaOptions o = sync_options(1);
   o.stop_timeout_ms = 200;
   o.stop_grace_ms = 200;
   Rig rig(seed, o);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.target->hold_completions();
   std::vector<uint8_t> d(8192, 0x55);
   REQUIRE(run_sync(*rig.primary_tap, BlockOpKind::kWrite, 0, d.size(), d.data()));
@@ -605,29 +595,21 @@ TEST_CASE("replica: a restart compares with its earlier copy; another backing's 
           "[replica]") {
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   rig.replica.reset();
   // Same layout: nothing changed, nothing written but the header.
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   CHECK(rig.replica->stats().shipped_bytes == 0);
   rig.replica.reset();
   // A changed primary while no replica ran: only what differs is written.
   rig.fill(*rig.primary, 5 * kMiB, 100000);
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   CHECK(rig.replica->stats().shipped_bytes == kMiB);  // the one chunk it touches
   rig.expect_equal();
   rig.replica.reset();
   // Another backing: everything is copied again.
   rig.layout.primary_id = "/another/primary.img";
-  rig.open();
-  rig.replica->start();
-  REQUIRE(rig.replica->drain(20000, true));
+  rig.open_in_sync();
   CHECK(rig.replica->stats().copied_bytes == rig.layout.pool_bytes[0] + rig.layout.primary_bytes);
   auto h = read_replica_header(*rig.target);
   REQUIRE(h);
