@@ -379,12 +379,15 @@ TEST_CASE("replica: a write the local device fails, torn, is copied from the dev
   rig.expect_equal();
 }
 
-// A target whose header block refuses writes while `fail` is set.
-class HeaderFailing final : public LayeredBackend {
+// A device whose ops of one kind starting below `below` fail with EIO
+// while `fail` is set: a target whose header block refuses writes, a
+// local device with a bad sector.
+class FailsBelow final : public LayeredBackend {
  public:
-  explicit HeaderFailing(std::shared_ptr<IoBackend> t) : LayeredBackend(std::move(t)) {}
+  FailsBelow(std::shared_ptr<IoBackend> d, BlockOpKind kind, uint64_t below, bool fail_now)
+      : LayeredBackend(std::move(d)), kind_(kind), below_(below), fail(fail_now) {}
   void submit(EventLoop& loop, BlockOp* op) override {
-    if (fail.load() && op->kind == BlockOpKind::kWrite && op->offset < 4096) {
+    if (fail.load() && op->kind == kind_ && op->offset < below_) {
       op->stage_ = BlockOp::kStageDone;
       op->loop_ = &loop;
       op->backend_ = this;
@@ -393,31 +396,20 @@ class HeaderFailing final : public LayeredBackend {
     }
     inner_->submit(loop, op);
   }
-  std::atomic<bool> fail{true};
-};
 
-// A device whose first MiB fails reads while `fail` is set (a bad sector).
-class FirstMiBUnreadable final : public LayeredBackend {
+ private:
+  BlockOpKind kind_;
+  uint64_t below_;
+
  public:
-  explicit FirstMiBUnreadable(std::shared_ptr<IoBackend> d) : LayeredBackend(std::move(d)) {}
-  void submit(EventLoop& loop, BlockOp* op) override {
-    if (fail.load() && op->kind == BlockOpKind::kRead && op->offset < kMiB) {
-      op->stage_ = BlockOp::kStageDone;
-      op->loop_ = &loop;
-      op->backend_ = this;
-      loop.defer(op, -EIO);
-      return;
-    }
-    inner_->submit(loop, op);
-  }
-  std::atomic<bool> fail{false};
+  std::atomic<bool> fail;
 };
 
 TEST_CASE("replica: a chunk the local device cannot read does not hold up the others",
           "[replica]") {
   const uint64_t seed = test::test_seed();
   Rig rig(seed);
-  auto reads = std::make_shared<FirstMiBUnreadable>(rig.primary);
+  auto reads = std::make_shared<FailsBelow>(rig.primary, BlockOpKind::kRead, kMiB, false);
   rig.open_in_sync(reads);
   reads->fail = true;
   // A failed write in chunk 0 (unreadable from now on): the replica falls
@@ -456,7 +448,7 @@ TEST_CASE("replica: nothing is copied out of order before the header says so", "
   Rig rig(seed);
   rig.open_in_sync();
   rig.replica.reset();
-  auto failing = std::make_shared<HeaderFailing>(rig.target);
+  auto failing = std::make_shared<FailsBelow>(rig.target, BlockOpKind::kWrite, 4096, true);
   rig.fill(*rig.primary, 6 * kMiB, 4096);  // something to copy on the next start
   rig.open(failing, "failing");
   rig.replica->start();
