@@ -933,14 +933,14 @@ void Replica::start() {
 
 bool Replica::stop() {
   if (!impl_->thread_.joinable()) return !abandoned_;
+  const uint64_t limit_ms = uint64_t{impl_->opts_.stop_timeout_ms} + impl_->opts_.stop_grace_ms;
   bool ended;
   {
     std::unique_lock<std::mutex> lock(impl_->mu_);
     impl_->stopping_ = true;
     impl_->stop_deadline_ns_ = mono_ns() + int64_t{impl_->opts_.stop_timeout_ms} * 1'000'000;
     impl_->work_cv_.notify_all();
-    const auto limit = std::chrono::milliseconds(uint64_t{impl_->opts_.stop_timeout_ms} + impl_->opts_.stop_grace_ms);
-    ended = impl_->finished_cv_.wait_for(lock, limit, [this] { return impl_->finished_; });
+    ended = impl_->finished_cv_.wait_for(lock, std::chrono::milliseconds(limit_ms), [this] { return impl_->finished_; });
     if (!ended) impl_->release_waiters_locked(UINT64_MAX, /*lapse=*/true);
   }
   if (ended) {
@@ -951,7 +951,7 @@ bool Replica::stop() {
     spdlog::error("replica {}: a request to the target has not completed {} ms after the stop; "
                   "stopping without it (the target holds the state at an earlier flush; the next "
                   "start resynchronises)",
-                  target_name_, uint64_t{impl_->opts_.stop_timeout_ms} + impl_->opts_.stop_grace_ms);
+                  target_name_, limit_ms);
   }
   if (impl_->lapse_thread_.joinable()) {
     {

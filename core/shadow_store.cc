@@ -3065,6 +3065,11 @@ void StoreImpl::round_locked() {
   }
   size_t done = 0;
   size_t next_victim = 0;
+  // Short of free room: the next speculative base in line is worth less
+  // than the copy ahead[i].
+  auto victim_below = [&](size_t i) {
+    return next_victim < victims.size() && victims[next_victim].first < ahead_value[i];
+  };
   auto run = [&](const std::vector<uint64_t>& list, bool is_urgent, bool is_ahead) {
     for (size_t i = 0; i < list.size(); ++i) {
       const uint64_t seg = list[i];
@@ -3079,10 +3084,7 @@ void StoreImpl::round_locked() {
         // Short of free room: only in the place of a base worth less, and
         // never below low water.
         std::lock_guard<std::mutex> lock(mu_);
-        if (next_victim >= victims.size() || !(victims[next_victim].first < ahead_value[i]) ||
-            any_tier_below_locked(0)) {
-          return true;
-        }
+        if (!victim_below(i) || any_tier_below_locked(0)) return true;
       }
       Status st = make_version(seg, false);
       tokens_ -= seg_bytes_;
@@ -3098,13 +3100,12 @@ void StoreImpl::round_locked() {
           // The copy is a speculative base: the least valued one that still
           // is, and is worth less, gives way (its space comes back with the
           // next compaction).
-          while (!room && next_victim < victims.size() && victims[next_victim].first < ahead_value[i] &&
-                 !give_up_speculative_mu(victims[next_victim].second)) {
-            ++next_victim;
-          }
-          if (!room && next_victim < victims.size() && victims[next_victim].first < ahead_value[i]) {
-            ++next_victim;
-            ++spec_replaced_;
+          for (; !room && victim_below(i); ++next_victim) {
+            if (give_up_speculative_mu(victims[next_victim].second)) {
+              ++next_victim;
+              ++spec_replaced_;
+              break;
+            }
           }
         }
       }
