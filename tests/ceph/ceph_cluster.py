@@ -28,8 +28,8 @@ timeout), a small reaper process outside the test's process tree notices (the
 pipe it reads from closes) and stops the cluster, so no daemon outlives the
 test. SHADOWD_TEST_KEEP=1 keeps the directory (logs under DIR/log).
 
-Plain /usr/bin/python3, no third-party modules; the integration harness is
-not needed but can be used alongside.
+Plain /usr/bin/python3, no third-party modules; it takes its /proc helpers
+from the integration harness (tests/integration/harness.py).
 """
 
 import json
@@ -42,6 +42,8 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _REPO = os.path.dirname(os.path.dirname(_HERE))
+sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "integration"))
+from harness import pid_alive, proc_cmdline  # noqa: E402
 SCRIPT = os.path.join(_REPO, "scripts", "ceph-cluster.sh")
 
 # Failure guards, not synchronisation: a passing run waits for events.
@@ -55,29 +57,6 @@ def _log(*args):
 
 class CephClusterError(RuntimeError):
     pass
-
-
-def _proc_state(pid):
-    """The state letter of a process (R, S, Z, ...) or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return None
-
-
-def _proc_cmdline(pid):
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid):
-    """Running: a zombie (PID 1 may reap exited daemons late) is not."""
-    st = _proc_state(pid)
-    return st is not None and st not in ("Z", "X")
 
 
 _REAPER_MARK = "--shadowd-ceph-reaper"
@@ -285,7 +264,7 @@ class CephCluster:
                     pid = int(f.read().strip())
             except (OSError, ValueError):
                 continue
-            if _alive(pid) and self.conf and self.conf in _proc_cmdline(pid):
+            if pid_alive(pid) and self.conf and self.conf in proc_cmdline(pid):
                 out[name] = pid
         return out
 
@@ -297,8 +276,8 @@ class CephCluster:
         for e in os.listdir("/proc"):
             if not e.isdigit() or int(e) == me:
                 continue
-            cmd = _proc_cmdline(int(e))
-            if self.dir in cmd and _REAPER_MARK not in cmd and _alive(int(e)):
+            cmd = proc_cmdline(int(e))
+            if self.dir in cmd and _REAPER_MARK not in cmd and pid_alive(int(e)):
                 left.append((int(e), cmd))
         return left
 

@@ -42,8 +42,8 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(_HERE), "integration"))
-from ceph_cluster import SCRIPT, CephCluster, CephClusterError, _alive  # noqa: E402
-from harness import (MiB, Checks, expect, expect_eq, log, main, make_rng, run,  # noqa: E402
+from ceph_cluster import SCRIPT, CephCluster, CephClusterError  # noqa: E402
+from harness import (MiB, Checks, expect, expect_eq, log, main, make_rng, pid_alive, run,  # noqa: E402
                      sha256_bytes, sha256_file, wait_until)
 
 IMAGE = 64 * MiB
@@ -94,7 +94,7 @@ def rss_line(c):
 
 
 def wait_gone(pids, timeout=30):
-    wait_until(lambda: not any(_alive(p) for p in pids), f"pids {pids} to exit", timeout=timeout)
+    wait_until(lambda: not any(pid_alive(p) for p in pids), f"pids {pids} to exit", timeout=timeout)
 
 
 def rbd_info(c, image, check=True):
@@ -290,7 +290,7 @@ def test():
                 expect_eq(len(pids), 3, "daemons running")
                 t = b.stop()
                 log(f"bluestore: stopped in {t:.1f} s")
-                expect(not any(_alive(p) for p in pids), f"daemons left: {pids}")
+                expect(not any(pid_alive(p) for p in pids), f"daemons left: {pids}")
                 expect_eq(b.leftover_processes(), [], "processes naming the directory")
             bdir = b.dir
         with checks.check("bluestore: directory removed"):
@@ -311,7 +311,7 @@ def test():
             expect_eq(len(pids), 2, "mon and mgr running")
             t = m.stop()
             log(f"memstore: stopped in {t:.1f} s")
-            expect(not any(_alive(p) for p in pids), f"daemons left: {pids}")
+            expect(not any(pid_alive(p) for p in pids), f"daemons left: {pids}")
             expect_eq(m.leftover_processes(), [], "processes naming the directory")
         mdir = m.dir
     with checks.check("memstore: directory removed"):

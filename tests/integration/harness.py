@@ -217,6 +217,48 @@ def wait_process(proc, timeout):
         return None
 
 
+def _proc_stat_fields(pid):
+    """/proc/PID/stat after the command name (state, ppid, ...), or None if
+    the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def proc_state(pid):
+    """The state letter of a process (R, S, Z, ...) or None if it is gone."""
+    fields = _proc_stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def proc_cmdline(pid):
+    """A process's arguments joined by spaces ("" if it is gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def pid_alive(pid):
+    """Running: a zombie (PID 1 may reap exited processes late) is not."""
+    st = proc_state(pid)
+    return st is not None and st not in ("Z", "X")
+
+
+def children_of(pid):
+    """The pids whose parent is pid."""
+    kids = []
+    for e in os.listdir("/proc"):
+        if e.isdigit():
+            fields = _proc_stat_fields(e)
+            if fields and int(fields[1]) == pid:
+                kids.append(int(e))
+    return kids
+
+
 # --------------------------------------------------------------------------
 # RBD images as the backing (SHADOWD_TEST_RBD_CONF / SHADOWD_TEST_RBD_POOL)
 

@@ -46,9 +46,9 @@ import time
 import nbd
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, expect, expect_eq,  # noqa: E402
-                     main, make_pool_file, read_all, scrape, make_rng, run_shadowd,
-                     shadowctl_path, wait_until, write_random_blocks)
+from harness import (KiB, MiB, Checks, Daemon, ShadowCtl, children_of, expect,  # noqa: E402
+                     expect_eq, main, make_pool_file, pid_alive, proc_cmdline, read_all, scrape,
+                     make_rng, run_shadowd, shadowctl_path, wait_until, write_random_blocks)
 
 SIZE = 32 * MiB
 POOL_SIZE = 64 * MiB
@@ -76,32 +76,6 @@ def read(path, off, n):
     with open(path, "rb") as f:
         f.seek(off)
         return f.read(n)
-
-
-def children_of(pid):
-    """The pids whose parent is pid (from /proc)."""
-    kids = []
-    for e in os.listdir("/proc"):
-        if not e.isdigit():
-            continue
-        try:
-            with open(f"/proc/{e}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
-            kids.append(int(e))
-    return kids
-
-
-def gone(pid):
-    """pid has exited (no longer in /proc, or a zombie nobody reaped)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return True
-    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def blocked_writing_stderr(pid):
@@ -145,19 +119,15 @@ def kill_shadowctl_during_from(replica, work):
             if not blocked_writing_stderr(p.pid):
                 return False
             for k in children_of(p.pid):
-                try:
-                    with open(f"/proc/{k}/cmdline", "rb") as f:
-                        if b"--restore-from" in f.read().split(b"\0"):
-                            private = k
-                            return True
-                except OSError:
-                    continue
+                if "--restore-from" in proc_cmdline(k).split():
+                    private = k
+                    return True
             return False
         wait_until(serving, "shadowctl blocked on its stderr, its private shadowd running")
         expect(p.poll() is None, "shadowctl is still running (its stderr is full)")
         p.kill()
         p.wait()
-        wait_until(lambda: gone(private),
+        wait_until(lambda: not pid_alive(private),
                    f"the private shadowd (pid {private}) to go with the killed shadowctl")
     finally:
         if p is not None and p.poll() is None:
@@ -165,9 +135,9 @@ def kill_shadowctl_during_from(replica, work):
             p.wait()
         os.close(r)
         os.close(w)
-        if private is not None and not gone(private):
+        if private is not None and pid_alive(private):
             os.kill(private, signal.SIGKILL)
-            wait_until(lambda: gone(private), f"pid {private} to go after SIGKILL")
+            wait_until(lambda: not pid_alive(private), f"pid {private} to go after SIGKILL")
         # The temporary directory shadowctl removes when it ends normally.
         for d in set(glob.glob("/tmp/shadowctl-replica.*")) - before:
             shutil.rmtree(d, ignore_errors=True)
